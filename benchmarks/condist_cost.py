@@ -1,0 +1,143 @@
+"""What ConDist costs, on the demo network and patch size (or any config's).
+
+Prints two ratios (median of timed repeats, after warm-up):
+  1. a ConDist training step (student forward/backward + frozen-teacher forward + both losses +
+     optimizer step) divided by a supervised-only step (marginal loss alone)   target ≤ 1.5
+  2. forward+backward of lightning_fl.losses divided by a straightforward per-channel
+     implementation of the same formulas with MONAI's Dice (tests/reference_losses.py)  goal ≤ 0.5
+
+    python benchmarks/condist_cost.py [--config configs/condistfl_synthetic.yaml] [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from reference_losses import condist_loss_loop, marginal_loss_loop  # noqa: E402
+
+from lightning_fl.config import load_config  # noqa: E402
+from lightning_fl.federation import resolve_precision  # noqa: E402
+from lightning_fl.labels import label_space_from_config  # noqa: E402
+from lightning_fl.losses import ConDistDiceLoss, MarginalDiceCELoss, deep_supervision_weights  # noqa: E402
+from lightning_fl.networks import build_network  # noqa: E402
+from lightning_fl.site import Site  # noqa: E402
+
+
+def median_times(fns: list[Callable[[], object]], repeats: int, warmup: int = 3) -> list[float]:
+    """Median wall time of each function, timed in alternation so that a slow spell of a shared
+    machine falls on all of them alike."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, spent in zip(fns, times):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def step_timer(cfg, fabric: L.Fabric, condist: bool, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """One optimizer step of a real Site (the config's first site) on Fabric, as the round loop runs it."""
+    cfg = cfg.copy()
+    cfg.method.condist = condist
+    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    foreground = labels.foreground(cfg.data.sites[0].classes)
+    torch.manual_seed(0)
+    site = Site(
+        cfg.data.sites[0].name, foreground, labels.background_groups(foreground), labels.num_classes,
+        student=build_network(cfg.model, 1, labels.num_classes), teacher=build_network(cfg.model, 1, labels.num_classes),
+        cfg=cfg,
+    )
+    module, optimizer = fabric.setup(site, site.configure_optimizers()["optimizer"])
+    module.train()
+
+    def step() -> None:
+        with fabric.autocast():
+            loss = module.training_step(batch, 0)
+        fabric.backward(loss)
+        fabric.clip_gradients(module, optimizer, max_norm=cfg.optim.grad_clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "condistfl_synthetic.yaml")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.patch_size=[16,16,16]")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    cfg.fabric.precision = resolve_precision(cfg.fabric)
+    fabric = L.Fabric(accelerator=cfg.fabric.accelerator, devices=1, precision=cfg.fabric.precision)
+    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    site = cfg.data.sites[0]
+    foreground = labels.foreground(site.classes)
+    groups = labels.background_groups(foreground)
+    batch_size = cfg.data.batch_size * cfg.data.samples_per_volume
+    heads = 1 + cfg.model.deep_supervision_heads
+    spatial = tuple(cfg.data.patch_size)
+    print(f"config {args.config.name}: site '{site.name}' {foreground}, batch {batch_size}, patch {list(spatial)}, "
+          f"{heads} heads, {labels.num_classes} classes, device {fabric.device} "
+          f"({torch.cuda.get_device_name() if fabric.device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"precision {cfg.fabric.precision}")
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(batch_size, 1, *spatial, generator=g).to(fabric.device)
+    if cfg.model.channels_last:
+        image = image.to(memory_format=torch.channels_last_3d)
+    label = torch.tensor([0] + foreground)[torch.randint(len(foreground) + 1, (batch_size, 1, *spatial), generator=g)]
+    batch = {"image": image, "label": label.to(fabric.device)}
+    condist_step, supervised_step = median_times(
+        [step_timer(cfg, fabric, True, batch), step_timer(cfg, fabric, False, batch)], args.repeats
+    )
+    peak = torch.cuda.max_memory_allocated() / 2**30 if fabric.device.type == "cuda" else None
+
+    logits = torch.randn(batch_size, heads, labels.num_classes, *spatial, generator=g).to(fabric.device)
+    teacher = torch.randn(batch_size, labels.num_classes, *spatial, generator=g).to(fabric.device)
+    label = label.to(fabric.device)
+    weights = deep_supervision_weights(heads).to(fabric.device)
+    marginal = MarginalDiceCELoss(foreground, ce=cfg.method.ce)
+    condist = ConDistDiceLoss(labels.num_classes, foreground, groups, cfg.method.temperature).to(fabric.device)
+
+    def fast() -> None:
+        x = logits.detach().requires_grad_(True)
+        ((weights * marginal.per_head(x, label)).sum() + condist(x[:, 0], teacher, label)).backward()
+
+    def loop() -> None:
+        x = logits.detach().requires_grad_(True)
+        supervised = sum(weights[h] * marginal_loss_loop(x[:, h], label, foreground, cfg.method.ce) for h in range(heads))
+        (supervised + condist_loss_loop(x[:, 0], teacher, label, foreground, groups, cfg.method.temperature)).backward()
+
+    fast_time, loop_time = median_times([fast, loop], args.repeats)
+
+    print(f"\n{'measurement':<52}{'ms':>10}")
+    print(f"{'training step, ConDist (marginal + ConDist)':<52}{condist_step * 1e3:>10.1f}")
+    print(f"{'training step, supervised only (marginal)':<52}{supervised_step * 1e3:>10.1f}")
+    print(f"{'losses fwd+bwd, lightning_fl.losses':<52}{fast_time * 1e3:>10.1f}")
+    print(f"{'losses fwd+bwd, per-channel MONAI reference':<52}{loop_time * 1e3:>10.1f}")
+    if peak is not None:
+        print(f"{'peak GPU memory of the training steps (GiB)':<52}{peak:>10.1f}")
+    print(f"\nConDist step / supervised step = {condist_step / supervised_step:.2f}   (target ≤ 1.5)")
+    print(f"fast losses / per-channel losses = {fast_time / loop_time:.2f}   (goal ≤ 0.5)")
+
+
+if __name__ == "__main__":
+    main()

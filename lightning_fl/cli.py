@@ -1,0 +1,67 @@
+"""`lightning-fl` (also `python -m lightning_fl`): the project's commands.
+
+    lightning-fl fit   [--config FILE] [dotted.key=value ...]   train a federation (default: the demo)
+    lightning-fl synth --out DIR [--config FILE] [key=value ...] write the synthetic federation
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lightning_fl.config import CONFIG_DIR, DEFAULT_CONFIG, ConfigError, load_config
+from lightning_fl.errors import UserInputError
+from lightning_fl.labels import label_space_from_config
+
+USER_ERRORS = (UserInputError, FileExistsError, FileNotFoundError)
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, default=None,
+        help=f"experiment config (default: {CONFIG_DIR / DEFAULT_CONFIG})",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. fl.rounds=4")
+
+
+def _fit(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.overrides)  # config mistakes surface before the heavy imports
+    from lightning_fl.federation import run_fit
+
+    run_fit(cfg)
+
+
+def _synth(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.overrides)
+    from lightning_fl.data.synthetic import write_federation
+
+    if cfg.data.synthetic is None:
+        raise ConfigError(f"{args.config}: data.synthetic is not set, nothing to generate")
+    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    sites = list(cfg.data.sites) + ([cfg.data.external] if cfg.data.external else [])
+    write_federation(args.out, cfg.data.synthetic, sites, labels, progress=cfg.logger.progress)
+    print(f"wrote the synthetic federation ({', '.join(s.name for s in sites)}) to {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lightning-fl", description="Federated ConDistFL segmentation")
+    commands = parser.add_subparsers(dest="command", required=True)
+    fit = commands.add_parser("fit", help="train a federation from a config")
+    _config_args(fit)
+    fit.set_defaults(run=_fit)
+    synth = commands.add_parser("synth", help="write the synthetic federation (NIfTI + datalists)")
+    synth.add_argument("--out", type=Path, required=True, help="folder to create")
+    _config_args(synth)
+    synth.set_defaults(run=_synth)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except USER_ERRORS as err:
+        print(f"lightning-fl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0

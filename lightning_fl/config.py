@@ -1,0 +1,305 @@
+"""Run configuration: a typed OmegaConf schema, file composition and command-line overrides.
+
+Every hyper-parameter lives here with its type; a YAML file or override that names a key the
+schema does not know, or gives a value of the wrong type, is an error. Experiment files compose
+smaller files through a `defaults:` list (paths relative to `configs/`, merged in order, the
+file's own keys last), so `configs/` mirrors the code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lightning_fl.errors import UserInputError
+from lightning_fl.labels import LabelSpaceError, label_space_from_config
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "condistfl_synthetic.yaml"
+
+
+class ConfigError(UserInputError):
+    """A config file or override that does not fit the schema; the message names the key."""
+
+
+@dataclass
+class LabelsConfig:
+    classes: list[str] = field(default_factory=list)  # index order, 0 = background
+    tumors: dict[str, str] = field(default_factory=dict)  # tumour class -> its organ
+
+
+@dataclass
+class SiteConfig:
+    name: str = "???"
+    datalist: str = "???"  # datalist JSON, relative to data.root
+    classes: list[str] = field(default_factory=list)  # the classes this site annotates
+
+
+@dataclass
+class ScannerConfig:
+    """One synthetic site's scanner protocol and case counts."""
+
+    train: int = 8
+    validation: int = 2
+    test: int = 2
+    spacing_mm: list[float] = field(default_factory=lambda: [2.0, 2.0, 3.0])  # native voxel size
+    hu_offset: float = 0.0  # calibration offset added to every voxel
+    contrast_scale: float = 1.0  # scales enhancement above water (contrast timing and dose)
+    noise_hu: float = 15.0  # standard deviation of the image noise
+
+
+@dataclass
+class SyntheticConfig:
+    seed: int = 0
+    tumor_probability: float = 0.6  # per case and per organ with a tumour class
+    scanners: dict[str, ScannerConfig] = field(default_factory=dict)  # keyed by site name
+
+
+@dataclass
+class IntensityConfig:
+    """CT windowing: clip HU to [hu_min, hu_max], then (x - center) / scale."""
+
+    hu_min: float = -54.0
+    hu_max: float = 258.0
+    center: float = 100.0
+    scale: float = 50.0
+
+
+@dataclass
+class AugmentationConfig:
+    """Probabilities and ranges of the spatial and intensity augmentations (spec §3)."""
+
+    rotate_prob: float = 0.2
+    rotate_degrees: float = 30.0
+    zoom_prob: float = 0.2
+    zoom_range: list[float] = field(default_factory=lambda: [0.7, 1.4])
+    noise_prob: float = 0.15
+    noise_std: float = 0.1
+    smooth_prob: float = 0.15
+    smooth_sigma: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    brightness_prob: float = 0.15
+    brightness_range: list[float] = field(default_factory=lambda: [0.7, 1.3])
+    contrast_prob: float = 0.15
+    contrast_range: list[float] = field(default_factory=lambda: [0.65, 1.5])
+    lowres_prob: float = 0.25
+    lowres_range: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    gamma_prob: float = 0.15
+    inverse_gamma_prob: float = 0.15
+    gamma_range: list[float] = field(default_factory=lambda: [0.8, 1.2])
+    flip_prob: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    root: str = "???"  # folder holding the datalists
+    sites: list[SiteConfig] = field(default_factory=list)
+    external: Optional[SiteConfig] = None  # fully labelled test-only site
+    synthetic: Optional[SyntheticConfig] = None  # generate the phantom federation into root if missing
+    spacing_mm: list[float] = field(default_factory=lambda: [1.44423774, 1.44423774, 2.87368553])
+    intensity: IntensityConfig = field(default_factory=IntensityConfig)
+    patch_size: list[int] = field(default_factory=lambda: [224, 224, 64])
+    pos_neg_ratio: list[float] = field(default_factory=lambda: [2.0, 1.0])
+    samples_per_volume: int = 2
+    batch_size: int = 2  # volumes per step; each gives samples_per_volume patches
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    cache_rate: float = 1.0
+    num_workers: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """MONAI DynUNet; in/out channels come from the data and the label space."""
+
+    filters: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 320, 320])
+    kernel_size: list[list[int]] = field(default_factory=lambda: [[3, 3, 1]] + [[3, 3, 3]] * 5)
+    strides: list[list[int]] = field(default_factory=lambda: [[1, 1, 1], [2, 2, 1]] + [[2, 2, 2]] * 4)
+    deep_supervision_heads: int = 3
+    norm: str = "instance"
+    res_block: bool = False
+    channels_last: bool = True  # channels_last_3d memory format: faster 3D convolutions
+
+
+@dataclass
+class MethodConfig:
+    condist: bool = True  # False: marginal loss only (the FedAvg/FedOpt baselines)
+    ce: str = "official"  # "official" or "marginal" (spec §2)
+    temperature: float = 2.0
+    condist_weight_start: float = 0.01  # w_r at the first round
+    condist_weight_end: float = 1.0  # w_r at the last round
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-2
+    momentum: float = 0.99
+    nesterov: bool = True
+    weight_decay: float = 1e-5
+    eta_min: float = 1e-7
+    grad_clip_norm: float = 1.0
+
+
+@dataclass
+class FederationConfig:
+    rounds: int = 120
+    local_steps: int = 1000
+    strategy: str = "fedopt"  # "fedavg" or "fedopt"
+    weighting: str = "equal"  # "equal" or "cases" (training cases per site)
+    server_lr: float = 1.0
+    server_lr_min: float = 0.9
+    server_momentum: float = 0.6
+
+
+@dataclass
+class EvalConfig:
+    roi_size: list[int] = field(default_factory=lambda: [224, 224, 64])
+    overlap: float = 0.5
+    sw_batch_size: int = 4
+    blend_mode: str = "gaussian"
+
+
+@dataclass
+class FabricConfig:
+    accelerator: str = "auto"
+    devices: int = 1
+    precision: str = "auto"  # "auto": bf16-mixed where the hardware has bf16, else 32-true
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # "offline" (sync later with `wandb sync`), "online" or "disabled"
+    project: str = "lightning-fl"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True  # progress bars; they stay quiet when stdout is not a terminal
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    output_dir: str = "???"
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    fl: FederationConfig = field(default_factory=FederationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    fabric: FabricConfig = field(default_factory=FabricConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+_CHOICES = {
+    "method.ce": ("official", "marginal"),
+    "fl.strategy": ("fedavg", "fedopt"),
+    "fl.weighting": ("equal", "cases"),
+    "logger.wandb.mode": ("offline", "online", "disabled"),
+    "eval.blend_mode": ("gaussian", "constant"),
+}
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as err:  # YAML syntax errors come in several exception types
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return node
+
+
+def _compose(path: Path, stack: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
+    """The file's `defaults:` (recursively, in order) followed by the file itself."""
+    if path in stack:
+        raise ConfigError(f"{path}: circular defaults through {[str(p) for p in stack]}")
+    node = _read_yaml(path)
+    defaults = node.pop("defaults", [])
+    if not isinstance(defaults, (list, ListConfig)):
+        raise ConfigError(f"{path}: 'defaults' must be a list of config files relative to {CONFIG_DIR}")
+    parts: list[tuple[Path, DictConfig]] = []
+    for name in defaults:
+        child = CONFIG_DIR / (name if str(name).endswith(".yaml") else f"{name}.yaml")
+        parts += _compose(child, stack + (path,))
+    return parts + [(path, node)]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Schema ← composed YAML ← `dotted.key=value` overrides; validated, with interpolations resolved."""
+    path = Path(path) if path is not None else CONFIG_DIR / DEFAULT_CONFIG
+    cfg = OmegaConf.structured(RunConfig)
+    for source, node in _compose(path):
+        cfg = _merge(cfg, node, str(source))
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
+        try:  # `update` also reaches into lists (data.sites.0.classes=[liver])
+            OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=True)
+        except (OmegaConfBaseException, yaml.YAMLError) as err:
+            raise ConfigError(f"override '{item}': {_first_line(err)}") from err
+    try:
+        OmegaConf.resolve(cfg)
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: {err}") from err
+    if missing:
+        raise ConfigError(f"{path}: required config keys have no value: {missing}")
+    try:
+        _validate(cfg)
+    except LabelSpaceError as err:
+        raise ConfigError(str(err)) from err
+    return cfg
+
+
+def _merge(cfg: DictConfig, node: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, node)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"{source}: invalid config key '{key}': {_first_line(err)}") from err
+
+
+def _first_line(err: Exception) -> str:
+    """OmegaConf appends its own context lines; the first line says what is wrong."""
+    return str(getattr(err, "msg", err)).splitlines()[0]
+
+
+def _validate(cfg: DictConfig) -> None:
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}: expected one of {list(allowed)}, got '{value}'")
+    if cfg.fl.rounds < 1 or cfg.fl.local_steps < 1:
+        raise ConfigError(f"fl.rounds and fl.local_steps must be ≥ 1, got {cfg.fl.rounds}, {cfg.fl.local_steps}")
+    if cfg.method.temperature <= 0:
+        raise ConfigError(f"method.temperature must be > 0, got {cfg.method.temperature}")
+    if not cfg.data.sites:
+        raise ConfigError("data.sites: at least one site is needed")
+    names = [s.name for s in cfg.data.sites] + ([cfg.data.external.name] if cfg.data.external else [])
+    if len(set(names)) != len(names):
+        raise ConfigError(f"data.sites: site names must be unique, got {names}")
+    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    for site in list(cfg.data.sites) + ([cfg.data.external] if cfg.data.external else []):
+        labels.foreground(site.classes, where=f"site '{site.name}' (classes)")
+    if cfg.data.synthetic is not None:
+        unknown = set(cfg.data.synthetic.scanners) ^ set(names)
+        if unknown:
+            raise ConfigError(
+                f"data.synthetic.scanners must have one entry per site {names}, mismatched: {sorted(unknown)}"
+            )
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

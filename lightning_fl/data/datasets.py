@@ -1,0 +1,120 @@
+"""Per-site data: datalist JSON → cached MONAI datasets → an endless shuffled stream of patch batches.
+
+The datalist layout is the Medical Segmentation Decathlon's (`training` / `validation` / `testing`
+lists of `{"image", "label"}` paths relative to the datalist's folder); synthetic and real data
+share it, so nothing here knows which one it reads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from monai.data import CacheDataset, DataLoader, load_decathlon_datalist
+from omegaconf import DictConfig
+
+from lightning_fl.errors import UserInputError
+from lightning_fl.data.transforms import evaluation_transform, training_transform
+from lightning_fl.labels import LabelSpace
+
+SPLITS = ("training", "validation", "testing")
+
+
+class DatalistError(UserInputError):
+    """A datalist that cannot be read or lacks what a site needs; the message names the file."""
+
+
+@dataclass
+class SiteData:
+    """A site's task in the unified label space and its cases per split (absolute paths)."""
+
+    name: str
+    classes: list[str]
+    foreground: list[int]
+    splits: dict[str, list[dict[str, str]]]
+
+    @property
+    def num_training_cases(self) -> int:
+        return len(self.splits["training"])
+
+
+def read_datalist(path: Path, required: tuple[str, ...] = SPLITS) -> dict[str, list[dict[str, str]]]:
+    """Every split of a datalist, with image and label paths made absolute and checked to exist."""
+    if not path.is_file():
+        raise DatalistError(f"datalist not found: {path}")
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DatalistError(f"{path}: not valid JSON: {err}") from err
+    for split in required:
+        if not isinstance(content.get(split), list) or not content[split]:
+            raise DatalistError(f"{path}: expected a non-empty '{split}' list of {{'image', 'label'}} entries")
+    splits = {}
+    for split in required:
+        for i, item in enumerate(content[split]):
+            missing = [key for key in ("image", "label") if not isinstance(item, dict) or key not in item]
+            if missing:
+                raise DatalistError(f"{path}: {split}[{i}] has no {' and no '.join(repr(k) for k in missing)}")
+        splits[split] = load_decathlon_datalist(path, is_segmentation=True, data_list_key=split)
+        for i, item in enumerate(splits[split]):
+            for key in ("image", "label"):
+                if not Path(item[key]).is_file():
+                    raise DatalistError(f"{path}: {split}[{i}] {key} file not found: {item[key]}")
+    return splits
+
+
+def load_site(root: Path, site: DictConfig, labels: LabelSpace, required: tuple[str, ...] = SPLITS) -> SiteData:
+    return SiteData(
+        name=site.name,
+        classes=list(site.classes),
+        foreground=labels.foreground(site.classes, where=f"site '{site.name}'"),
+        splits=read_datalist(root / site.datalist, required),
+    )
+
+
+def prepare_data_root(cfg: DictConfig, labels: LabelSpace) -> Path:
+    """The folder holding the datalists; a configured synthetic federation is generated there on
+    first use and reused afterwards, but only if it was generated from the same settings."""
+    root = Path(cfg.data.root).expanduser()
+    if cfg.data.synthetic is None:
+        if not root.is_dir():
+            raise DatalistError(f"data.root does not exist: {root}")
+        return root
+    from lightning_fl.data.synthetic import MANIFEST, manifest_text, write_federation
+
+    sites = list(cfg.data.sites) + ([cfg.data.external] if cfg.data.external else [])
+    if not root.exists():
+        write_federation(root, cfg.data.synthetic, sites, labels, progress=cfg.logger.progress)
+    manifest = root / MANIFEST
+    if not manifest.is_file() or manifest.read_text() != manifest_text(cfg.data.synthetic, sites, labels):
+        raise DatalistError(
+            f"data.root {root} holds data that was not generated from this config's synthetic settings "
+            f"or by this version of the generator (see {manifest.name}); delete the folder to regenerate it, "
+            f"or set data.root elsewhere"
+        )
+    return root
+
+
+def training_batches(site: SiteData, data: DictConfig, generator: torch.Generator) -> Iterator[dict]:
+    """Endless batches of `batch_size × samples_per_volume` patches; order and augmentation come
+    from `generator`, so a site's stream does not depend on where or after whom it runs."""
+    dataset = CacheDataset(
+        site.splits["training"], training_transform(data), cache_rate=data.cache_rate, progress=False,
+        num_workers=None,
+    )
+    loader = DataLoader(
+        dataset, batch_size=data.batch_size, shuffle=True, generator=generator,
+        num_workers=data.num_workers, persistent_workers=data.num_workers > 0,
+    )
+    while True:
+        yield from loader
+
+
+def evaluation_loader(items: list[dict[str, str]], data: DictConfig) -> DataLoader:
+    """Whole preprocessed volumes, one per batch, cached for the per-round validation."""
+    dataset = CacheDataset(items, evaluation_transform(data), cache_rate=data.cache_rate, progress=False,
+                           num_workers=None)
+    return DataLoader(dataset, batch_size=1, num_workers=data.num_workers)

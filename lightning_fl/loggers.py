@@ -1,0 +1,125 @@
+"""Where a run's numbers go: `metrics.csv` (long format), Weights & Biases, and the console table.
+
+Sites log their step metrics with `self.log_dict` as any LightningModule does; under Fabric these
+reach `StepMeans`, which the round loop reads once per site and round. W&B runs offline unless the
+config says otherwise (`wandb sync <run>/wandb/offline-run-*` uploads later).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+LOSS_COLUMNS = ("loss", "supervised", "condist", "condist_weight", "lr")
+CSV_COLUMNS = ("round", "phase", "site", "model", "class", "dice") + LOSS_COLUMNS
+
+
+class StepMeans(Logger):
+    """A Fabric logger that averages every logged metric until `pop` is called."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, float] = defaultdict(float)
+        self._counts: dict[str, int] = defaultdict(int)
+
+    @property
+    def name(self) -> str:
+        return "step_means"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        for key, value in metrics.items():
+            self._sums[key] += float(value)
+            self._counts[key] += 1
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass  # the resolved config is saved by the run itself
+
+    def pop(self) -> dict[str, float]:
+        means = {key: self._sums[key] / self._counts[key] for key in self._sums}
+        self._sums.clear()
+        self._counts.clear()
+        return means
+
+
+class RunLogger:
+    """Appends rows to `metrics.csv` as they come (a crashed run keeps what it measured) and
+    mirrors them to W&B with the round as the step."""
+
+    def __init__(self, output_dir: Path, cfg: DictConfig) -> None:
+        self.path = output_dir / "metrics.csv"
+        self._file = self.path.open("w", newline="")
+        self._csv = csv.DictWriter(self._file, fieldnames=CSV_COLUMNS)
+        self._csv.writeheader()
+        self._wandb = self._start_wandb(output_dir, cfg)
+        self._pending: dict[str, float] = {}
+
+    @staticmethod
+    def _start_wandb(output_dir: Path, cfg: DictConfig) -> Any:
+        if cfg.logger.wandb.mode == "disabled":
+            return None
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        settings = cfg.logger.wandb
+        return wandb.init(
+            project=settings.project, entity=settings.entity, name=settings.name, tags=list(settings.tags),
+            mode=settings.mode, dir=str(output_dir), config=OmegaConf.to_container(cfg, resolve=True),
+            reinit="finish_previous",
+        )
+
+    def train(self, round_index: int, site: str, means: Mapping[str, float]) -> None:
+        self._write({"round": round_index, "phase": "train", "site": site, "model": "local"} | dict(means))
+        self._pending |= {f"train/{site}/{key}": value for key, value in means.items()}
+
+    def dice(self, round_index: int, phase: str, site: str, model: str, dice: Mapping[str, float]) -> None:
+        for name, value in dice.items():
+            self._write({"round": round_index, "phase": phase, "site": site, "model": model, "class": name,
+                         "dice": value})
+            if not math.isnan(value):
+                self._pending[f"{phase}/{site}/{name}"] = value
+
+    def scalars(self, values: Mapping[str, float]) -> None:
+        self._pending |= dict(values)
+
+    def commit(self, round_index: int) -> None:
+        """Flush the CSV and send everything gathered for this round to W&B in one step."""
+        self._file.flush()
+        if self._wandb is not None and self._pending:
+            self._wandb.log(self._pending | {"round": round_index}, step=round_index)
+        self._pending = {}
+
+    def finish(self, summary: Mapping[str, Any]) -> None:
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.summary.update(dict(summary))
+            self._wandb.finish()
+
+    def _write(self, row: dict[str, Any]) -> None:
+        self._csv.writerow({key: _format(row.get(key)) for key in CSV_COLUMNS})
+
+
+def _format(value: Any) -> Any:
+    if value is None:
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def format_table(rows: list[list[str]], header: list[str]) -> str:
+    """A plain aligned text table (stdout may be a log file, not a terminal)."""
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:  # first column left-aligned, numbers right-aligned
+        return "  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+
+    return "\n".join([line(header), "-" * len(line(header))] + [line(r) for r in rows])

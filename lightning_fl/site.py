@@ -1,0 +1,110 @@
+"""A federated site as a LightningModule: the student it trains, the frozen teacher it distils from.
+
+The teacher is the global model received this round (spec §2): eval mode, no gradients, outside
+the optimizer, and never part of what the site returns. Optimizer and scheduler belong to the site
+and persist across rounds; loading new global weights copies into the same parameter tensors, so
+the momentum buffers and the cosine schedule carry on (spec §3).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from lightning_fl.losses import ConDistDiceLoss, MarginalDiceCELoss, deep_supervision_weights
+
+StateDict = dict[str, Tensor]
+
+
+def condist_weight(method: DictConfig, round_index: int, rounds: int) -> float:
+    """w_r rises linearly from `condist_weight_start` (first round) to `condist_weight_end` (last)."""
+    if rounds == 1:
+        return method.condist_weight_start
+    step = (method.condist_weight_end - method.condist_weight_start) / (rounds - 1)
+    return method.condist_weight_start + round_index * step
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+class Site(L.LightningModule):
+    def __init__(
+        self, name: str, foreground: list[int], background_groups: list[list[int]], num_classes: int,
+        student: nn.Module, teacher: nn.Module, cfg: DictConfig,
+    ) -> None:
+        super().__init__()
+        self.site_name = name
+        self.foreground = foreground
+        self.student = student
+        self.teacher = freeze(teacher)
+        self.method, self.optim, self.rounds = cfg.method, cfg.optim, cfg.fl.rounds
+        self.total_steps = cfg.fl.rounds * cfg.fl.local_steps
+        self.supervised_loss = MarginalDiceCELoss(foreground, ce=cfg.method.ce)
+        self.condist_loss = (
+            ConDistDiceLoss(num_classes, foreground, background_groups, cfg.method.temperature)
+            if cfg.method.condist else None
+        )
+        self.register_buffer(
+            "head_weights", deep_supervision_weights(1 + cfg.model.deep_supervision_heads), persistent=False
+        )
+        self.round_index = 0
+
+    def train(self, mode: bool = True) -> "Site":
+        super().train(mode)
+        self.teacher.eval()  # the teacher stays in eval mode whatever the site's mode
+        return self
+
+    def receive(self, global_state: StateDict, round_index: int) -> None:
+        """Start a round: student and teacher both become the global model."""
+        with torch.no_grad():
+            self.student.load_state_dict(global_state)
+            self.teacher.load_state_dict(global_state)
+        self.round_index = round_index
+
+    def update(self, global_state: StateDict) -> StateDict:
+        """Δ_k = student − global for floating-point entries; integer buffers are sent as they are."""
+        local = self.student.state_dict()
+        return {
+            key: (value.detach() - global_state[key].to(value.device)) if value.is_floating_point() else value.clone()
+            for key, value in local.items()
+        }
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.student(image)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        image, label = batch["image"], batch["label"]
+        heads = self.student(image)
+        if heads.dim() == image.dim():  # no deep supervision: a single head
+            heads = heads.unsqueeze(1)
+        supervised = (self.head_weights * self.supervised_loss.per_head(heads, label)).sum()
+        metrics = {"supervised": supervised.detach()}
+        loss = supervised
+        if self.condist_loss is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(image)
+            condist = self.condist_loss(heads[:, 0], teacher_logits, label)
+            weight = condist_weight(self.method, self.round_index, self.rounds)
+            loss = supervised + weight * condist
+            metrics |= {"condist": condist.detach(), "condist_weight": weight}
+        metrics |= {"loss": loss.detach(), "lr": self.optimizers().param_groups[0]["lr"]}
+        self.log_dict(metrics)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        """SGD + cosine over every local step of the run, stepped per iteration (spec §3)."""
+        optimizer = torch.optim.SGD(
+            self.student.parameters(), lr=self.optim.lr, momentum=self.optim.momentum,
+            nesterov=self.optim.nesterov, weight_decay=self.optim.weight_decay,
+        )
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=self.total_steps, eta_min=self.optim.eta_min
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,79 @@
+"""Server strategies: how the sites' updates Δ_k become the next global model (spec §3).
+
+A strategy is a function of (global state, updates, weights) plus, for FedOpt, its own server
+optimizer state. Floating-point entries (parameters and buffers) are aggregated; integer buffers
+(e.g. BatchNorm's step counter) are copied from the first site's update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+
+StateDict = dict[str, Tensor]
+
+
+def weighted_mean(updates: Sequence[StateDict], weights: Sequence[float]) -> StateDict:
+    """Σ_k w_k Δ_k / Σ_k w_k for floating-point entries, the first update's value for the others."""
+    if not updates or len(updates) != len(weights):
+        raise ValueError(f"need one weight per update, got {len(updates)} updates and {len(weights)} weights")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"site weights must sum to a positive number, got {list(weights)}")
+    mean = {}
+    for key, first in updates[0].items():
+        if first.is_floating_point():
+            acc = torch.zeros_like(first)
+            for update, weight in zip(updates, weights):
+                acc.add_(update[key], alpha=weight / total)
+            mean[key] = acc
+        else:
+            mean[key] = first.clone()
+    return mean
+
+
+class FedAvg:
+    """w ← w + Δ̄."""
+
+    def aggregate(self, global_state: StateDict, updates: Sequence[StateDict], weights: Sequence[float]) -> StateDict:
+        mean = weighted_mean(updates, weights)
+        return {
+            key: value + mean[key] if value.is_floating_point() else mean[key]
+            for key, value in global_state.items()
+        }
+
+
+class FedOpt:
+    """Server SGD with momentum on the pseudo-gradient −Δ̄, its learning rate cosine-decayed from
+    `server_lr` to `server_lr_min` over the rounds; torch's SGD and scheduler do the arithmetic."""
+
+    def __init__(self, global_state: StateDict, fl: DictConfig) -> None:
+        self.params = {
+            key: value.detach().clone().requires_grad_(True)
+            for key, value in global_state.items() if value.is_floating_point()
+        }
+        self.optimizer = torch.optim.SGD(
+            list(self.params.values()), lr=fl.server_lr, momentum=fl.server_momentum
+        )
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=fl.rounds, eta_min=fl.server_lr_min
+        )
+
+    def aggregate(self, global_state: StateDict, updates: Sequence[StateDict], weights: Sequence[float]) -> StateDict:
+        mean = weighted_mean(updates, weights)
+        with torch.no_grad():
+            for key, param in self.params.items():
+                param.copy_(global_state[key])
+                param.grad = -mean[key]
+        self.optimizer.step()
+        self.scheduler.step()
+        return {
+            key: self.params[key].detach().clone() if key in self.params else mean[key]
+            for key in global_state
+        }
+
+
+def build_strategy(fl: DictConfig, global_state: StateDict) -> FedAvg | FedOpt:
+    return FedOpt(global_state, fl) if fl.strategy == "fedopt" else FedAvg()

@@ -1,0 +1,79 @@
+"""Configs compose, resolve and validate; every mistake names the key or class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lightning_fl.config import CONFIG_DIR, ConfigError, load_config
+from lightning_fl.networks import build_network
+
+
+@pytest.mark.parametrize("name", ["condistfl_synthetic", "condistfl_paper", "smoke"])
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIG_DIR / f"{name}.yaml")
+    assert cfg.labels.classes[0] == "background" and len(cfg.data.sites) == 4
+
+
+def test_default_config_is_the_demo():
+    assert load_config().output_dir == "runs/condistfl_synthetic"
+
+
+def test_paper_config_has_the_spec_values():
+    cfg = load_config(CONFIG_DIR / "condistfl_paper.yaml")
+    assert (cfg.fl.rounds, cfg.fl.local_steps, cfg.fl.strategy) == (120, 1000, "fedopt")
+    assert (cfg.fl.server_lr, cfg.fl.server_lr_min, cfg.fl.server_momentum) == (1.0, 0.9, 0.6)
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.grad_clip_norm) == (0.01, 0.99, 1e-5, 1.0)
+    assert list(cfg.data.patch_size) == [224, 224, 64] and cfg.method.temperature == 2.0
+    assert list(cfg.model.filters) == [32, 64, 128, 256, 320, 320]
+    net = build_network(cfg.model, 1, len(cfg.labels.classes))
+    assert len(net.deep_supervision_heads) == 3
+
+
+def test_overrides_reach_nested_keys_and_list_items():
+    cfg = load_config(CONFIG_DIR / "smoke.yaml", ["fl.rounds=5", "data.sites.1.classes=[spleen]", "method.condist=false"])
+    assert cfg.fl.rounds == 5 and cfg.method.condist is False
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("fl.roundz=3", "Key 'roundz' not in"),
+        ("trainer.max_epochs=3", "Key 'trainer' not in"),
+        ("fl.rounds=many", "could not be converted to Integer"),
+        ("fl.rounds=0", "fl.rounds and fl.local_steps must be ≥ 1"),
+        ("method.ce=focal", "method.ce: expected one of"),
+        ("method.temperature=0", "temperature must be > 0"),
+        ("data.sites.0.classes=[liver,livr]", "site 'liver' .*unknown class 'livr'"),
+        ("data.sites.2.classes=[]", "site 'pancreas' .*at least one class"),
+        ("fl.rounds", "not of the form dotted.key=value"),
+    ],
+)
+def test_bad_overrides_are_clear_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIG_DIR / "smoke.yaml", [override])
+
+
+def test_unknown_key_in_a_file_names_the_file(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("defaults: [condistfl_synthetic]\noptim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*'optim.learning_rate'"):
+        load_config(bad)
+
+
+def test_missing_file_and_bad_defaults(tmp_path: Path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("defaults: [no/such/file]\n")
+    with pytest.raises(ConfigError, match="config file not found: .*no/such/file.yaml"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("name", ["fedavg_synthetic", "fedopt_synthetic"])
+def test_experiment_configs_are_the_demo_without_distillation(name):
+    cfg = load_config(CONFIG_DIR.parent / "experiments" / f"{name}.yaml")
+    demo = load_config(CONFIG_DIR / "condistfl_synthetic.yaml")
+    assert cfg.method.condist is False and cfg.fl.strategy == name.split("_")[0]
+    assert cfg.data == demo.data and cfg.model == demo.model and cfg.optim == demo.optim

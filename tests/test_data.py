@@ -1,0 +1,111 @@
+"""Datalists, the synthetic-data cache and the MONAI pipelines, on real NIfTI files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from conftest import REPO, SHARED
+from lightning_fl.config import load_config
+from lightning_fl.data.datasets import DatalistError, prepare_data_root, read_datalist
+from lightning_fl.data.transforms import evaluation_transform, training_transform
+from lightning_fl.labels import label_space_from_config
+
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def smoke_root(tmp_path_factory) -> tuple[Path, object]:
+    root = tmp_path_factory.mktemp("cache") / "federation"
+    cfg = load_config(SMOKE, [f"data.root={root}"])
+    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    assert prepare_data_root(cfg, labels) == root
+    return root, cfg
+
+
+def test_synthetic_federation_is_generated_once_and_reused(smoke_root):
+    root, cfg = smoke_root
+    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    stamp = (root / "liver.json").stat().st_mtime_ns
+    assert prepare_data_root(cfg, labels) == root
+    assert (root / "liver.json").stat().st_mtime_ns == stamp
+
+
+def test_cached_federation_from_other_settings_is_refused(smoke_root):
+    root, _ = smoke_root
+    cfg = load_config(SMOKE, [f"data.root={root}", "data.synthetic.seed=7"])
+    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    with pytest.raises(DatalistError, match="not generated from this config's synthetic settings"):
+        prepare_data_root(cfg, labels)
+
+
+def test_datalist_errors_name_the_file_and_entry(smoke_root, tmp_path):
+    root, _ = smoke_root
+    with pytest.raises(DatalistError, match="datalist not found: .*nope.json"):
+        read_datalist(tmp_path / "nope.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(DatalistError, match="broken.json: not valid JSON"):
+        read_datalist(broken)
+    content = json.loads((root / "spleen.json").read_text())
+    site = tmp_path / "site.json"
+    site.write_text(json.dumps(content | {"validation": []}))
+    with pytest.raises(DatalistError, match="site.json: expected a non-empty 'validation' list"):
+        read_datalist(site)
+    shutil.copytree(root / "spleen", tmp_path / "spleen")
+    (tmp_path / content["testing"][0]["label"]).unlink()
+    site.write_text(json.dumps(content))
+    with pytest.raises(DatalistError, match=r"site.json: testing\[0\] label file not found: .*spleen_00\d.nii.gz"):
+        read_datalist(site)
+
+
+def test_training_pipeline_gives_patches_of_the_configured_size(smoke_root):
+    root, cfg = smoke_root
+    item = read_datalist(root / "pancreas.json")["training"][0]
+    transform = training_transform(cfg.data)
+    transform.set_random_state(0)
+    patches = transform(item)
+    assert len(patches) == cfg.data.samples_per_volume
+    for patch in patches:
+        assert tuple(patch["image"].shape) == (1, *cfg.data.patch_size)
+        assert set(np.unique(patch["label"].numpy())) <= {0, 4, 5}
+
+
+def test_preprocessing_reorients_resamples_and_windows(smoke_root):
+    root, cfg = smoke_root
+    item = read_datalist(root / "kidney.json")["validation"][0]
+    out = evaluation_transform(cfg.data)(item)
+    image = out["image"]
+    assert isinstance(image, MetaTensor)
+    assert np.allclose(np.abs(np.diag(image.affine.numpy())[:3]), cfg.data.spacing_mm)
+    window = cfg.data.intensity
+    lo, hi = (window.hu_min - window.center) / window.scale, (window.hu_max - window.center) / window.scale
+    assert image.min() >= lo - 1e-5 and image.max() <= hi + 1e-5
+    assert out["label"].shape == image.shape
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not (SHARED / "realdata").is_dir(), reason="needs ../shared/realdata (the real CT volumes); absent in a user's clone")
+def test_real_ct_goes_through_the_demo_preprocessing():
+    """spleen_8 of MSD Task09 is LAS, 0.785 × 0.785 × 7.5 mm, int16 HU: it must come out RAS, on
+    the configured grid, windowed, with its label aligned."""
+    cfg = load_config(SMOKE)
+    item = {"image": str(SHARED / "realdata" / "spleen_8_ct.nii.gz"), "label": str(SHARED / "realdata" / "spleen_8_label_orig.nii.gz")}
+    out = evaluation_transform(cfg.data)(item)
+    image, label = out["image"], out["label"]
+    affine = image.affine.numpy()
+    assert np.all(np.diag(affine)[:3] > 0)  # RAS: every axis increases towards R, A, S
+    assert np.allclose(np.diag(affine)[:3], cfg.data.spacing_mm)
+    extent_mm = np.array([512 * 0.785, 512 * 0.785, 32 * 7.5])
+    assert np.allclose(np.array(image.shape[1:]) * cfg.data.spacing_mm, extent_mm, atol=2 * max(cfg.data.spacing_mm))
+    spleen = label[0] > 0
+    assert 0 < spleen.sum() < spleen.numel() * 0.05
+    # the spleen enhances: its windowed intensity is well above the body's fat and air
+    assert image[0][spleen].mean() > image[0][~spleen].mean() + 1.0
+    assert torch.equal(torch.as_tensor(label.unique()), torch.tensor([0.0, 1.0]))

@@ -1,0 +1,124 @@
+"""A real 2-round federated run of configs/smoke.yaml through the CLI, and the CLI's errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import REPO
+from lightning_fl.config import load_config
+from lightning_fl.networks import build_network
+
+CLASSES = ["liver", "liver_tumor", "spleen", "pancreas", "pancreas_tumor", "kidney", "kidney_tumor"]
+ORGANS = ["liver", "spleen", "pancreas", "kidney"]
+
+
+def test_run_writes_every_output(smoke_run):
+    expected = {"config.yaml", "metrics.csv", "last.ckpt", "best.ckpt", "summary.json"}
+    assert expected <= {p.name for p in smoke_run.iterdir()}
+
+    cfg = OmegaConf.load(smoke_run / "config.yaml")
+    assert cfg.fl.rounds == 2 and cfg.output_dir == str(smoke_run)
+    assert cfg.fabric.precision in ("bf16-mixed", "32-true")  # "auto" is resolved before saving
+
+    rows = list(csv.DictReader((smoke_run / "metrics.csv").open()))
+    train = [r for r in rows if r["phase"] == "train"]
+    assert {(r["round"], r["site"]) for r in train} == {(str(i), s) for i in range(2) for s in ("liver", "spleen", "pancreas", "kidney")}
+    assert all(float(r["supervised"]) > 0 and 0 < float(r["condist_weight"]) <= 1 for r in train)
+    validation = [r for r in rows if r["phase"] == "validation"]
+    assert {(r["round"], r["class"]) for r in validation} == {(str(i), c) for i in range(2) for c in CLASSES}
+    assert {r["class"] for r in rows if r["phase"] == "external"} == set(ORGANS)
+
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert summary["best_round"] in (0, 1)
+    assert list(summary["test_dice"]) == CLASSES
+    assert set(summary["external_dice"]) == set(ORGANS)
+    finite = [v for v in summary["test_dice"].values() if v is not None]
+    assert summary["test_mean_dice"] == pytest.approx(sum(finite) / len(finite))
+    assert all(0.0 <= v <= 1.0 for v in finite + list(summary["external_dice"].values()))
+
+    stdout = (smoke_run / "stdout.txt").read_text()
+    assert "Best global model" in stdout and "external Dice" in stdout
+
+
+def test_checkpoints_hold_a_loadable_global_model(smoke_run):
+    cfg = load_config(REPO / "configs" / "smoke.yaml")
+    for name in ("best.ckpt", "last.ckpt"):
+        checkpoint = torch.load(smoke_run / name, weights_only=True)
+        net = build_network(cfg.model, 1, len(cfg.labels.classes))
+        net.load_state_dict(checkpoint["model"])
+        assert checkpoint["classes"][0] == "background" and checkpoint["round"] in (0, 1)
+    last = torch.load(smoke_run / "last.ckpt", weights_only=True)
+    assert last["round"] == 1
+
+
+def test_wandb_offline_run_is_written(smoke_run):
+    runs = list((smoke_run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert any(p.suffix == ".wandb" for p in runs[0].iterdir())
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_fl", *args], capture_output=True, text=True, cwd=REPO,
+        env=os.environ | {"LIGHTNING_FL_DATA": "/nonexistent"},
+    )
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("fl.roundz=2", "Key 'roundz' not in 'FederationConfig'"),
+        ("data.sites.1.classes=[spleen,spleeen]", "site 'spleen' (classes): unknown class 'spleeen'"),
+        ("data.sites.3.classes=[]", "site 'kidney' (classes): a site must label at least one class"),
+    ],
+)
+def test_cli_reports_config_mistakes_without_a_traceback(override, message):
+    result = _cli("fit", "--config", "configs/smoke.yaml", override)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_real_data_and_missing_gpu_are_clear_errors(tmp_path):
+    paper = ["fit", "--config", "configs/condistfl_paper.yaml", f"data.root={tmp_path}/none", f"output_dir={tmp_path}/run"]
+    result = _cli(*paper, "fabric.accelerator=cpu")
+    assert result.returncode == 2
+    assert f"data.root does not exist: {tmp_path}/none" in result.stderr
+    if not torch.cuda.is_available():  # the paper's config asks for a GPU
+        result = _cli(*paper)
+        assert result.returncode == 2 and "fabric.accelerator=gpu, but PyTorch sees no CUDA GPU" in result.stderr
+
+
+@pytest.mark.slow
+def test_the_same_config_gives_the_same_numbers(smoke_run, data_home, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_fl", "fit", "--config", "configs/smoke.yaml", f"output_dir={tmp_path}"],
+        capture_output=True, text=True, cwd=REPO, env=os.environ | {"LIGHTNING_FL_DATA": str(data_home)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    first = torch.load(smoke_run / "last.ckpt", weights_only=True)["model"]
+    second = torch.load(tmp_path / "last.ckpt", weights_only=True)["model"]
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    dice = lambda run: [(r["round"], r["site"], r["class"], r["dice"]) for r in csv.DictReader((run / "metrics.csv").open()) if r["dice"]]  # noqa: E731
+    assert dice(smoke_run) == dice(tmp_path)
+    assert not math.isnan(json.loads((tmp_path / "summary.json").read_text())["test_mean_dice"])
+
+
+def test_synth_command_writes_the_layout_the_fit_reads(tmp_path):
+    out = tmp_path / "federation"
+    result = _cli("synth", "--out", str(out), "--config", "configs/smoke.yaml")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for site in ("liver", "spleen", "pancreas", "kidney", "external"):
+        datalist = json.loads((out / f"{site}.json").read_text())
+        assert all((out / item[key]).is_file() for split in ("training", "validation", "testing")
+                   for item in datalist[split] for key in ("image", "label"))
+    again = _cli("synth", "--out", str(out), "--config", "configs/smoke.yaml")
+    assert again.returncode == 2 and "already exists" in again.stderr

@@ -1,0 +1,63 @@
+"""The site module: ConDist weight schedule, frozen teacher, persistent optimizer state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from lightning_fl.config import MethodConfig, load_config
+from lightning_fl.federation import Federation
+from lightning_fl.site import condist_weight
+
+
+def test_condist_weight_rises_linearly_from_first_to_last_round():
+    method = OmegaConf.structured(MethodConfig())
+    weights = [condist_weight(method, r, 5) for r in range(5)]
+    assert weights[0] == pytest.approx(0.01) and weights[-1] == pytest.approx(1.0)
+    assert weights == pytest.approx([0.01 + r * 0.99 / 4 for r in range(5)])
+    assert condist_weight(method, 0, 1) == pytest.approx(0.01)
+
+
+@pytest.fixture(scope="module")
+def federation(data_home, smoke_config_path, tmp_path_factory) -> Federation:
+    out = tmp_path_factory.mktemp("site_run")
+    cfg = load_config(smoke_config_path, [f"output_dir={out}", "logger.wandb.mode=disabled", "fl.local_steps=3"])
+    return Federation(cfg)
+
+
+def test_teacher_is_frozen_and_unchanged_while_the_student_learns(federation):
+    runtime = federation.sites[0]
+    site = runtime.site
+    global_state = federation._global_state()
+    update, metrics = federation.train_site(runtime, global_state, round_index=0)
+
+    assert not site.teacher.training and site.student.training
+    assert not any(p.requires_grad for p in site.teacher.parameters())
+    for key, value in site.teacher.state_dict().items():
+        torch.testing.assert_close(value, global_state[key], rtol=0, atol=0)
+    changed = [k for k, v in site.student.state_dict().items() if not torch.equal(v, global_state[k])]
+    assert len(changed) > len(global_state) // 2
+    # the update is the student's difference only; the teacher never leaves the site
+    assert set(update) == set(site.student.state_dict())
+    assert any(update[k].abs().max() > 0 for k in changed)
+    # the optimizer holds the student's parameters and nothing of the teacher's
+    optimized = {id(p) for group in runtime.optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in site.student.parameters()}
+    assert optimized.isdisjoint(id(p) for p in site.teacher.parameters())
+    assert {"supervised", "condist", "condist_weight", "loss", "lr"} <= set(metrics)
+
+
+def test_optimizer_and_schedule_persist_across_rounds(federation):
+    runtime = federation.sites[1]
+    global_state = federation._global_state()
+    federation.train_site(runtime, global_state, round_index=0)
+    momentum = {id(p): runtime.optimizer.state[p]["momentum_buffer"].clone() for p in runtime.site.student.parameters()}
+    steps_done = runtime.scheduler.last_epoch
+    # a new round: new global weights arrive; the momentum and the schedule carry on
+    runtime.site.receive(global_state, round_index=1)
+    for p in runtime.site.student.parameters():
+        torch.testing.assert_close(runtime.optimizer.state[p]["momentum_buffer"], momentum[id(p)])
+    federation.train_site(runtime, global_state, round_index=1)
+    assert runtime.scheduler.last_epoch == steps_done + federation.cfg.fl.local_steps
+    assert runtime.optimizer.param_groups[0]["lr"] < federation.cfg.optim.lr
