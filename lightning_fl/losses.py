@@ -2,7 +2,7 @@
 
 Both are written as autograd Functions with an analytic backward. One softmax over the classes
 feeds every merged sum, and the backward reuses it, so a step makes a few passes over the logits
-instead of the dozens an autograd graph of per-channel slices makes. `benchmarks/losses.py`
+instead of the dozens an autograd graph of per-channel slices makes. `benchmarks/condist_cost.py`
 measures the gain against a per-channel MONAI implementation; `tests/test_losses.py` checks values
 and gradients against the golden numbers and against that implementation.
 
