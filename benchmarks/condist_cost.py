@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from reference_losses import condist_loss_loop, marginal_loss_loop  # noqa: E402
 
 from lightning_fl.config import load_config  # noqa: E402
-from lightning_fl.federation import resolve_precision  # noqa: E402
+from lightning_fl.distributed import resolve_precision  # noqa: E402
 from lightning_fl.labels import label_space_from_config  # noqa: E402
 from lightning_fl.losses import ConDistDiceLoss, MarginalDiceCELoss, deep_supervision_weights  # noqa: E402
 from lightning_fl.networks import build_network  # noqa: E402

@@ -38,6 +38,7 @@ class SiteConfig:
     name: str = "???"
     datalist: str = "???"  # datalist JSON, relative to data.root
     classes: list[str] = field(default_factory=list)  # the classes this site annotates
+    cost: float = 1.0  # relative time per round: sites are spread over ranks to balance it
 
 
 @dataclass
@@ -164,8 +165,12 @@ class EvalConfig:
 
 @dataclass
 class FabricConfig:
+    """Passed to Lightning Fabric; processes = devices × num_nodes (see README, "Scaling out")."""
+
     accelerator: str = "auto"
-    devices: int = 1
+    devices: int = 1  # processes per node
+    num_nodes: int = 1
+    strategy: str = "auto"  # with several processes: "ddp" (launched as scripts) or "ddp_spawn"
     precision: str = "auto"  # "auto": bf16-mixed where the hardware has bf16, else 32-true
 
 
@@ -205,6 +210,7 @@ _CHOICES = {
     "fl.weighting": ("equal", "cases"),
     "logger.wandb.mode": ("offline", "online", "disabled"),
     "eval.blend_mode": ("gaussian", "constant"),
+    "fabric.strategy": ("auto", "ddp", "ddp_spawn"),
 }
 
 
@@ -283,6 +289,11 @@ def _validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}: expected one of {list(allowed)}, got '{value}'")
     if cfg.fl.rounds < 1 or cfg.fl.local_steps < 1:
         raise ConfigError(f"fl.rounds and fl.local_steps must be ≥ 1, got {cfg.fl.rounds}, {cfg.fl.local_steps}")
+    if cfg.fabric.devices < 1 or cfg.fabric.num_nodes < 1:
+        raise ConfigError(f"fabric.devices and fabric.num_nodes must be ≥ 1, got {cfg.fabric.devices}, {cfg.fabric.num_nodes}")
+    costs = {s.name: s.cost for s in cfg.data.sites if not s.cost > 0}
+    if costs:
+        raise ConfigError(f"data.sites: cost must be > 0, got {costs}")
     if cfg.method.temperature <= 0:
         raise ConfigError(f"method.temperature must be > 0, got {cfg.method.temperature}")
     if not cfg.data.sites:

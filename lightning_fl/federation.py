@@ -3,8 +3,11 @@
     global w_r ─▶ every site: student ← w_r, teacher ← w_r; `local_steps` steps; Δ_k = student − w_r
               ─▶ strategy(w_r, {Δ_k}) = w_{r+1} ─▶ validate w_{r+1} on each site ─▶ log, select, save
 
-One network object serves as the global model, the frozen teacher every site distils from, and the
-model that is validated: in one process they are the same weights by definition.
+One network object per process serves as the global model, the frozen teacher its sites distil
+from, and the model that is validated: they are the same weights by definition. With several
+processes (`distributed.py`) each rank trains and validates its own sites; every site's update and
+scores are then broadcast from the rank that owns it, so every rank aggregates the same updates in
+the same order and holds the same global model; only rank 0 writes files, logs and prints.
 """
 
 from __future__ import annotations
@@ -12,21 +15,24 @@ from __future__ import annotations
 import json
 import math
 import time
-import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from lightning_fl.checkpoint import atomic_write_text, save_model
 from lightning_fl.config import ConfigError, to_yaml
-from lightning_fl.data.datasets import SiteData, evaluation_loader, load_site, prepare_data_root, training_batches
+from lightning_fl.data.datasets import SiteData, TrainingStream, evaluation_loader, load_site, prepare_data_root
+from lightning_fl.distributed import (
+    broadcast_states, build_fabric, checked_on_every_rank, make_placement, merge_from_ranks, move_optimizer_state,
+    peak_host_memory_mb, site_seed,
+)
 from lightning_fl.evaluation import evaluate, nanmean
 from lightning_fl.labels import LabelSpace, label_space_from_config
 from lightning_fl.loggers import RunLogger, StepMeans, format_table
@@ -35,30 +41,15 @@ from lightning_fl.site import Site, StateDict, freeze
 from lightning_fl.strategies import build_strategy
 
 
-def resolve_precision(fabric_cfg: DictConfig) -> str:
-    """`auto`: bf16 autocast where the hardware computes in bf16 (recent GPUs, CPUs with
-    AVX512-BF16 or AMX), full float32 elsewhere. Any explicit Fabric precision is kept."""
-    if fabric_cfg.precision != "auto":
-        return fabric_cfg.precision
-    on_gpu = fabric_cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    if on_gpu:
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
-
-
-def site_generator(seed: int, site: str) -> torch.Generator:
-    """The site's own random stream: seeded from the run seed and the site's name only."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(site.encode()))
-
-
 @dataclass
-class SiteRuntime:
-    data: SiteData
+class LocalSite:
+    """A site this rank trains: its module and optimizer (set up by Fabric) and its data."""
+
     module: Any  # the Site wrapped by Fabric
     optimizer: Any
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    batches: Iterator[dict[str, Tensor]]
-    validation: Any
+    stream: TrainingStream
+    shard: tuple[int, int]  # (this rank's position, ranks) in the site's block
 
     @property
     def site(self) -> Site:
@@ -66,48 +57,54 @@ class SiteRuntime:
 
 
 class Federation:
-    def __init__(self, cfg: DictConfig) -> None:
-        if cfg.fabric.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-            raise ConfigError(
-                f"fabric.accelerator={cfg.fabric.accelerator}, but PyTorch sees no CUDA GPU here; "
-                "use fabric.accelerator=cpu (or auto)"
-            )
-        cfg.fabric.precision = resolve_precision(cfg.fabric)
-        self.cfg = cfg
+    def __init__(self, cfg: DictConfig, fabric: L.Fabric) -> None:
+        self.cfg, self.fabric = cfg, fabric
+        self.step_means: StepMeans = fabric.logger  # where the sites' `log_dict` goes (build_fabric)
+        self._loaders: dict[tuple[str, str], Any] = {}
         self.output_dir = Path(cfg.output_dir)
         self.labels: LabelSpace = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
         check_size(cfg.model, cfg.data.patch_size, "data.patch_size")
         check_size(cfg.model, cfg.eval.roi_size, "eval.roi_size")
-        self.step_means = StepMeans()
-        self.fabric = L.Fabric(
-            accelerator=cfg.fabric.accelerator, devices=cfg.fabric.devices, precision=cfg.fabric.precision,
-            loggers=[self.step_means],
-        )
-        self.fabric.seed_everything(cfg.seed, verbose=False)
-        if self.fabric.device.type == "cuda":
+        fabric.seed_everything(cfg.seed, verbose=False)  # the same initial global model on every rank
+        if fabric.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
         root = prepare_data_root(cfg, self.labels)
         self.global_model = freeze(self._network())  # reaches the device with the sites, in fabric.setup
-        self.sites = [self._site_runtime(load_site(root, s, self.labels)) for s in cfg.data.sites]
+        self.site_data = [load_site(root, s, self.labels) for s in cfg.data.sites]
         self.external = load_site(root, cfg.data.external, self.labels, required=("testing",)) if cfg.data.external else None
+        self.placement = make_placement(fabric, [s.name for s in cfg.data.sites], [s.cost for s in cfg.data.sites])
+        student = self._network()  # one per process, shared by its sites (site.py)
+        self.local = checked_on_every_rank(
+            fabric, "setting up its sites",
+            lambda: {d.name: self._local_site(d, student) for d in self.site_data if self.placement.trains(d.name)},
+        )
+        for name, local in self.local.items():  # DDP's constructor is a collective of the site's ranks: after the check
+            if local.shard[1] > 1:
+                device = fabric.device
+                local.site.data_parallel(self.placement.groups[name], [device.index] if device.type == "cuda" else None)
         self.strategy = build_strategy(cfg.fl, self._global_state())
-        self.hide_bars = None if cfg.logger.progress else True  # tqdm's None: bars on terminals only
+        self.is_main = fabric.global_rank == 0
+        self.hide_bars = True if not self.is_main else (None if cfg.logger.progress else True)  # None: terminals only
 
     def _network(self) -> torch.nn.Module:
         return build_network(self.cfg.model, in_channels=1, out_channels=self.labels.num_classes)
 
-    def _site_runtime(self, data: SiteData) -> SiteRuntime:
+    def _local_site(self, data: SiteData, student: torch.nn.Module) -> LocalSite:
         site = Site(
             data.name, data.foreground, self.labels.background_groups(data.foreground), self.labels.num_classes,
-            student=self._network(), teacher=self.global_model, cfg=self.cfg,
+            student=student, teacher=self.global_model, cfg=self.cfg,
         )
         opt = site.configure_optimizers()
         module, optimizer = self.fabric.setup(site, opt["optimizer"])
-        return SiteRuntime(
-            data=data, module=module, optimizer=optimizer, scheduler=opt["lr_scheduler"]["scheduler"],
-            batches=training_batches(data, self.cfg.data, site_generator(self.cfg.seed, data.name)),
-            validation=evaluation_loader(data.splits["validation"], self.cfg.data),
-        )
+        shard = self.placement.shard(data.name)
+        if shard[1] > 1:
+            patches = self.cfg.data.batch_size * self.cfg.data.samples_per_volume
+            if patches % shard[1]:
+                raise ConfigError(
+                    f"site '{data.name}' is trained by {shard[1]} ranks, but its batch of data.batch_size × "
+                    f"data.samples_per_volume = {patches} patches does not split evenly across them"
+                )
+        return LocalSite(module, optimizer, opt["lr_scheduler"]["scheduler"], TrainingStream(data, self.cfg.data), shard)
 
     def _global_state(self) -> StateDict:
         return {k: v.detach().clone() for k, v in self.global_model.state_dict().items()}
@@ -121,98 +118,169 @@ class Federation:
             return self.global_model(image).float()
 
     # ---------------------------------------------------------------- one round
-    def train_site(self, runtime: SiteRuntime, global_state: StateDict, round_index: int) -> tuple[StateDict, dict[str, float]]:
+    def train_site(self, local: LocalSite, global_state: StateDict, round_index: int) -> tuple[StateDict, dict[str, float]]:
         """Local training of one site for one round: returns (Δ_k, mean step metrics)."""
-        site, module = runtime.site, runtime.module
+        site, module, device = local.site, local.module, self.fabric.device
+        seed = site_seed(self.cfg.seed, site.site_name, round_index)
+        torch.manual_seed(seed)  # dropout and anything else random in the step: the site's, not the process's
+        batches = local.stream.start_round(seed, local.shard)
         site.receive(global_state, round_index)
+        move_optimizer_state(local.optimizer, device)
         module.train()
         clip = self.cfg.optim.grad_clip_norm
         steps = tqdm(range(self.cfg.fl.local_steps), desc=f"  {site.site_name}", leave=False, disable=self.hide_bars)
         for step in steps:
-            batch = next(runtime.batches)
-            batch = {"image": self._prepare(batch["image"].as_tensor()),
-                     "label": batch["label"].as_tensor().to(self.fabric.device)}
+            batch = next(batches)
+            batch = {"image": self._prepare(batch["image"].as_tensor()), "label": batch["label"].as_tensor().to(device)}
             with self.fabric.autocast():  # Fabric applies its precision to forward(), not to training_step()
                 loss = module.training_step(batch, step)
             self.fabric.backward(loss)
             if clip > 0:
-                self.fabric.clip_gradients(module, runtime.optimizer, max_norm=clip)
-            runtime.optimizer.step()
-            runtime.optimizer.zero_grad(set_to_none=True)
-            runtime.scheduler.step()
+                self.fabric.clip_gradients(module, local.optimizer, max_norm=clip)
+            local.optimizer.step()
+            local.optimizer.zero_grad(set_to_none=True)
+            local.scheduler.step()
             steps.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        return site.update(global_state), self.step_means.pop()
+        if len(self.local) > 1:  # another site trains next on this rank: park this one's state on the host
+            move_optimizer_state(local.optimizer, torch.device("cpu"))
+        means = self.step_means.pop()
+        if local.shard[1] > 1:  # a data-parallel site reports the mean over its ranks' shares
+            values = torch.tensor(list(means.values()), dtype=torch.float64, device=device)
+            dist.all_reduce(values, group=self.placement.groups[site.site_name])
+            means = dict(zip(means, (values / local.shard[1]).tolist()))
+        return site.update(global_state), means
+
+    def train_round(self, global_state: StateDict, round_index: int) -> tuple[list[StateDict], dict[str, dict[str, float]]]:
+        """Every site's Δ_k and mean step metrics, in config order, on every rank."""
+        mine = checked_on_every_rank(
+            self.fabric, f"training round {round_index + 1}",
+            lambda: {name: self.train_site(local, global_state, round_index) for name, local in self.local.items()},
+        )
+        owners = {d.name: self.placement.owner(d.name) for d in self.site_data}
+        updates = broadcast_states({name: mine[name][0] if name in mine else None for name in owners}, owners, global_state)
+        means = merge_from_ranks(self.fabric, {n: m for n, (_, m) in mine.items() if owners[n] == self.fabric.global_rank})
+        return [updates[name] for name in owners], {name: means[name] for name in owners}
 
     def aggregation_weights(self) -> list[float]:
         if self.cfg.fl.weighting == "cases":
-            return [float(r.data.num_training_cases) for r in self.sites]
-        return [1.0] * len(self.sites)
+            return [float(d.num_training_cases) for d in self.site_data]
+        return [1.0] * len(self.site_data)
 
-    def validate(self, site: SiteData, loader: Any, organ_level: bool = False) -> dict[str, float]:
-        """Mean Dice per class of the current global model on one site's split."""
+    def evaluate_sites(self, split: str) -> dict[str, dict[str, float]]:
+        """Mean Dice per class of the current global model on each site's split (its own classes);
+        each rank scores the sites it owns, all at once, then the scores are shared."""
+        mine = checked_on_every_rank(
+            self.fabric, f"scoring the {split} split",
+            lambda: {d.name: self.score(d, split) for d in self.site_data if self.placement.owner(d.name) == self.fabric.global_rank},
+        )
+        scores = merge_from_ranks(self.fabric, mine)
+        return {d.name: scores[d.name] for d in self.site_data}
+
+    def score(self, site: SiteData, split: str, organ_level: bool = False) -> dict[str, float]:
+        """Mean Dice per class of the global model on one site's split."""
         if organ_level:
             classes = [self.labels.index(c) for c in site.classes]
             lut = torch.as_tensor(self.labels.organ_lut())
         else:
             classes, lut = site.foreground, None
+        loader = self._loaders.get((site.name, split)) if split == "validation" else None
+        if loader is None:
+            loader = evaluation_loader(site.splits[split], self.cfg.data)
+            if split == "validation":  # kept: the same cases every round
+                self._loaders[(site.name, split)] = loader
         scores = evaluate(self._predictor, loader, classes, self.cfg.eval, self._prepare, pred_lut=lut)
         return {self.labels.classes[c]: nanmean(v) for c, v in scores.items()}
 
     # ---------------------------------------------------------------- the run
     def fit(self) -> dict[str, Any]:
-        cfg, out = self.cfg, self.output_dir
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", to_yaml(cfg))
-        logger = RunLogger(out, cfg)
-        meta = {"classes": list(self.labels.classes), "config": OmegaConf.to_container(cfg, resolve=True)}
+        cfg = self.cfg
+        logger = checked_on_every_rank(self.fabric, "creating the run folder", self._start_outputs)
         best_score, best_round, best_state = -math.inf, -1, None
+        round_times: list[float] = []
         start = time.perf_counter()
         rounds = tqdm(range(cfg.fl.rounds), desc="rounds", disable=self.hide_bars)
         for r in rounds:
             round_start = time.perf_counter()
             global_state = self._global_state()
-            updates = []
-            for runtime in self.sites:
-                update, means = self.train_site(runtime, global_state, r)
-                updates.append(update)
-                logger.train(r, runtime.data.name, means)
+            updates, means = self.train_round(global_state, r)
             self.global_model.load_state_dict(self.strategy.aggregate(global_state, updates, self.aggregation_weights()))
-
-            val = {rt.data.name: self.validate(rt.data, rt.validation) for rt in self.sites}
-            for name, dice in val.items():
-                logger.dice(r, "validation", name, "global", dice)
+            val = self.evaluate_sites("validation")
             score = nanmean([d for dice in val.values() for d in dice.values()])
             state = self._global_state()
-            if score > best_score or best_state is None:
+            is_best = score > best_score or best_state is None
+            if is_best:
                 best_score, best_round, best_state = score, r, state
-                save_model(out / "best.ckpt", state, round=r, score=score, **meta)
-            save_model(out / "last.ckpt", state, round=r, score=score, **meta)
-            logger.scalars({"validation/mean_dice": score, "time/round_s": time.perf_counter() - round_start})
-            logger.commit(r)
+            round_times.append(time.perf_counter() - round_start)
+            checked_on_every_rank(
+                self.fabric, f"writing round {r + 1}",
+                lambda: self._record_round(logger, r, means, val, state, score, is_best, round_times[-1]),
+            )
             rounds.set_postfix(val_dice=f"{score:.3f}", best=f"{best_score:.3f}@{best_round}")
 
         summary = self._test(best_state, best_round, best_score, logger)
         summary["wall_time_s"] = round(time.perf_counter() - start, 1)
-        atomic_write_text(out / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
-        logger.finish({k: v for k, v in summary.items() if not isinstance(v, dict)})
-        print(summary_table(summary))
+        summary["round_time_s"] = [round(t, 2) for t in round_times]
+        memory = merge_from_ranks(self.fabric, {self.fabric.global_rank: round(peak_host_memory_mb(), 1)})
+        summary["peak_host_memory_mb"] = [memory[rank] for rank in range(self.fabric.world_size)]
+        checked_on_every_rank(self.fabric, "writing the summary", lambda: self._finish(logger, summary))
         return summary
 
-    def _test(self, best_state: StateDict, best_round: int, best_score: float, logger: RunLogger) -> dict[str, Any]:
-        """The best global model on every site's test split (its own classes) and on the external set."""
+    def _start_outputs(self) -> RunLogger | None:
+        """The run folder, its resolved config and the metrics logger, on rank 0 only."""
+        if not self.is_main:
+            return None
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.output_dir / "config.yaml", to_yaml(self.cfg))
+        return RunLogger(self.output_dir, self.cfg)
+
+    def _record_round(
+        self, logger: RunLogger | None, r: int, means: dict[str, dict[str, float]], val: dict[str, dict[str, float]],
+        state: StateDict, score: float, is_best: bool, seconds: float,
+    ) -> None:
+        """metrics.csv, W&B and the checkpoints of one round (rank 0)."""
+        if logger is None:
+            return
+        for name, site_means in means.items():
+            logger.train(r, name, site_means)
+        for name, dice in val.items():
+            logger.dice(r, "validation", name, "global", dice)
+        meta = {"classes": list(self.labels.classes), "config": OmegaConf.to_container(self.cfg, resolve=True)}
+        if is_best:
+            save_model(self.output_dir / "best.ckpt", state, round=r, score=score, **meta)
+        save_model(self.output_dir / "last.ckpt", state, round=r, score=score, **meta)
+        logger.scalars({"validation/mean_dice": score, "time/round_s": seconds})
+        logger.commit(r)
+
+    def _finish(self, logger: RunLogger | None, summary: dict[str, Any]) -> None:
+        if logger is None:
+            return
+        atomic_write_text(self.output_dir / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
+        logger.finish({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
+        print(summary_table(summary))
+
+    def _test(self, best_state: StateDict, best_round: int, best_score: float, logger: RunLogger | None) -> dict[str, Any]:
+        """The best global model on every site's test split (its own classes) and on the external set
+        (scored on rank 0)."""
         self.global_model.load_state_dict(best_state)
-        test_dice: dict[str, float] = {}
-        for rt in self.sites:
-            dice = self.validate(rt.data, evaluation_loader(rt.data.splits["testing"], self.cfg.data))
-            logger.dice(best_round, "test", rt.data.name, "best", dice)
-            test_dice |= dice
-        external_dice: dict[str, float] = {}
-        if self.external is not None:
-            loader = evaluation_loader(self.external.splits["testing"], self.cfg.data)
-            external_dice = self.validate(self.external, loader, organ_level=True)
-            logger.dice(best_round, "external", self.external.name, "best", external_dice)
+        test = self.evaluate_sites("testing")
+        external = self.external
+        external_dice = merge_from_ranks(self.fabric, checked_on_every_rank(
+            self.fabric, "scoring the external set",
+            lambda: self.score(external, "testing", organ_level=True) if external is not None and self.is_main else {},
+        ))
+        test_dice = {name: value for dice in test.values() for name, value in dice.items()}
         ordered = {c: test_dice[c] for c in self.labels.classes if c in test_dice}
-        logger.commit(self.cfg.fl.rounds)
+
+        def record() -> None:
+            if logger is None:
+                return
+            for name, dice in test.items():
+                logger.dice(best_round, "test", name, "best", dice)
+            if external is not None:
+                logger.dice(best_round, "external", external.name, "best", external_dice)
+            logger.commit(self.cfg.fl.rounds)
+
+        checked_on_every_rank(self.fabric, "writing the test scores", record)
         return {
             "rounds": self.cfg.fl.rounds,
             "best_round": best_round,
@@ -246,4 +314,16 @@ def summary_table(summary: dict[str, Any]) -> str:
 
 
 def run_fit(cfg: DictConfig) -> dict[str, Any]:
-    return Federation(cfg).fit()
+    """Launch the processes the `fabric` config asks for (none beyond this one when Fabric runs under
+    torchrun or SLURM, or with one device) and run the federation on each."""
+    fabric = build_fabric(cfg)
+    prepare_data_root(cfg, label_space_from_config(cfg.labels.classes, cfg.labels.tumors))  # once, before launch
+    return fabric.launch(_fit_on_rank, cfg)
+
+
+def _fit_on_rank(fabric: L.Fabric, cfg: DictConfig) -> dict[str, Any]:
+    summary = Federation(cfg, fabric).fit()
+    if dist.is_initialized():  # leave together: a process group torn down at interpreter exit can abort
+        fabric.barrier()
+        dist.destroy_process_group()
+    return summary

@@ -3,7 +3,9 @@
 The teacher is the global model received this round (spec §2): eval mode, no gradients, outside
 the optimizer, and never part of what the site returns. Optimizer and scheduler belong to the site
 and persist across rounds; loading new global weights copies into the same parameter tensors, so
-the momentum buffers and the cosine schedule carry on (spec §3).
+the momentum buffers and the cosine schedule carry on (spec §3). The student's weights need not
+persist (every round starts from the global model), so the sites of one process share one student
+network and one teacher, and each keeps only its optimizer and schedule.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from lightning_fl.losses import ConDistDiceLoss, MarginalDiceCELoss, deep_supervision_weights
 
@@ -61,16 +64,26 @@ class Site(L.LightningModule):
         self.teacher.eval()  # the teacher stays in eval mode whatever the site's mode
         return self
 
+    @property
+    def network(self) -> nn.Module:
+        """The student's network, unwrapped from DDP where the site is data-parallel."""
+        return self.student.module if isinstance(self.student, DistributedDataParallel) else self.student
+
+    def data_parallel(self, group: Any, device_ids: list[int] | None) -> None:
+        """Train with the ranks of `group`: DDP over that subgroup averages the student's gradients.
+        The teacher stays outside DDP (it has no gradients and the same weights on every rank)."""
+        self.student = DistributedDataParallel(self.student, device_ids=device_ids, process_group=group)
+
     def receive(self, global_state: StateDict, round_index: int) -> None:
         """Start a round: student and teacher both become the global model."""
         with torch.no_grad():
-            self.student.load_state_dict(global_state)
+            self.network.load_state_dict(global_state)
             self.teacher.load_state_dict(global_state)
         self.round_index = round_index
 
     def update(self, global_state: StateDict) -> StateDict:
         """Δ_k = student − global for floating-point entries; integer buffers are sent as they are."""
-        local = self.student.state_dict()
+        local = self.network.state_dict()
         return {
             key: (value.detach() - global_state[key].to(value.device)) if value.is_floating_point() else value.clone()
             for key, value in local.items()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lightning_fl.config import CONFIG_DIR, ConfigError, load_config
-from lightning_fl.networks import build_network
+from lightning_fl.networks import build_network, check_size
 
 
 @pytest.mark.parametrize("name", ["condistfl_synthetic", "condistfl_paper", "smoke"])
@@ -77,3 +77,12 @@ def test_experiment_configs_are_the_demo_without_distillation(name):
     demo = load_config(CONFIG_DIR / "condistfl_synthetic.yaml")
     assert cfg.method.condist is False and cfg.fl.strategy == name.split("_")[0]
     assert cfg.data == demo.data and cfg.model == demo.model and cfg.optim == demo.optim
+
+
+def test_patch_sizes_the_network_cannot_take_are_config_errors():
+    model = load_config(CONFIG_DIR / "condistfl_paper.yaml").model  # strides multiply to [32, 32, 16]
+    check_size(model, [224, 224, 64], "data.patch_size")
+    with pytest.raises(ConfigError, match=r"data.patch_size=\[100, 224, 64\] must be a multiple of \[32, 32, 16\]"):
+        check_size(model, [100, 224, 64], "data.patch_size")
+    with pytest.raises(ConfigError, match=r"eval.roi_size=\[32, 32, 16\] leaves one voxel at the network's deepest level"):
+        check_size(model, [32, 32, 16], "eval.roi_size")

@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lightning_fl.config import MethodConfig, load_config
+from lightning_fl.distributed import build_fabric
 from lightning_fl.federation import Federation
 from lightning_fl.site import condist_weight
 
@@ -23,11 +24,11 @@ def test_condist_weight_rises_linearly_from_first_to_last_round():
 def federation(data_home, smoke_config_path, tmp_path_factory) -> Federation:
     out = tmp_path_factory.mktemp("site_run")
     cfg = load_config(smoke_config_path, [f"output_dir={out}", "logger.wandb.mode=disabled", "fl.local_steps=3"])
-    return Federation(cfg)
+    return Federation(cfg, build_fabric(cfg))
 
 
 def test_teacher_is_frozen_and_unchanged_while_the_student_learns(federation):
-    runtime = federation.sites[0]
+    runtime = federation.local["liver"]
     site = runtime.site
     global_state = federation._global_state()
     update, metrics = federation.train_site(runtime, global_state, round_index=0)
@@ -49,7 +50,7 @@ def test_teacher_is_frozen_and_unchanged_while_the_student_learns(federation):
 
 
 def test_optimizer_and_schedule_persist_across_rounds(federation):
-    runtime = federation.sites[1]
+    runtime = federation.local["spleen"]
     global_state = federation._global_state()
     federation.train_site(runtime, global_state, round_index=0)
     momentum = {id(p): runtime.optimizer.state[p]["momentum_buffer"].clone() for p in runtime.site.student.parameters()}
@@ -61,3 +62,13 @@ def test_optimizer_and_schedule_persist_across_rounds(federation):
     federation.train_site(runtime, global_state, round_index=1)
     assert runtime.scheduler.last_epoch == steps_done + federation.cfg.fl.local_steps
     assert runtime.optimizer.param_groups[0]["lr"] < federation.cfg.optim.lr
+
+
+def test_sites_of_a_process_share_one_student_and_one_teacher(federation):
+    """Only the optimizer state is per site: a process's memory grows by that, not by a model, per site."""
+    sites = [local.site for local in federation.local.values()]
+    assert len(sites) == 4
+    assert all(s.teacher is federation.global_model for s in sites)
+    assert all(s.network is sites[0].network for s in sites)
+    optimizers = [local.optimizer for local in federation.local.values()]
+    assert len({id(o.optimizer) for o in optimizers}) == 4  # each site its own SGD (own momentum buffers)

@@ -98,19 +98,34 @@ def prepare_data_root(cfg: DictConfig, labels: LabelSpace) -> Path:
     return root
 
 
-def training_batches(site: SiteData, data: DictConfig, generator: torch.Generator) -> Iterator[dict]:
-    """Endless batches of `batch_size × samples_per_volume` patches; order and augmentation come
-    from `generator`, so a site's stream does not depend on where or after whom it runs."""
-    dataset = CacheDataset(
-        site.splits["training"], training_transform(data), cache_rate=data.cache_rate, progress=False,
-        num_workers=None,
-    )
-    loader = DataLoader(
-        dataset, batch_size=data.batch_size, shuffle=True, generator=generator,
-        num_workers=data.num_workers, persistent_workers=data.num_workers > 0,
-    )
-    while True:
-        yield from loader
+class TrainingStream:
+    """A site's training patches: `batch_size × samples_per_volume` per batch, endlessly.
+
+    Each round restarts the stream from a seed (see `distributed.site_seed`) that fixes the shuffle
+    order and every random crop and augmentation, so a site's batches do not depend on where or
+    after whom it runs, and a rank that trains a share of a site takes its share of the same batch.
+    """
+
+    def __init__(self, site: SiteData, data: DictConfig) -> None:
+        self.dataset = CacheDataset(
+            site.splits["training"], training_transform(data), cache_rate=data.cache_rate, progress=False,
+            num_workers=None,
+        )
+        self.generator = torch.Generator()
+        # workers are not persistent: each round's iterator seeds its workers from `generator`
+        self.loader = DataLoader(
+            self.dataset, batch_size=data.batch_size, shuffle=True, generator=self.generator,
+            num_workers=data.num_workers,
+        )
+
+    def start_round(self, seed: int, shard: tuple[int, int] = (0, 1)) -> Iterator[dict]:
+        """Batches for one round; `shard` = (index, count) keeps every count-th patch from index on."""
+        self.generator.manual_seed(seed)
+        self.dataset.transform.set_random_state(seed=seed % 2**32)
+        index, count = shard
+        while True:
+            for batch in self.loader:
+                yield {key: batch[key][index::count] for key in ("image", "label")}
 
 
 def evaluation_loader(items: list[dict[str, str]], data: DictConfig) -> DataLoader:
