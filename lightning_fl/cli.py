@@ -2,6 +2,7 @@
 
     lightning-fl fit   [--config FILE] [dotted.key=value ...]   train a federation (default: the demo)
     lightning-fl synth --out DIR [--config FILE] [key=value ...] write the synthetic federation
+    lightning-fl check-data [--config FILE] [key=value ...]      check every site's data, list all problems
 """
 
 from __future__ import annotations
@@ -44,6 +45,20 @@ def _synth(args: argparse.Namespace) -> None:
     print(f"wrote the synthetic federation ({', '.join(s.name for s in sites)}) to {args.out}")
 
 
+def _check_data(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.overrides)
+    from lightning_fl.data.datasets import prepare_data_root
+    from lightning_fl.data.validation import DataCheckError, check_federation
+
+    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    root = prepare_data_root(cfg, labels)
+    problems = check_federation(root, cfg, labels)
+    if problems:
+        raise DataCheckError(problems)
+    sites = [s.name for s in cfg.data.sites] + ([cfg.data.external.name] if cfg.data.external else [])
+    print(f"data OK: {', '.join(sites)} under {root}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightning-fl", description="Federated ConDistFL segmentation")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", type=Path, required=True, help="folder to create")
     _config_args(synth)
     synth.set_defaults(run=_synth)
+    check = commands.add_parser("check-data", help="check every site's datalist, images and labels")
+    _config_args(check)
+    check.set_defaults(run=_check_data)
     return parser
 
 

@@ -110,6 +110,7 @@ class DataConfig:
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     cache_rate: float = 1.0
     num_workers: int = 0
+    check_before_fit: bool = True  # read every file once and list all data problems before training
 
 
 @dataclass

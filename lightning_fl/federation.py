@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from lightning_fl.checkpoint import atomic_write_text, save_model
 from lightning_fl.config import ConfigError, to_yaml
 from lightning_fl.data.datasets import SiteData, TrainingStream, evaluation_loader, load_site, prepare_data_root
+from lightning_fl.data.validation import DataCheckError, check_federation
 from lightning_fl.distributed import (
     broadcast_states, build_fabric, checked_on_every_rank, make_placement, merge_from_ranks, move_optimizer_state,
     peak_host_memory_mb, site_seed,
@@ -317,7 +318,12 @@ def run_fit(cfg: DictConfig) -> dict[str, Any]:
     """Launch the processes the `fabric` config asks for (none beyond this one when Fabric runs under
     torchrun or SLURM, or with one device) and run the federation on each."""
     fabric = build_fabric(cfg)
-    prepare_data_root(cfg, label_space_from_config(cfg.labels.classes, cfg.labels.tumors))  # once, before launch
+    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    root = prepare_data_root(cfg, labels)  # once, before launch
+    if cfg.data.check_before_fit and fabric.global_rank == 0:
+        problems = check_federation(root, cfg, labels)
+        if problems:
+            raise DataCheckError(problems)
     return fabric.launch(_fit_on_rank, cfg)
 
 

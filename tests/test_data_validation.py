@@ -1,0 +1,101 @@
+"""`lightning-fl check-data`: every problem of every site, each naming the site, the case and what
+is wrong, reported at once; `fit` refuses to start on such data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import REPO
+from lightning_fl.config import load_config
+from lightning_fl.data.validation import check_federation
+from lightning_fl.labels import label_space_from_config
+
+
+def _rewrite(path: Path, transform) -> None:
+    """Replace a NIfTI file by a changed copy: transform(voxels, affine) -> (voxels, affine)."""
+    image = nib.load(path)
+    voxels, affine = transform(np.asanyarray(image.dataobj), image.affine.copy())
+    nib.save(nib.Nifti1Image(voxels, affine), path)
+
+
+@pytest.fixture()
+def broken_federation(data_home, smoke_run, tmp_path) -> Path:
+    """The smoke federation with one problem of each kind, spread over the sites."""
+    root = tmp_path / "federation"
+    shutil.copytree(data_home / "synthetic-smoke", root)
+    lists = {site: json.loads((root / f"{site}.json").read_text()) for site in ("liver", "spleen", "pancreas", "kidney")}
+
+    liver = lists["liver"]
+    (root / liver["training"][0]["image"]).unlink()  # missing file
+    (root / liver["training"][1]["label"]).write_bytes(b"not a NIfTI file")  # unreadable
+    _rewrite(root / liver["validation"][0]["image"], lambda v, a: (v.astype(np.float32) * np.nan, a))  # NaN voxels
+    liver["testing"][0].pop("label")  # an entry without its label
+
+    spleen = lists["spleen"]
+    _rewrite(root / spleen["training"][0]["label"], lambda v, a: (np.where(v > 0, 4, v).astype(np.uint8), a))  # pancreas id
+    _rewrite(root / spleen["training"][1]["label"], lambda v, a: (v[:-1], a))  # shape mismatch
+    spleen["validation"] = []  # empty split
+
+    pancreas = lists["pancreas"]
+    _rewrite(root / pancreas["training"][0]["label"], lambda v, a: (v, a @ np.diag([1.0, 1.0, 2.0, 1.0])))  # affine
+    _rewrite(root / pancreas["training"][1]["image"], lambda v, a: (v[..., None], a))  # 4D image
+    copy = root / "pancreas" / "copy_of_training_0.nii.gz"  # a training case copied into the test split
+    shutil.copy(root / pancreas["training"][0]["image"], copy)
+    pancreas["testing"][0]["image"] = str(copy.relative_to(root))
+
+    (root / "kidney.json").unlink()  # a whole datalist missing
+    for site in ("liver", "spleen", "pancreas"):
+        (root / f"{site}.json").write_text(json.dumps(lists[site]))
+    return root
+
+
+EXPECTED = [
+    ("site 'liver', training[0] liver_000.nii.gz", "file not found"),
+    ("site 'liver', training[1] liver_001.nii.gz", "unreadable"),
+    ("site 'liver', validation[0]", "NaN or infinite voxels"),
+    ("site 'liver', testing[0]", "entry needs both 'image' and 'label'"),
+    ("site 'spleen', training[0]", "label values [4] are not among the site's classes [0, 3]"),
+    ("site 'spleen', training[1]", "differs from label shape"),
+    ("site 'spleen'", "'validation' is missing or empty"),
+    ("site 'pancreas', training[0]", "affines differ"),
+    ("site 'pancreas', training[1]", "image is not a 3D volume"),
+    ("site 'pancreas', training[0] pancreas_000.nii.gz and testing[0] copy_of_training_0.nii.gz", "the same image is in several splits"),
+    ("site 'kidney'", "datalist not found"),
+]
+
+
+def test_every_problem_is_found_and_named(broken_federation, smoke_config_path):
+    cfg = load_config(smoke_config_path, ["data.synthetic=null", f"data.root={broken_federation}"])
+    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    problems = [str(p) for p in check_federation(broken_federation, cfg, labels)]
+    for where, what in EXPECTED:
+        assert any(p.startswith(where) and what in p for p in problems), f"not reported: {where}: {what}\n{problems}"
+    assert len(problems) == len(EXPECTED), "\n".join(problems)  # nothing reported twice, nothing invented
+    assert not any("external" in p for p in problems)
+
+
+def test_clean_data_passes(data_home, smoke_run, smoke_config_path):
+    cfg = load_config(smoke_config_path)
+    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    assert check_federation(data_home / "synthetic-smoke", cfg, labels) == []
+
+
+@pytest.mark.parametrize("command", ["check-data", "fit"])
+def test_commands_list_all_problems_and_stop(broken_federation, tmp_path, command):
+    args = [command, "--config", "configs/smoke.yaml", "data.synthetic=null", f"data.root={broken_federation}"]
+    if command == "fit":
+        args.append(f"output_dir={tmp_path / 'run'}")
+    result = subprocess.run([sys.executable, "-m", "lightning_fl", *args], capture_output=True, text=True, cwd=REPO,
+                            env=os.environ)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{len(EXPECTED)} data problem(s) found" in result.stderr
+    assert not (tmp_path / "run").exists()  # fit stopped before creating the run folder
