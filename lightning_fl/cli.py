@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from lightning_fl.config import CONFIG_DIR, DEFAULT_CONFIG, ConfigError, load_config
-from lightning_fl.errors import UserInputError
+from lightning_fl.errors import RunStopped, UserInputError
 from lightning_fl.labels import label_space_from_config
 
 USER_ERRORS = (UserInputError, FileExistsError, FileNotFoundError)
@@ -82,4 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"lightning-fl {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RunStopped as err:
+        print(f"lightning-fl {args.command}: stopped: {err}", file=sys.stderr)
+        return 1
     return 0

@@ -154,6 +154,7 @@ class FederationConfig:
     server_lr: float = 1.0
     server_lr_min: float = 0.9
     server_momentum: float = 0.6
+    min_sites: int = 1  # a round whose failed sites leave fewer updates than this stops the run
 
 
 @dataclass
@@ -290,6 +291,8 @@ def _validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}: expected one of {list(allowed)}, got '{value}'")
     if cfg.fl.rounds < 1 or cfg.fl.local_steps < 1:
         raise ConfigError(f"fl.rounds and fl.local_steps must be ≥ 1, got {cfg.fl.rounds}, {cfg.fl.local_steps}")
+    if not 1 <= cfg.fl.min_sites <= len(cfg.data.sites):
+        raise ConfigError(f"fl.min_sites must lie in [1, {len(cfg.data.sites)}] (the number of sites), got {cfg.fl.min_sites}")
     if cfg.fabric.devices < 1 or cfg.fabric.num_nodes < 1:
         raise ConfigError(f"fabric.devices and fabric.num_nodes must be ≥ 1, got {cfg.fabric.devices}, {cfg.fabric.num_nodes}")
     costs = {s.name: s.cost for s in cfg.data.sites if not s.cost > 0}

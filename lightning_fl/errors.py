@@ -1,6 +1,10 @@
-"""Errors that mean "the input is wrong", not "the code is wrong": the command line prints their
-message (which names the file, key or case) without a traceback and exits with status 2."""
+"""Errors the command line reports as a message, not a traceback: wrong input (it names the file,
+key or case; exit status 2), and a run that cannot go on (exit status 1)."""
 
 
 class UserInputError(ValueError):
     """Base class of the project's input errors."""
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on (too few sites sent a usable update); its last checkpoint is intact."""

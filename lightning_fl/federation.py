@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +35,17 @@ from lightning_fl.distributed import (
     broadcast_states, build_fabric, checked_on_every_rank, make_placement, merge_from_ranks, move_optimizer_state,
     peak_host_memory_mb, site_seed,
 )
+from lightning_fl.errors import RunStopped
 from lightning_fl.evaluation import evaluate, nanmean
 from lightning_fl.labels import LabelSpace, label_space_from_config
 from lightning_fl.loggers import RunLogger, StepMeans, format_table
 from lightning_fl.networks import build_network, check_size
 from lightning_fl.site import Site, StateDict, freeze
 from lightning_fl.strategies import build_strategy
+
+
+class SiteFailure(RuntimeError):
+    """A site's round went wrong in a way that makes its update unusable (non-finite numbers)."""
 
 
 @dataclass
@@ -135,9 +141,16 @@ class Federation:
             batch = {"image": self._prepare(batch["image"].as_tensor()), "label": batch["label"].as_tensor().to(device)}
             with self.fabric.autocast():  # Fabric applies its precision to forward(), not to training_step()
                 loss = module.training_step(batch, step)
+            finite = torch.isfinite(loss.detach()).to(torch.int32)
+            if local.shard[1] > 1:  # the ranks of a data-parallel site stop together, before DDP's all-reduce
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self.placement.groups[site.site_name])
+            if not finite:
+                raise SiteFailure(f"non-finite loss at local step {step + 1}")
             self.fabric.backward(loss)
             if clip > 0:
-                self.fabric.clip_gradients(module, local.optimizer, max_norm=clip)
+                norm = self.fabric.clip_gradients(module, local.optimizer, max_norm=clip, error_if_nonfinite=False)
+                if not torch.isfinite(norm):
+                    raise SiteFailure(f"non-finite gradient norm at local step {step + 1}")
             local.optimizer.step()
             local.optimizer.zero_grad(set_to_none=True)
             local.scheduler.step()
@@ -149,23 +162,45 @@ class Federation:
             values = torch.tensor(list(means.values()), dtype=torch.float64, device=device)
             dist.all_reduce(values, group=self.placement.groups[site.site_name])
             means = dict(zip(means, (values / local.shard[1]).tolist()))
-        return site.update(global_state), means
+        update = site.update(global_state)
+        broken = [key for key, value in update.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+        if broken:
+            raise SiteFailure(f"non-finite update in {len(broken)} tensors, e.g. '{broken[0]}'")
+        return update, means
 
-    def train_round(self, global_state: StateDict, round_index: int) -> tuple[list[StateDict], dict[str, dict[str, float]]]:
-        """Every site's Δ_k and mean step metrics, in config order, on every rank."""
+    def train_or_drop(self, local: LocalSite, global_state: StateDict, round_index: int) -> tuple[StateDict | None, dict[str, Any]]:
+        """One site's round; an exception or a non-finite loss or update drops the site's update
+        for this round (its metrics say why) and resets its optimizer state, which may hold the
+        same non-finite values."""
+        try:
+            return self.train_site(local, global_state, round_index)
+        except Exception as err:  # noqa: BLE001 - any failure of one site must not end the federation
+            local.optimizer.zero_grad(set_to_none=True)
+            local.optimizer.state.clear()
+            self.step_means.pop()
+            reason = str(err) if isinstance(err, SiteFailure) else f"{type(err).__name__}: {err}"
+            return None, {"dropped": reason}
+
+    def train_round(self, global_state: StateDict, round_index: int) -> tuple[dict[str, StateDict], dict[str, dict[str, Any]]]:
+        """The updates of the sites that did not fail, and every site's step metrics (or why it was
+        dropped), in config order, on every rank."""
         mine = checked_on_every_rank(
             self.fabric, f"training round {round_index + 1}",
-            lambda: {name: self.train_site(local, global_state, round_index) for name, local in self.local.items()},
+            lambda: {name: self.train_or_drop(local, global_state, round_index) for name, local in self.local.items()},
         )
         owners = {d.name: self.placement.owner(d.name) for d in self.site_data}
-        updates = broadcast_states({name: mine[name][0] if name in mine else None for name in owners}, owners, global_state)
-        means = merge_from_ranks(self.fabric, {n: m for n, (_, m) in mine.items() if owners[n] == self.fabric.global_rank})
-        return [updates[name] for name in owners], {name: means[name] for name in owners}
+        rank = self.fabric.global_rank
+        means = merge_from_ranks(self.fabric, {n: m for n, (_, m) in mine.items() if owners[n] == rank})
+        means = {name: means[name] for name in owners}
+        kept = {name: owner for name, owner in owners.items() if "dropped" not in means[name]}
+        updates = broadcast_states({name: mine[name][0] if name in mine else None for name in kept}, kept, global_state)
+        return {name: updates[name] for name in kept}, means
 
-    def aggregation_weights(self) -> list[float]:
+    def aggregation_weights(self, sites: list[str]) -> list[float]:
         if self.cfg.fl.weighting == "cases":
-            return [float(d.num_training_cases) for d in self.site_data]
-        return [1.0] * len(self.site_data)
+            cases = {d.name: d.num_training_cases for d in self.site_data}
+            return [float(cases[name]) for name in sites]
+        return [1.0] * len(sites)
 
     def evaluate_sites(self, split: str) -> dict[str, dict[str, float]]:
         """Mean Dice per class of the current global model on each site's split (its own classes);
@@ -204,7 +239,18 @@ class Federation:
             round_start = time.perf_counter()
             global_state = self._global_state()
             updates, means = self.train_round(global_state, r)
-            self.global_model.load_state_dict(self.strategy.aggregate(global_state, updates, self.aggregation_weights()))
+            dropped = {name: m["dropped"] for name, m in means.items() if "dropped" in m}
+            if dropped:
+                checked_on_every_rank(self.fabric, "recording dropped sites", lambda: self._record_dropped(logger, r, dropped))
+            if len(updates) < cfg.fl.min_sites:
+                raise RunStopped(
+                    f"round {r + 1}: {len(updates)} of {len(means)} sites sent an update, fewer than fl.min_sites="
+                    f"{cfg.fl.min_sites}; dropped: {'; '.join(f'{k}: {v}' for k, v in dropped.items())}. "
+                    f"The last good global model is {self.output_dir / 'last.ckpt'}"
+                    + (f" (round {r})" if r else " (none yet: this was the first round)")
+                )
+            aggregate = self.strategy.aggregate(global_state, list(updates.values()), self.aggregation_weights(list(updates)))
+            self.global_model.load_state_dict(aggregate)
             val = self.evaluate_sites("validation")
             score = nanmean([d for dice in val.values() for d in dice.values()])
             state = self._global_state()
@@ -242,7 +288,8 @@ class Federation:
         if logger is None:
             return
         for name, site_means in means.items():
-            logger.train(r, name, site_means)
+            if "dropped" not in site_means:
+                logger.train(r, name, site_means)
         for name, dice in val.items():
             logger.dice(r, "validation", name, "global", dice)
         meta = {"classes": list(self.labels.classes), "config": OmegaConf.to_container(self.cfg, resolve=True)}
@@ -251,6 +298,13 @@ class Federation:
         save_model(self.output_dir / "last.ckpt", state, round=r, score=score, **meta)
         logger.scalars({"validation/mean_dice": score, "time/round_s": seconds})
         logger.commit(r)
+
+    def _record_dropped(self, logger: RunLogger | None, r: int, dropped: dict[str, str]) -> None:
+        if logger is None:
+            return
+        for name, reason in dropped.items():
+            print(f"warning: round {r + 1}: dropped the update of site '{name}': {reason}", file=sys.stderr)
+            logger.dropped(r, name, reason)
 
     def _finish(self, logger: RunLogger | None, summary: dict[str, Any]) -> None:
         if logger is None:

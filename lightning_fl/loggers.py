@@ -19,7 +19,7 @@ from lightning.fabric.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 LOSS_COLUMNS = ("loss", "supervised", "condist", "condist_weight", "lr")
-CSV_COLUMNS = ("round", "phase", "site", "model", "class", "dice") + LOSS_COLUMNS
+CSV_COLUMNS = ("round", "phase", "site", "model", "class", "dice") + LOSS_COLUMNS + ("note",)
 
 
 class StepMeans(Logger):
@@ -88,6 +88,11 @@ class RunLogger:
                          "dice": value})
             if not math.isnan(value):
                 self._pending[f"{phase}/{site}/{name}"] = value
+
+    def dropped(self, round_index: int, site: str, reason: str) -> None:
+        """A site whose update this round was not aggregated, and why."""
+        self._write({"round": round_index, "phase": "dropped", "site": site, "model": "local", "note": reason})
+        self._pending[f"dropped/{site}"] = 1.0
 
     def scalars(self, values: Mapping[str, float]) -> None:
         self._pending |= dict(values)

@@ -1,0 +1,80 @@
+"""A site that raises, returns a NaN loss or diverges loses its update for the round, with a warning
+in the metrics; the global model stays finite; too few updates stop the run cleanly."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from lightning_fl.config import load_config
+from lightning_fl.distributed import build_fabric
+from lightning_fl.errors import RunStopped
+from lightning_fl.federation import Federation
+
+
+def _federation(smoke_config_path, out, *overrides: str) -> Federation:
+    cfg = load_config(smoke_config_path, [f"output_dir={out}", "logger.wandb.mode=disabled", *overrides])
+    return Federation(cfg, build_fabric(cfg))
+
+
+def _break(federation: Federation, site: str, how: str, from_round: int = 0) -> None:
+    local = federation.local[site]
+    step = local.site.training_step
+
+    def broken_step(batch, batch_idx):
+        if local.site.round_index < from_round:
+            return step(batch, batch_idx)
+        if how == "raise":
+            raise RuntimeError("the scanner's export went wrong")
+        if how == "nan":
+            return step(batch, batch_idx) * math.nan
+        for group in local.optimizer.param_groups:  # "diverge": a step so large the weights overflow
+            group["lr"] = 1e30
+        return step(batch, batch_idx)
+
+    local.site.training_step = broken_step
+
+
+def _rows(out, phase):
+    return [r for r in csv.DictReader((out / "metrics.csv").open()) if r["phase"] == phase]
+
+
+def test_failed_sites_are_dropped_and_the_global_model_stays_finite(data_home, smoke_config_path, tmp_path):
+    federation = _federation(smoke_config_path, tmp_path)
+    for site, how in (("spleen", "raise"), ("pancreas", "nan"), ("kidney", "diverge")):
+        _break(federation, site, how)
+    summary = federation.fit()
+
+    dropped = {(r["round"], r["site"]): r["note"] for r in _rows(tmp_path, "dropped")}
+    assert set(dropped) == {(str(r), s) for r in range(2) for s in ("spleen", "pancreas", "kidney")}
+    assert "RuntimeError: the scanner's export went wrong" in dropped[("0", "spleen")]
+    assert dropped[("0", "pancreas")] == "non-finite loss at local step 1"
+    assert dropped[("0", "kidney")] == "non-finite gradient norm at local step 2"
+    assert {r["site"] for r in _rows(tmp_path, "train")} == {"liver"}
+    model = torch.load(tmp_path / "last.ckpt", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in federation.global_model.state_dict().values())
+    assert json.loads((tmp_path / "summary.json").read_text())["best_round"] == summary["best_round"]
+
+
+def test_too_few_updates_stop_the_run_with_the_last_checkpoint_intact(data_home, smoke_config_path, tmp_path):
+    federation = _federation(smoke_config_path, tmp_path, "fl.min_sites=2")
+    for site in ("spleen", "pancreas", "kidney"):
+        _break(federation, site, "raise", from_round=1)
+    with pytest.raises(RunStopped, match=r"round 2: 1 of 4 sites sent an update, fewer than fl.min_sites=2; dropped: spleen: "):
+        federation.fit()
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert last["round"] == 0
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert len(_rows(tmp_path, "dropped")) == 3 and not (tmp_path / "summary.json").exists()
+
+
+def test_min_sites_must_fit_the_federation(smoke_config_path):
+    from lightning_fl.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"fl.min_sites must lie in \[1, 4\]"):
+        load_config(smoke_config_path, ["fl.min_sites=5"])
