@@ -1,4 +1,4 @@
-"""Model files of a run: atomic writes, so a crash never leaves a half-written checkpoint."""
+"""Model and state files of a run: atomic writes, so a crash never leaves a half-written checkpoint."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+STATE_FILE = "state.ckpt"  # everything `fit --resume` needs, rewritten after every round
 
 
 def atomic_write_bytes(path: Path, write: Any) -> None:
@@ -32,6 +34,11 @@ def save_model(path: Path, state: dict[str, torch.Tensor], **meta: Any) -> None:
     """`{"model": state_dict, **meta}` with tensors on the CPU, loadable with `weights_only=True`."""
     payload = {"model": {k: v.detach().cpu() for k, v in state.items()}, **meta}
     atomic_write_bytes(path, lambda f: torch.save(payload, f))
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """The resumable state of a run; the previous file stays in place until the new one is complete."""
+    atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
 def load_model(path: Path) -> dict[str, Any]:

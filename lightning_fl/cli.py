@@ -1,6 +1,7 @@
 """`lightning-fl` (also `python -m lightning_fl`): the project's commands.
 
     lightning-fl fit   [--config FILE] [dotted.key=value ...]   train a federation (default: the demo)
+    lightning-fl fit   --resume RUN_DIR [--allow-config-change] [key=value ...]   continue a run
     lightning-fl synth --out DIR [--config FILE] [key=value ...] write the synthetic federation
     lightning-fl check-data [--config FILE] [key=value ...]      check every site's data, list all problems
 """
@@ -11,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lightning_fl.config import CONFIG_DIR, DEFAULT_CONFIG, ConfigError, load_config
+from lightning_fl.config import CONFIG_DIR, DEFAULT_CONFIG, ConfigError, config_changes, load_config
 from lightning_fl.errors import RunStopped, UserInputError
 from lightning_fl.labels import label_space_from_config
 
@@ -27,10 +28,28 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _fit(args: argparse.Namespace) -> None:
-    cfg = load_config(args.config, args.overrides)  # config mistakes surface before the heavy imports
-    from lightning_fl.federation import run_fit
+    if args.resume is None:
+        cfg = load_config(args.config, args.overrides)  # config mistakes surface before the heavy imports
+        from lightning_fl.federation import run_fit
 
-    run_fit(cfg)
+        run_fit(cfg)
+        return
+    if args.config is not None:
+        raise ConfigError("--resume continues a run with its own config.yaml; --config cannot be given with it")
+    saved = args.resume / "config.yaml"
+    cfg = load_config(saved, args.overrides + [f"output_dir={args.resume}"])
+    changed = config_changes(load_config(saved), cfg, ignore=("output_dir",))
+    if changed and not args.allow_config_change:
+        raise ConfigError(
+            f"--resume {args.resume}: the overrides change the run's config ({', '.join(changed)}); "
+            "pass --allow-config-change to continue with them anyway (it is recorded in resumes.yaml)"
+        )
+    from lightning_fl.checkpoint import STATE_FILE, load_model
+    from lightning_fl.federation import record_resume, run_fit
+
+    state = load_model(args.resume / STATE_FILE)
+    record_resume(args.resume, state["round"], changed, args.overrides)
+    run_fit(cfg, resume=state)
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -64,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     fit = commands.add_parser("fit", help="train a federation from a config")
     _config_args(fit)
+    fit.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                     help="continue a run from its last complete round (state.ckpt), with its config")
+    fit.add_argument("--allow-config-change", action="store_true",
+                     help="with --resume: accept overrides that change the config (recorded in resumes.yaml)")
     fit.set_defaults(run=_fit)
     synth = commands.add_parser("synth", help="write the synthetic federation (NIfTI + datalists)")
     synth.add_argument("--out", type=Path, required=True, help="folder to create")

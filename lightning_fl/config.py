@@ -318,3 +318,15 @@ def _validate(cfg: DictConfig) -> None:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def config_changes(before: DictConfig, after: DictConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ between two configs (what a resumed run would change)."""
+
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(node, dict):
+            return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): node}
+
+    a, b = (flat(OmegaConf.to_container(c, resolve=True)) for c in (before, after))
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in ignore)

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_fl.checkpoint import atomic_write_text, save_model
+from lightning_fl.checkpoint import STATE_FILE, atomic_write_text, save_model, save_state
 from lightning_fl.config import ConfigError, to_yaml
 from lightning_fl.data.datasets import SiteData, TrainingStream, evaluation_loader, load_site, prepare_data_root
 from lightning_fl.data.validation import DataCheckError, check_federation
@@ -64,8 +64,8 @@ class LocalSite:
 
 
 class Federation:
-    def __init__(self, cfg: DictConfig, fabric: L.Fabric) -> None:
-        self.cfg, self.fabric = cfg, fabric
+    def __init__(self, cfg: DictConfig, fabric: L.Fabric, resume: dict[str, Any] | None = None) -> None:
+        self.cfg, self.fabric, self.resume = cfg, fabric, resume
         self.step_means: StepMeans = fabric.logger  # where the sites' `log_dict` goes (build_fabric)
         self._loaders: dict[tuple[str, str], Any] = {}
         self.output_dir = Path(cfg.output_dir)
@@ -90,6 +90,8 @@ class Federation:
                 device = fabric.device
                 local.site.data_parallel(self.placement.groups[name], [device.index] if device.type == "cuda" else None)
         self.strategy = build_strategy(cfg.fl, self._global_state())
+        if resume is not None:
+            self._load_state(resume)
         self.is_main = fabric.global_rank == 0
         self.hide_bars = True if not self.is_main else (None if cfg.logger.progress else True)  # None: terminals only
 
@@ -112,6 +114,27 @@ class Federation:
                     f"data.samples_per_volume = {patches} patches does not split evenly across them"
                 )
         return LocalSite(module, optimizer, opt["lr_scheduler"]["scheduler"], TrainingStream(data, self.cfg.data), shard)
+
+    # ---------------------------------------------------------------- resumable state
+    def _load_state(self, state: dict[str, Any]) -> None:
+        """Continue after the round `state` was saved at: global model, server, each site's optimizer
+        and schedule. Data order, augmentation and dropout need nothing: they are seeded per round."""
+        self.global_model.load_state_dict(state["global"])
+        self.strategy.load_state_dict(state["strategy"])
+        for name, local in self.local.items():
+            local.optimizer.optimizer.load_state_dict(state["sites"][name]["optimizer"])
+            local.scheduler.load_state_dict(state["sites"][name]["scheduler"])
+
+    def _site_states(self) -> dict[str, dict[str, Any]]:
+        """Every site's optimizer and schedule state, gathered from the ranks that own them."""
+        rank = self.fabric.global_rank
+        mine = {
+            name: {"optimizer": local.optimizer.optimizer.state_dict(), "scheduler": local.scheduler.state_dict()}
+            for name, local in self.local.items() if self.placement.owner(name) == rank
+        }
+        if self.fabric.world_size > 1:  # pickled through the process group: host copies
+            mine = {name: _to_cpu(states) for name, states in mine.items()}
+        return merge_from_ranks(self.fabric, mine)
 
     def _global_state(self) -> StateDict:
         return {k: v.detach().clone() for k, v in self.global_model.state_dict().items()}
@@ -232,9 +255,15 @@ class Federation:
         cfg = self.cfg
         logger = checked_on_every_rank(self.fabric, "creating the run folder", self._start_outputs)
         best_score, best_round, best_state = -math.inf, -1, None
+        first_round = 0
+        if self.resume is not None:
+            best = self.resume["best"]
+            best_score, best_round, best_state = best["score"], best["round"], best["model"]
+            first_round = self.resume["round"] + 1
         round_times: list[float] = []
         start = time.perf_counter()
-        rounds = tqdm(range(cfg.fl.rounds), desc="rounds", disable=self.hide_bars)
+        rounds = tqdm(range(first_round, cfg.fl.rounds), desc="rounds", disable=self.hide_bars,
+                      initial=first_round, total=cfg.fl.rounds)
         for r in rounds:
             round_start = time.perf_counter()
             global_state = self._global_state()
@@ -258,10 +287,16 @@ class Federation:
             if is_best:
                 best_score, best_round, best_state = score, r, state
             round_times.append(time.perf_counter() - round_start)
+            sites = self._site_states()
             checked_on_every_rank(
                 self.fabric, f"writing round {r + 1}",
                 lambda: self._record_round(logger, r, means, val, state, score, is_best, round_times[-1]),
             )
+            resumable = {
+                "round": r, "global": state, "strategy": self.strategy.state_dict(), "sites": sites,
+                "best": {"round": best_round, "score": best_score, "model": best_state},
+            }
+            checked_on_every_rank(self.fabric, f"saving round {r + 1}", lambda: self._save_state(logger, resumable))
             rounds.set_postfix(val_dice=f"{score:.3f}", best=f"{best_score:.3f}@{best_round}")
 
         summary = self._test(best_state, best_round, best_score, logger)
@@ -273,12 +308,21 @@ class Federation:
         return summary
 
     def _start_outputs(self) -> RunLogger | None:
-        """The run folder, its resolved config and the metrics logger, on rank 0 only."""
+        """The run folder, its resolved config and the metrics logger, on rank 0 only; a resumed
+        run keeps its folder and config and continues its metrics and W&B run."""
         if not self.is_main:
             return None
+        if self.resume is not None:
+            return RunLogger(self.output_dir, self.cfg, resume=(self.resume["metrics_bytes"], self.resume["wandb_id"]))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.output_dir / "config.yaml", to_yaml(self.cfg))
         return RunLogger(self.output_dir, self.cfg)
+
+    def _save_state(self, logger: RunLogger | None, resumable: dict[str, Any]) -> None:
+        """`state.ckpt`: everything `fit --resume` needs, written last, so it never points past
+        what metrics.csv and the model files hold."""
+        if logger is not None:
+            save_state(self.output_dir / STATE_FILE, resumable | {"metrics_bytes": logger.position(), "wandb_id": logger.wandb_id})
 
     def _record_round(
         self, logger: RunLogger | None, r: int, means: dict[str, dict[str, float]], val: dict[str, dict[str, float]],
@@ -346,6 +390,16 @@ class Federation:
         }
 
 
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
 def _json_safe(value: Any) -> Any:
     """NaN (a class no test case contains) becomes null: strict JSON has no NaN."""
     if isinstance(value, dict):
@@ -368,7 +422,16 @@ def summary_table(summary: dict[str, Any]) -> str:
     return f"\n{title}\n" + format_table(rows, ["class", "test Dice", "external Dice"])
 
 
-def run_fit(cfg: DictConfig) -> dict[str, Any]:
+def record_resume(run_dir: Path, round_index: int, changed: list[str], overrides: list[str]) -> None:
+    """Append to `resumes.yaml` when and with which config changes a run was resumed."""
+    path = run_dir / "resumes.yaml"
+    history = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
+    entry = {"after_round": round_index + 1, "at": time.strftime("%Y-%m-%d %H:%M:%S"), "changed": changed,
+             "overrides": list(overrides)}
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(list(history) + [entry])))
+
+
+def run_fit(cfg: DictConfig, resume: dict[str, Any] | None = None) -> dict[str, Any]:
     """Launch the processes the `fabric` config asks for (none beyond this one when Fabric runs under
     torchrun or SLURM, or with one device) and run the federation on each."""
     fabric = build_fabric(cfg)
@@ -378,11 +441,11 @@ def run_fit(cfg: DictConfig) -> dict[str, Any]:
         problems = check_federation(root, cfg, labels)
         if problems:
             raise DataCheckError(problems)
-    return fabric.launch(_fit_on_rank, cfg)
+    return fabric.launch(_fit_on_rank, cfg, resume)
 
 
-def _fit_on_rank(fabric: L.Fabric, cfg: DictConfig) -> dict[str, Any]:
-    summary = Federation(cfg, fabric).fit()
+def _fit_on_rank(fabric: L.Fabric, cfg: DictConfig, resume: dict[str, Any] | None) -> dict[str, Any]:
+    summary = Federation(cfg, fabric, resume).fit()
     if dist.is_initialized():  # leave together: a process group torn down at interpreter exit can abort
         fabric.barrier()
         dist.destroy_process_group()

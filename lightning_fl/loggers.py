@@ -56,16 +56,24 @@ class RunLogger:
     """Appends rows to `metrics.csv` as they come (a crashed run keeps what it measured) and
     mirrors them to W&B with the round as the step."""
 
-    def __init__(self, output_dir: Path, cfg: DictConfig) -> None:
+    def __init__(self, output_dir: Path, cfg: DictConfig, resume: tuple[int, str | None] | None = None) -> None:
+        """`resume` = (length of metrics.csv at the checkpoint, W&B run id): rows written after the
+        checkpoint are cut, new ones appended, and the same W&B run continues."""
         self.path = output_dir / "metrics.csv"
-        self._file = self.path.open("w", newline="")
-        self._csv = csv.DictWriter(self._file, fieldnames=CSV_COLUMNS)
-        self._csv.writeheader()
-        self._wandb = self._start_wandb(output_dir, cfg)
+        if resume is None:
+            self._file = self.path.open("w", newline="")
+            self._csv = csv.DictWriter(self._file, fieldnames=CSV_COLUMNS)
+            self._csv.writeheader()
+        else:
+            self._file = self.path.open("r+", newline="")
+            self._file.truncate(resume[0])
+            self._file.seek(resume[0])
+            self._csv = csv.DictWriter(self._file, fieldnames=CSV_COLUMNS)
+        self._wandb = self._start_wandb(output_dir, cfg, resume[1] if resume else None)
         self._pending: dict[str, float] = {}
 
     @staticmethod
-    def _start_wandb(output_dir: Path, cfg: DictConfig) -> Any:
+    def _start_wandb(output_dir: Path, cfg: DictConfig, run_id: str | None) -> Any:
         if cfg.logger.wandb.mode == "disabled":
             return None
         import wandb
@@ -75,8 +83,17 @@ class RunLogger:
         return wandb.init(
             project=settings.project, entity=settings.entity, name=settings.name, tags=list(settings.tags),
             mode=settings.mode, dir=str(output_dir), config=OmegaConf.to_container(cfg, resolve=True),
-            reinit="finish_previous",
+            reinit="finish_previous", id=run_id, resume="allow" if run_id else None,
         )
+
+    @property
+    def wandb_id(self) -> str | None:
+        return self._wandb.id if self._wandb is not None else None
+
+    def position(self) -> int:
+        """Bytes of metrics.csv written so far (flushed): where a resumed run continues."""
+        self._file.flush()
+        return self._file.tell()
 
     def train(self, round_index: int, site: str, means: Mapping[str, float]) -> None:
         self._write({"round": round_index, "phase": "train", "site": site, "model": "local"} | dict(means))

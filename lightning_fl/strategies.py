@@ -37,6 +37,12 @@ def weighted_mean(updates: Sequence[StateDict], weights: Sequence[float]) -> Sta
 class FedAvg:
     """w ← w + Δ̄."""
 
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def aggregate(self, global_state: StateDict, updates: Sequence[StateDict], weights: Sequence[float]) -> StateDict:
         mean = weighted_mean(updates, weights)
         return {
@@ -60,6 +66,14 @@ class FedOpt:
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=fl.rounds, eta_min=fl.server_lr_min
         )
+
+    def state_dict(self) -> dict:
+        """The server momentum and learning-rate schedule (the parameters are reloaded every round)."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
     def aggregate(self, global_state: StateDict, updates: Sequence[StateDict], weights: Sequence[float]) -> StateDict:
         mean = weighted_mean(updates, weights)

@@ -1,0 +1,66 @@
+"""Exact resume: a run killed with SIGKILL in the middle of a round and resumed ends with the same
+weights and metrics as the same run uninterrupted; config changes on resume are refused unless asked."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+
+RUN = ["--config", "configs/smoke.yaml", "logger.wandb.mode=disabled", "fl.rounds=3"]
+
+
+def _cli(*args: str, env_home: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lightning_fl", *args], capture_output=True, text=True, cwd=REPO,
+                          env=os.environ | {"LIGHTNING_FL_DATA": str(env_home)})
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_round_resumes_to_the_same_result(data_home, smoke_run, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert _cli("fit", *RUN, f"output_dir={whole}", env_home=data_home).returncode == 0
+
+    process = subprocess.Popen([sys.executable, "-m", "lightning_fl", "fit", *RUN, f"output_dir={killed}"], cwd=REPO,
+                               env=os.environ | {"LIGHTNING_FL_DATA": str(data_home)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed / "state.ckpt").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # into round 2's local training
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert torch.load(killed / "state.ckpt", weights_only=True)["round"] == 0, "the kill did not land in round 2"
+
+    result = _cli("fit", "--resume", str(killed), env_home=data_home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = torch.load(whole / "last.ckpt", weights_only=True)["model"]
+    second = torch.load(killed / "last.ckpt", weights_only=True)["model"]
+    assert all(torch.equal(first[k], second[k]) for k in first)  # bitwise
+    assert (whole / "metrics.csv").read_text() == (killed / "metrics.csv").read_text()
+    assert "after_round: 1" in (killed / "resumes.yaml").read_text()
+
+
+def test_resume_refuses_a_changed_config_unless_asked(data_home, smoke_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    refused = _cli("fit", "--resume", str(run), "optim.lr=0.01", env_home=data_home)
+    assert refused.returncode == 2
+    assert "the overrides change the run's config (optim.lr); pass --allow-config-change" in refused.stderr
+    both = _cli("fit", "--resume", str(run), "--config", "configs/smoke.yaml", env_home=data_home)
+    assert both.returncode == 2 and "--config cannot be given with it" in both.stderr
+
+    accepted = _cli("fit", "--resume", str(run), "--allow-config-change", "eval.overlap=0.5", env_home=data_home)
+    assert accepted.returncode == 0, accepted.stderr[-3000:]
+    assert "changed:\n  - eval.overlap" in (run / "resumes.yaml").read_text()
+    # the finished run goes straight to the test; W&B continues the same (offline) run
+    runs = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and runs[0].rsplit("-", 1)[1] == runs[1].rsplit("-", 1)[1]
