@@ -25,18 +25,20 @@ def _cli(*args: str, env_home: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_a_run_killed_mid_round_resumes_to_the_same_result(data_home, smoke_run, tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_run_killed_mid_round_resumes_to_the_same_result(data_home, smoke_run, tmp_path, processes):
+    run = RUN + ([f"fabric.devices={processes}", "fabric.accelerator=cpu", "fabric.precision=32-true"] if processes > 1 else [])
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert _cli("fit", *RUN, f"output_dir={whole}", env_home=data_home).returncode == 0
+    assert _cli("fit", *run, f"output_dir={whole}", env_home=data_home).returncode == 0
 
-    process = subprocess.Popen([sys.executable, "-m", "lightning_fl", "fit", *RUN, f"output_dir={killed}"], cwd=REPO,
+    process = subprocess.Popen([sys.executable, "-m", "lightning_fl", "fit", *run, f"output_dir={killed}"], cwd=REPO,
                                env=os.environ | {"LIGHTNING_FL_DATA": str(data_home)},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while not (killed / "state.ckpt").exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     time.sleep(0.3)  # into round 2's local training
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)  # every rank at once
     process.wait()
     assert torch.load(killed / "state.ckpt", weights_only=True)["round"] == 0, "the kill did not land in round 2"
 
