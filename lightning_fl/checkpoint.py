@@ -8,12 +8,33 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
+from lightning_fl.errors import UserInputError
 
 STATE_FILE = "state.ckpt"  # everything `fit --resume` needs, rewritten after every round
 
 
+class OutputError(UserInputError):
+    """The run folder cannot be written (permissions, a full disk, a file where a folder should be)."""
+
+
+class CheckpointError(UserInputError):
+    """A checkpoint that cannot be read, or was made for another label space or network."""
+
+
 def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call `write(file)` on a temporary file beside `path`, then rename it over `path`."""
+    """Call `write(file)` on a temporary file beside `path`, then rename it over `path`; on any
+    failure the previous file is left as it was."""
+    try:
+        _atomic_write(path, write)
+    except OSError as err:
+        raise OutputError(
+            f"cannot write {path}: {err.strerror or err}; any previous version of it is intact"
+        ) from err
+
+
+def _atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     umask = os.umask(0)
@@ -43,9 +64,29 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
 
 def load_model(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch.load raises many types for a damaged file
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from err
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def check_compatible(path: Path, saved: dict[str, torch.Tensor], saved_classes: list[str],
+                     model: nn.Module, classes: list[str]) -> None:
+    """Refuse, saying what differs, a checkpoint whose classes or network do not match this run."""
+    if list(saved_classes) != list(classes):
+        raise CheckpointError(f"{path} was made for the classes {list(saved_classes)}, this run has {list(classes)}")
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    reshaped = [f"{k} {tuple(saved[k].shape)} ≠ {tuple(v.shape)}" for k, v in expected.items()
+                if k in saved and saved[k].shape != v.shape]
+    if missing or unexpected or reshaped:
+        details = [f"{len(missing)} tensors missing (e.g. {missing[0]})" if missing else "",
+                   f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+                   f"{len(reshaped)} of another shape (e.g. {reshaped[0]})" if reshaped else ""]
+        raise CheckpointError(f"{path} holds another network than this run's model config: "
+                                      + "; ".join(d for d in details if d))

@@ -298,6 +298,11 @@ def _validate(cfg: DictConfig) -> None:
     costs = {s.name: s.cost for s in cfg.data.sites if not s.cost > 0}
     if costs:
         raise ConfigError(f"data.sites: cost must be > 0, got {costs}")
+    if not cfg.optim.lr > 0 or cfg.optim.momentum < 0 or cfg.optim.weight_decay < 0:
+        raise ConfigError(
+            f"optim.lr must be > 0 and optim.momentum, optim.weight_decay ≥ 0, got {cfg.optim.lr}, "
+            f"{cfg.optim.momentum}, {cfg.optim.weight_decay}"
+        )
     if cfg.method.temperature <= 0:
         raise ConfigError(f"method.temperature must be > 0, got {cfg.method.temperature}")
     if not cfg.data.sites:

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_fl.checkpoint import STATE_FILE, atomic_write_text, save_model, save_state
+from lightning_fl.checkpoint import STATE_FILE, atomic_write_text, check_compatible, save_model, save_state
 from lightning_fl.config import ConfigError, to_yaml
 from lightning_fl.data.datasets import SiteData, TrainingStream, evaluation_loader, load_site, prepare_data_root
 from lightning_fl.data.validation import DataCheckError, check_federation
@@ -119,6 +119,8 @@ class Federation:
     def _load_state(self, state: dict[str, Any]) -> None:
         """Continue after the round `state` was saved at: global model, server, each site's optimizer
         and schedule. Data order, augmentation and dropout need nothing: they are seeded per round."""
+        check_compatible(self.output_dir / STATE_FILE, state["global"], state["classes"], self.global_model,
+                         list(self.labels.classes))
         self.global_model.load_state_dict(state["global"])
         self.strategy.load_state_dict(state["strategy"])
         for name, local in self.local.items():
@@ -293,7 +295,8 @@ class Federation:
                 lambda: self._record_round(logger, r, means, val, state, score, is_best, round_times[-1]),
             )
             resumable = {
-                "round": r, "global": state, "strategy": self.strategy.state_dict(), "sites": sites,
+                "round": r, "classes": list(self.labels.classes), "global": state,
+                "strategy": self.strategy.state_dict(), "sites": sites,
                 "best": {"round": best_round, "score": best_score, "model": best_state},
             }
             checked_on_every_rank(self.fabric, f"saving round {r + 1}", lambda: self._save_state(logger, resumable))
@@ -314,8 +317,7 @@ class Federation:
             return None
         if self.resume is not None:
             return RunLogger(self.output_dir, self.cfg, resume=(self.resume["metrics_bytes"], self.resume["wandb_id"]))
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.output_dir / "config.yaml", to_yaml(self.cfg))
+        atomic_write_text(self.output_dir / "config.yaml", to_yaml(self.cfg))  # creates the folder
         return RunLogger(self.output_dir, self.cfg)
 
     def _save_state(self, logger: RunLogger | None, resumable: dict[str, Any]) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 from lightning.fabric.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_fl.checkpoint import OutputError
+
 LOSS_COLUMNS = ("loss", "supervised", "condist", "condist_weight", "lr")
 CSV_COLUMNS = ("round", "phase", "site", "model", "class", "dice") + LOSS_COLUMNS + ("note",)
 
@@ -92,8 +94,14 @@ class RunLogger:
 
     def position(self) -> int:
         """Bytes of metrics.csv written so far (flushed): where a resumed run continues."""
-        self._file.flush()
+        self._flush()
         return self._file.tell()
+
+    def _flush(self) -> None:
+        try:
+            self._file.flush()
+        except OSError as err:
+            raise OutputError(f"cannot write {self.path}: {err.strerror or err}") from err
 
     def train(self, round_index: int, site: str, means: Mapping[str, float]) -> None:
         self._write({"round": round_index, "phase": "train", "site": site, "model": "local"} | dict(means))
@@ -116,7 +124,7 @@ class RunLogger:
 
     def commit(self, round_index: int) -> None:
         """Flush the CSV and send everything gathered for this round to W&B in one step."""
-        self._file.flush()
+        self._flush()
         if self._wandb is not None and self._pending:
             self._wandb.log(self._pending | {"round": round_index}, step=round_index)
         self._pending = {}
@@ -128,7 +136,10 @@ class RunLogger:
             self._wandb.finish()
 
     def _write(self, row: dict[str, Any]) -> None:
-        self._csv.writerow({key: _format(row.get(key)) for key in CSV_COLUMNS})
+        try:
+            self._csv.writerow({key: _format(row.get(key)) for key in CSV_COLUMNS})
+        except OSError as err:
+            raise OutputError(f"cannot write {self.path}: {err.strerror or err}") from err
 
 
 def _format(value: Any) -> Any:

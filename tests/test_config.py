@@ -86,3 +86,9 @@ def test_patch_sizes_the_network_cannot_take_are_config_errors():
         check_size(model, [100, 224, 64], "data.patch_size")
     with pytest.raises(ConfigError, match=r"eval.roi_size=\[32, 32, 16\] leaves one voxel at the network's deepest level"):
         check_size(model, [32, 32, 16], "eval.roi_size")
+
+
+@pytest.mark.parametrize("override", ["optim.lr=-0.1", "optim.lr=0", "optim.momentum=-1"])
+def test_impossible_optimizer_values_are_config_errors(override):
+    with pytest.raises(ConfigError, match="optim.lr must be > 0 and optim.momentum, optim.weight_decay ≥ 0"):
+        load_config(CONFIG_DIR / "smoke.yaml", [override])
