@@ -4,11 +4,13 @@
     lightning-fl fit   --resume RUN_DIR [--allow-config-change] [key=value ...]   continue a run
     lightning-fl synth --out DIR [--config FILE] [key=value ...] write the synthetic federation
     lightning-fl check-data [--config FILE] [key=value ...]      check every site's data, list all problems
+    lightning-fl prepare-data --task T --src DIR --dst DIR [--datalist F] [--seed N]   a published dataset → a site
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -78,6 +80,17 @@ def _check_data(args: argparse.Namespace) -> None:
     print(f"data OK: {', '.join(sites)} under {root}")
 
 
+def _prepare_data(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config)  # the label space to map onto
+    from lightning_fl.data.prepare import prepare_task
+
+    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    listing = prepare_task(args.task, args.src, args.dst, labels, seed=args.seed, datalist=args.datalist,
+                           progress=cfg.logger.progress)
+    splits = {key: len(value) for key, value in json.loads(listing.read_text()).items() if isinstance(value, list)}
+    print(f"wrote {listing} ({', '.join(f'{k} {n}' for k, n in splits.items())})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightning-fl", description="Federated ConDistFL segmentation")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-data", help="check every site's datalist, images and labels")
     _config_args(check)
     check.set_defaults(run=_check_data)
+    prepare = commands.add_parser("prepare-data", help="a published dataset (MSD, KiTS19, AMOS22) → a site folder and datalist")
+    prepare.add_argument("--task", required=True, help="a task of configs/prepare/tasks.yaml: liver, spleen, pancreas, kidney, amos")
+    prepare.add_argument("--src", type=Path, required=True, help="the dataset in its published layout")
+    prepare.add_argument("--dst", type=Path, required=True, help="the data root: DST/<task>/ and DST/<task>.json")
+    prepare.add_argument("--datalist", type=Path, default=None, help="reuse the splits of an existing datalist")
+    prepare.add_argument("--seed", type=int, default=0, help="seed of the 60/20/20 split")
+    prepare.add_argument("--config", type=Path, default=None, help="config whose label space to map onto (default: the demo's)")
+    prepare.set_defaults(run=_prepare_data)
     return parser
 
 

@@ -1,0 +1,177 @@
+"""`prepare-data`: tiny fabricated datasets in the true MSD, KiTS19 and AMOS22 layouts, and the real
+spleen_8 volume in an MSD Task09 layout, become sites the training reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import REPO, SHARED
+from lightning_fl.config import ConfigError, load_config
+from lightning_fl.data.datasets import DatalistError, read_datalist
+from lightning_fl.data.prepare import prepare_task
+from lightning_fl.labels import label_space_from_config
+
+AFFINE = np.diag([-0.8, -0.8, 2.5, 1.0])  # LPS-like, anisotropic
+
+
+@pytest.fixture(scope="module")
+def labels():
+    cfg = load_config()
+    return label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+
+
+def _volume(path: Path, values: np.ndarray, dtype) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(values.astype(dtype), AFFINE), path)
+
+
+def _case(rng, native_values: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    image = rng.integers(-1000, 1000, (16, 16, 8))
+    label = rng.choice([0] + native_values, size=(16, 16, 8))
+    return image, label
+
+
+def make_msd(root: Path, name: str, n: int, native: list[int]) -> Path:
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(n):
+        image, label = _case(rng, native)
+        _volume(root / "imagesTr" / f"{name}_{i}.nii.gz", image, np.int16)
+        _volume(root / "labelsTr" / f"{name}_{i}.nii.gz", label, np.uint8)
+        entries.append({"image": f"./imagesTr/{name}_{i}.nii.gz", "label": f"./labelsTr/{name}_{i}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({"name": name, "training": entries, "test": []}))
+    return root
+
+
+def make_kits(root: Path, n: int) -> Path:
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        image, label = _case(rng, [1, 2])
+        _volume(root / f"case_{i:05d}" / "imaging.nii.gz", image, np.float32)
+        _volume(root / f"case_{i:05d}" / "segmentation.nii.gz", label, np.int32)
+    (root / "case_00300").mkdir()  # a test case without segmentation: skipped
+    _volume(root / "case_00300" / "imaging.nii.gz", rng.integers(-1000, 1000, (16, 16, 8)), np.int16)
+    return root
+
+
+def make_amos(root: Path) -> Path:
+    rng = np.random.default_rng(2)
+    lists: dict[str, list] = {"training": [], "validation": []}
+    for split, folder, ids in (("training", "Tr", [1, 2, 600]), ("validation", "Va", [3])):  # 600: an MRI case
+        for i in ids:
+            image, label = _case(rng, [1, 2, 3, 4, 6, 10, 15])
+            _volume(root / f"images{folder}" / f"amos_{i:04d}.nii.gz", image, np.int16)
+            _volume(root / f"labels{folder}" / f"amos_{i:04d}.nii.gz", label, np.uint8)
+            lists[split].append({"image": f"./images{folder}/amos_{i:04d}.nii.gz", "label": f"./labels{folder}/amos_{i:04d}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps(lists))
+    return root
+
+
+def test_msd_task_is_split_remapped_and_readable(tmp_path, labels):
+    src = make_msd(tmp_path / "Task07_Pancreas", "pancreas", 10, [1, 2])
+    listing = prepare_task("pancreas", src, tmp_path / "data", labels, seed=3)
+    splits = read_datalist(listing)
+    assert [len(splits[k]) for k in ("training", "validation", "testing")] == [6, 2, 2]
+    names = [Path(item["image"]).name for items in splits.values() for item in items]
+    assert sorted(names) == sorted(f"pancreas_{i}.nii.gz" for i in range(10))  # each case once
+    for item in splits["training"]:
+        label = nib.load(item["label"])
+        source = nib.load(src / "labelsTr" / Path(item["label"]).name)
+        expected = np.select([np.asarray(source.dataobj) == 1, np.asarray(source.dataobj) == 2], [4, 5], 0)
+        assert np.array_equal(np.asarray(label.dataobj), expected) and np.allclose(label.affine, AFFINE)
+        assert label.get_data_dtype() == np.uint8
+    again = prepare_task("pancreas", src, tmp_path / "again", labels, seed=3)
+    assert json.loads(again.read_text()) == json.loads(listing.read_text())  # seeded
+
+
+def test_kits_and_amos_layouts(tmp_path, labels):
+    kidney = read_datalist(prepare_task("kidney", make_kits(tmp_path / "kits19", 5), tmp_path / "data", labels))
+    assert sum(len(v) for v in kidney.values()) == 5
+    values = set(np.unique(nib.load(kidney["training"][0]["label"]).get_fdata()).astype(int))
+    assert values <= {0, 6, 7}
+    amos = prepare_task("amos", make_amos(tmp_path / "amos22"), tmp_path / "data", labels)
+    content = json.loads(amos.read_text())
+    assert [Path(e["image"]).name for e in content["testing"]] == ["amos_0001.nii.gz", "amos_0002.nii.gz", "amos_0003.nii.gz"]
+    assert set(content) == {"name", "testing"}  # an external site is test-only
+    label = np.asarray(nib.load(tmp_path / "data" / content["testing"][0]["label"]).dataobj)
+    assert set(np.unique(label)) <= {0, 1, 3, 4, 6}  # liver, spleen, pancreas, kidney; others background
+
+
+def test_existing_splits_are_reused(tmp_path, labels):
+    src = make_msd(tmp_path / "Task09_Spleen", "spleen", 5, [1])
+    given = tmp_path / "published.json"
+    given.write_text(json.dumps({"training": [{"image": "imagesTr/spleen_0.nii.gz"}, "spleen_1.nii.gz", "spleen_2"],
+                                 "validation": ["spleen_3"], "testing": ["spleen_4"]}))
+    content = json.loads(prepare_task("spleen", src, tmp_path / "data", labels, datalist=given).read_text())
+    assert [len(content[k]) for k in ("training", "validation", "testing")] == [3, 1, 1]
+    assert Path(content["testing"][0]["image"]).name == "spleen_4.nii.gz"
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("label_value", r"has label values \[3\] that the task does not map"),
+    ("grid", "is not on the grid of"),
+    ("missing", "file not found"),
+])
+def test_bad_cases_name_the_file_and_leave_nothing_behind(tmp_path, labels, damage, message):
+    src = make_msd(tmp_path / "Task03_Liver", "liver", 4, [1, 2])
+    label = src / "labelsTr" / "liver_2.nii.gz"
+    if damage == "label_value":
+        _volume(label, np.full((16, 16, 8), 3), np.uint8)
+    elif damage == "grid":
+        _volume(label, np.zeros((16, 16, 7)), np.uint8)
+    else:
+        label.unlink()
+    dst = tmp_path / "data"
+    with pytest.raises(DatalistError, match=message) as err:
+        prepare_task("liver", src, dst, labels)
+    assert "liver_2" in str(err.value)
+    assert not dst.exists() and [p.name for p in tmp_path.iterdir()] == ["Task03_Liver"]
+
+
+def test_command_line_errors(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "lightning_fl", "prepare-data", *a],  # noqa: E731
+                                    capture_output=True, text=True, cwd=REPO, env=os.environ)
+    result = run("--task", "lung", "--src", str(tmp_path), "--dst", str(tmp_path / "d"))
+    assert result.returncode == 2 and "unknown task 'lung'" in result.stderr
+    result = run("--task", "liver", "--src", str(tmp_path), "--dst", str(tmp_path / "d"))
+    assert result.returncode == 2 and "dataset.json not found" in result.stderr
+    with pytest.raises(ConfigError):
+        from lightning_fl.data.prepare import load_task
+        load_task("lung")
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not (SHARED / "realdata").is_dir(), reason="needs ../shared/realdata (the real CT volumes); absent in a user's clone")
+def test_real_spleen_case_in_msd_layout(tmp_path, labels):
+    """spleen_8 (LAS, 0.785 × 0.785 × 7.5 mm) through prepare-data and the paper's preprocessing."""
+    src = tmp_path / "Task09_Spleen"
+    (src / "imagesTr").mkdir(parents=True)
+    (src / "labelsTr").mkdir()
+    shutil.copyfile(SHARED / "realdata" / "spleen_8_ct.nii.gz", src / "imagesTr" / "spleen_8.nii.gz")
+    shutil.copyfile(SHARED / "realdata" / "spleen_8_label_orig.nii.gz", src / "labelsTr" / "spleen_8.nii.gz")
+    (src / "dataset.json").write_text(json.dumps({"training": [{"image": "./imagesTr/spleen_8.nii.gz", "label": "./labelsTr/spleen_8.nii.gz"}]}))
+    given = tmp_path / "split.json"
+    given.write_text(json.dumps({"training": ["spleen_8"], "validation": [], "testing": []}))
+    listing = prepare_task("spleen", src, tmp_path / "data", labels, datalist=given)
+    item = read_datalist(listing, required=("training",))["training"][0]
+    label = nib.load(item["label"])
+    assert nib.aff2axcodes(label.affine) == ("L", "A", "S")
+    assert np.allclose(label.header.get_zooms(), (0.785, 0.785, 7.5), atol=1e-3)
+    assert set(np.unique(np.asarray(label.dataobj))) == {0, 3}
+
+    from lightning_fl.data.transforms import evaluation_transform
+
+    cfg = load_config(REPO / "configs" / "condistfl_paper.yaml")
+    out = evaluation_transform(cfg.data)(item)
+    assert out["image"].shape[1:] == out["label"].shape[1:]
+    assert np.allclose(out["image"].pixdim.numpy(), cfg.data.spacing_mm, atol=1e-3)
+    assert set(np.unique(out["label"].numpy())) == {0, 3}
