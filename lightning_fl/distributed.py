@@ -199,6 +199,14 @@ def merge_from_ranks(fabric: L.Fabric, mine: dict[str, Any]) -> dict[str, Any]:
     return {key: value for part in everyone for key, value in part.items()}
 
 
+def leave_process_group(fabric: L.Fabric) -> None:
+    """End a multi-process run together: process groups (subgroups included) torn down at
+    interpreter exit, while another rank still uses them, can abort the process."""
+    if dist.is_available() and dist.is_initialized():
+        fabric.barrier()
+        dist.destroy_process_group()
+
+
 def peak_host_memory_mb() -> float:
     """This process's peak resident memory (Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

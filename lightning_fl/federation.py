@@ -32,8 +32,8 @@ from lightning_fl.config import ConfigError, to_yaml
 from lightning_fl.data.datasets import SiteData, TrainingStream, evaluation_loader, load_site, prepare_data_root
 from lightning_fl.data.validation import DataCheckError, check_federation
 from lightning_fl.distributed import (
-    broadcast_states, build_fabric, checked_on_every_rank, make_placement, merge_from_ranks, move_optimizer_state,
-    peak_host_memory_mb, site_seed,
+    broadcast_states, build_fabric, checked_on_every_rank, leave_process_group, make_placement, merge_from_ranks,
+    move_optimizer_state, peak_host_memory_mb, site_seed,
 )
 from lightning_fl.errors import RunStopped
 from lightning_fl.evaluation import evaluate, nanmean
@@ -448,7 +448,5 @@ def run_fit(cfg: DictConfig, resume: dict[str, Any] | None = None) -> dict[str, 
 
 def _fit_on_rank(fabric: L.Fabric, cfg: DictConfig, resume: dict[str, Any] | None) -> dict[str, Any]:
     summary = Federation(cfg, fabric, resume).fit()
-    if dist.is_initialized():  # leave together: a process group torn down at interpreter exit can abort
-        fabric.barrier()
-        dist.destroy_process_group()
+    leave_process_group(fabric)
     return summary

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_fl.config import CONFIG_DIR, load_config
-from lightning_fl.distributed import build_fabric, site_seed
+from lightning_fl.distributed import build_fabric, leave_process_group, site_seed
 from lightning_fl.federation import Federation
 
 
@@ -63,6 +63,7 @@ def main(fabric, cfg) -> None:
     summary = federation.fit()
     if fabric.global_rank == 0:
         (Path(cfg.output_dir) / "data_parallel.json").write_text(json.dumps({"ranks": reports, "summary": summary}))
+    leave_process_group(fabric)
 
 
 if __name__ == "__main__":
