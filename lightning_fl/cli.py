@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from lightning_fl.config import CONFIG_DIR, DEFAULT_CONFIG, ConfigError, config_changes, load_config
+from lightning_fl.config import CONFIG_DIR, DEFAULT_CONFIG, ConfigError, all_sites, config_changes, load_config
 from lightning_fl.errors import RunStopped, UserInputError
 from lightning_fl.labels import label_space_from_config
 
@@ -61,7 +61,7 @@ def _synth(args: argparse.Namespace) -> None:
     if cfg.data.synthetic is None:
         raise ConfigError(f"{args.config}: data.synthetic is not set, nothing to generate")
     labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
-    sites = list(cfg.data.sites) + ([cfg.data.external] if cfg.data.external else [])
+    sites = all_sites(cfg)
     write_federation(args.out, cfg.data.synthetic, sites, labels, progress=cfg.logger.progress)
     print(f"wrote the synthetic federation ({', '.join(s.name for s in sites)}) to {args.out}")
 
@@ -76,8 +76,7 @@ def _check_data(args: argparse.Namespace) -> None:
     problems = check_federation(root, cfg, labels)
     if problems:
         raise DataCheckError(problems)
-    sites = [s.name for s in cfg.data.sites] + ([cfg.data.external.name] if cfg.data.external else [])
-    print(f"data OK: {', '.join(sites)} under {root}")
+    print(f"data OK: {', '.join(s.name for s in all_sites(cfg))} under {root}")
 
 
 def _prepare_data(args: argparse.Namespace) -> None:

@@ -307,11 +307,11 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"method.temperature must be > 0, got {cfg.method.temperature}")
     if not cfg.data.sites:
         raise ConfigError("data.sites: at least one site is needed")
-    names = [s.name for s in cfg.data.sites] + ([cfg.data.external.name] if cfg.data.external else [])
+    names = [s.name for s in all_sites(cfg)]
     if len(set(names)) != len(names):
         raise ConfigError(f"data.sites: site names must be unique, got {names}")
     labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
-    for site in list(cfg.data.sites) + ([cfg.data.external] if cfg.data.external else []):
+    for site in all_sites(cfg):
         labels.foreground(site.classes, where=f"site '{site.name}' (classes)")
     if cfg.data.synthetic is not None:
         unknown = set(cfg.data.synthetic.scanners) ^ set(names)
@@ -323,6 +323,11 @@ def _validate(cfg: DictConfig) -> None:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def all_sites(cfg: DictConfig) -> list[Any]:
+    """The training sites, then the external test site if there is one."""
+    return list(cfg.data.sites) + ([cfg.data.external] if cfg.data.external else [])
 
 
 def config_changes(before: DictConfig, after: DictConfig, ignore: tuple[str, ...] = ()) -> list[str]:

@@ -81,7 +81,6 @@ class Placement:
     """This rank's view of the placement: each site's ranks and, for data-parallel sites, its group."""
 
     rank: int
-    world_size: int
     ranks: dict[str, list[int]]
     groups: dict[str, Any]  # site -> torch.distributed process group, only for sites with > 1 rank
 
@@ -106,7 +105,7 @@ def make_placement(fabric: L.Fabric, names: Sequence[str], costs: Sequence[float
             group = dist.new_group(ranks[name])
             if fabric.global_rank in ranks[name]:
                 groups[name] = group
-    return Placement(fabric.global_rank, fabric.world_size, ranks, groups)
+    return Placement(fabric.global_rank, ranks, groups)
 
 
 class FederatedDDPStrategy(DDPStrategy):

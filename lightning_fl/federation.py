@@ -18,9 +18,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import lightning as L
+from lightning.fabric.utilities.apply_func import move_data_to_device
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
@@ -42,6 +44,8 @@ from lightning_fl.loggers import RunLogger, StepMeans, format_table
 from lightning_fl.networks import build_network, check_size
 from lightning_fl.site import Site, StateDict, freeze
 from lightning_fl.strategies import build_strategy
+
+T = TypeVar("T")
 
 
 class SiteFailure(RuntimeError):
@@ -135,7 +139,7 @@ class Federation:
             for name, local in self.local.items() if self.placement.owner(name) == rank
         }
         if self.fabric.world_size > 1:  # pickled through the process group: host copies
-            mine = {name: _to_cpu(states) for name, states in mine.items()}
+            mine = move_data_to_device(mine, "cpu")
         return merge_from_ranks(self.fabric, mine)
 
     def _global_state(self) -> StateDict:
@@ -255,7 +259,7 @@ class Federation:
     # ---------------------------------------------------------------- the run
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        logger = checked_on_every_rank(self.fabric, "creating the run folder", self._start_outputs)
+        logger = self._on_main("creating the run folder", self._start_outputs)
         best_score, best_round, best_state = -math.inf, -1, None
         first_round = 0
         if self.resume is not None:
@@ -272,7 +276,7 @@ class Federation:
             updates, means = self.train_round(global_state, r)
             dropped = {name: m["dropped"] for name, m in means.items() if "dropped" in m}
             if dropped:
-                checked_on_every_rank(self.fabric, "recording dropped sites", lambda: self._record_dropped(logger, r, dropped))
+                self._on_main("recording dropped sites", lambda: self._record_dropped(logger, r, dropped))
             if len(updates) < cfg.fl.min_sites:
                 raise RunStopped(
                     f"round {r + 1}: {len(updates)} of {len(means)} sites sent an update, fewer than fl.min_sites="
@@ -290,16 +294,14 @@ class Federation:
                 best_score, best_round, best_state = score, r, state
             round_times.append(time.perf_counter() - round_start)
             sites = self._site_states()
-            checked_on_every_rank(
-                self.fabric, f"writing round {r + 1}",
-                lambda: self._record_round(logger, r, means, val, state, score, is_best, round_times[-1]),
-            )
+            self._on_main(f"writing round {r + 1}",
+                          lambda: self._record_round(logger, r, means, val, state, score, is_best, round_times[-1]))
             resumable = {
                 "round": r, "classes": list(self.labels.classes), "global": state,
                 "strategy": self.strategy.state_dict(), "sites": sites,
                 "best": {"round": best_round, "score": best_score, "model": best_state},
             }
-            checked_on_every_rank(self.fabric, f"saving round {r + 1}", lambda: self._save_state(logger, resumable))
+            self._on_main(f"saving round {r + 1}", lambda: self._save_state(logger, resumable))
             rounds.set_postfix(val_dice=f"{score:.3f}", best=f"{best_score:.3f}@{best_round}")
 
         summary = self._test(best_state, best_round, best_score, logger)
@@ -307,32 +309,31 @@ class Federation:
         summary["round_time_s"] = [round(t, 2) for t in round_times]
         memory = merge_from_ranks(self.fabric, {self.fabric.global_rank: round(peak_host_memory_mb(), 1)})
         summary["peak_host_memory_mb"] = [memory[rank] for rank in range(self.fabric.world_size)]
-        checked_on_every_rank(self.fabric, "writing the summary", lambda: self._finish(logger, summary))
+        self._on_main("writing the summary", lambda: self._finish(logger, summary))
         return summary
 
-    def _start_outputs(self) -> RunLogger | None:
-        """The run folder, its resolved config and the metrics logger, on rank 0 only; a resumed
-        run keeps its folder and config and continues its metrics and W&B run."""
-        if not self.is_main:
-            return None
+    def _on_main(self, what: str, write: Callable[[], T]) -> T | None:
+        """Files, W&B and the console belong to rank 0; every rank learns if writing failed."""
+        return checked_on_every_rank(self.fabric, what, lambda: write() if self.is_main else None)
+
+    def _start_outputs(self) -> RunLogger:
+        """The run folder, its resolved config and the metrics logger; a resumed run keeps its
+        folder and config and continues its metrics and W&B run."""
         if self.resume is not None:
             return RunLogger(self.output_dir, self.cfg, resume=(self.resume["metrics_bytes"], self.resume["wandb_id"]))
         atomic_write_text(self.output_dir / "config.yaml", to_yaml(self.cfg))  # creates the folder
         return RunLogger(self.output_dir, self.cfg)
 
-    def _save_state(self, logger: RunLogger | None, resumable: dict[str, Any]) -> None:
+    def _save_state(self, logger: RunLogger, resumable: dict[str, Any]) -> None:
         """`state.ckpt`: everything `fit --resume` needs, written last, so it never points past
         what metrics.csv and the model files hold."""
-        if logger is not None:
-            save_state(self.output_dir / STATE_FILE, resumable | {"metrics_bytes": logger.position(), "wandb_id": logger.wandb_id})
+        save_state(self.output_dir / STATE_FILE, resumable | {"metrics_bytes": logger.position(), "wandb_id": logger.wandb_id})
 
     def _record_round(
-        self, logger: RunLogger | None, r: int, means: dict[str, dict[str, float]], val: dict[str, dict[str, float]],
+        self, logger: RunLogger, r: int, means: dict[str, dict[str, float]], val: dict[str, dict[str, float]],
         state: StateDict, score: float, is_best: bool, seconds: float,
     ) -> None:
-        """metrics.csv, W&B and the checkpoints of one round (rank 0)."""
-        if logger is None:
-            return
+        """metrics.csv, W&B and the checkpoints of one round."""
         for name, site_means in means.items():
             if "dropped" not in site_means:
                 logger.train(r, name, site_means)
@@ -345,16 +346,12 @@ class Federation:
         logger.scalars({"validation/mean_dice": score, "time/round_s": seconds})
         logger.commit(r)
 
-    def _record_dropped(self, logger: RunLogger | None, r: int, dropped: dict[str, str]) -> None:
-        if logger is None:
-            return
+    def _record_dropped(self, logger: RunLogger, r: int, dropped: dict[str, str]) -> None:
         for name, reason in dropped.items():
             print(f"warning: round {r + 1}: dropped the update of site '{name}': {reason}", file=sys.stderr)
             logger.dropped(r, name, reason)
 
-    def _finish(self, logger: RunLogger | None, summary: dict[str, Any]) -> None:
-        if logger is None:
-            return
+    def _finish(self, logger: RunLogger, summary: dict[str, Any]) -> None:
         atomic_write_text(self.output_dir / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
         logger.finish({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
         print(summary_table(summary))
@@ -373,15 +370,13 @@ class Federation:
         ordered = {c: test_dice[c] for c in self.labels.classes if c in test_dice}
 
         def record() -> None:
-            if logger is None:
-                return
             for name, dice in test.items():
                 logger.dice(best_round, "test", name, "best", dice)
             if external is not None:
                 logger.dice(best_round, "external", external.name, "best", external_dice)
             logger.commit(self.cfg.fl.rounds)
 
-        checked_on_every_rank(self.fabric, "writing the test scores", record)
+        self._on_main("writing the test scores", record)
         return {
             "rounds": self.cfg.fl.rounds,
             "best_round": best_round,
@@ -390,16 +385,6 @@ class Federation:
             "test_mean_dice": nanmean(list(ordered.values())),
             "external_dice": external_dice,
         }
-
-
-def _to_cpu(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
 
 
 def _json_safe(value: Any) -> Any:

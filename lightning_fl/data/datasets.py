@@ -16,6 +16,7 @@ import torch
 from monai.data import CacheDataset, DataLoader, load_decathlon_datalist
 from omegaconf import DictConfig
 
+from lightning_fl.config import all_sites
 from lightning_fl.errors import UserInputError
 from lightning_fl.data.transforms import evaluation_transform, training_transform
 from lightning_fl.labels import LabelSpace
@@ -85,7 +86,7 @@ def prepare_data_root(cfg: DictConfig, labels: LabelSpace) -> Path:
         return root
     from lightning_fl.data.synthetic import MANIFEST, manifest_text, write_federation
 
-    sites = list(cfg.data.sites) + ([cfg.data.external] if cfg.data.external else [])
+    sites = all_sites(cfg)
     if not root.exists():
         write_federation(root, cfg.data.synthetic, sites, labels, progress=cfg.logger.progress)
     manifest = root / MANIFEST

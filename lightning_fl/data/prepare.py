@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from lightning_fl.config import CONFIG_DIR, ConfigError
 from lightning_fl.data.datasets import DatalistError
+from lightning_fl.data.validation import grid_mismatch
 from lightning_fl.labels import LabelSpace
 
 TASKS_FILE = CONFIG_DIR / "prepare" / "tasks.yaml"
@@ -108,11 +109,9 @@ def remap_label(case: Case, lut: np.ndarray, known: set[int]) -> nib.Nifti1Image
         if not path.is_file():
             raise DatalistError(f"case '{case.name}': file not found: {path}")
     image, label = nib.load(case.image), nib.load(case.label)
-    if image.shape != label.shape or not np.allclose(image.affine, label.affine, atol=1e-3):
-        raise DatalistError(
-            f"case '{case.name}': {case.label} is not on the grid of {case.image} "
-            f"(shapes {tuple(label.shape)} and {tuple(image.shape)})"
-        )
+    mismatch = grid_mismatch(image, label)
+    if mismatch:
+        raise DatalistError(f"case '{case.name}': {case.label} is not on the grid of {case.image} ({mismatch})")
     values = np.asanyarray(label.dataobj).astype(np.int64)
     unexpected = sorted(set(np.unique(values).tolist()) - known - {0})
     if unexpected:

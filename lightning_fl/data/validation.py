@@ -62,6 +62,15 @@ def _voxels(image: nib.spatialimages.SpatialImage, path: Path) -> tuple[np.ndarr
         return None, f"unreadable voxel data ({type(err).__name__}: {err}): {path}"
 
 
+def grid_mismatch(image: nib.spatialimages.SpatialImage, label: nib.spatialimages.SpatialImage) -> str | None:
+    """Why a label is not on its image's voxel grid, or None when it is."""
+    if image.shape != label.shape:
+        return f"image shape {tuple(image.shape)} differs from label shape {tuple(label.shape)}"
+    if not np.allclose(image.affine, label.affine, atol=AFFINE_TOLERANCE_MM):
+        return "image and label affines differ (not the same voxel grid)"
+    return None
+
+
 def check_case(image_path: Path, label_path: Path, allowed: set[int]) -> tuple[list[str], str | None]:
     """Problems of one case, and a fingerprint of its image voxels (to find the same case twice)."""
     problems: list[str] = []
@@ -73,11 +82,8 @@ def check_case(image_path: Path, label_path: Path, allowed: set[int]) -> tuple[l
     for name, volume in (("image", image), ("label", label)):
         if len(volume.shape) != 3:
             problems.append(f"{name} is not a 3D volume: shape {tuple(volume.shape)}")
-    if len(image.shape) == len(label.shape) == 3:
-        if image.shape != label.shape:
-            problems.append(f"image shape {tuple(image.shape)} differs from label shape {tuple(label.shape)}")
-        elif not np.allclose(image.affine, label.affine, atol=AFFINE_TOLERANCE_MM):
-            problems.append("image and label affines differ (not the same voxel grid)")
+    if len(image.shape) == len(label.shape) == 3 and (problem := grid_mismatch(image, label)):
+        problems.append(problem)
     image_voxels, error = _voxels(image, image_path)
     label_voxels, label_error = _voxels(label, label_path)
     problems += [e for e in (error, label_error) if e]
