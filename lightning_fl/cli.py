@@ -5,6 +5,9 @@
     lightning-fl synth --out DIR [--config FILE] [key=value ...] write the synthetic federation
     lightning-fl check-data [--config FILE] [key=value ...]      check every site's data, list all problems
     lightning-fl prepare-data --task T --src DIR --dst DIR [--datalist F] [--seed N]   a published dataset → a site
+    lightning-fl evaluate --checkpoint CKPT [CKPT ...] (--datalist F [--label-map NAME] | --cross-site)   Dice tables
+    lightning-fl infer    --checkpoint CKPT_OR_TS --input FILE_OR_DIR --output DIR [--probabilities]     label maps
+    lightning-fl export   --checkpoint CKPT --output DIR                  TorchScript model.ts + metadata.json
 """
 
 from __future__ import annotations
@@ -90,6 +93,39 @@ def _prepare_data(args: argparse.Namespace) -> None:
     print(f"wrote {listing} ({', '.join(f'{k} {n}' for k, n in splits.items())})")
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    if args.cross_site == (args.datalist is not None):
+        raise ConfigError("give either --datalist FILE (one test set) or --cross-site (every site of the model's config)")
+    if args.label_map is not None and args.cross_site:
+        raise ConfigError("--label-map reads a --datalist in another label scheme; --cross-site uses the sites' own labels")
+    from lightning_fl.evaluation import evaluate_models
+
+    evaluate_models(args.checkpoint, args.overrides, args.output, split=args.split, datalist=args.datalist,
+                    label_map_name=args.label_map, cross_site=args.cross_site)
+
+
+def _infer(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from lightning_fl.inference import infer_file, load_trained, nifti_inputs
+
+    model = load_trained(args.checkpoint, args.overrides)
+    inputs = nifti_inputs(args.input)
+    if any(p.resolve().parent == args.output.resolve() for p in inputs):
+        raise ConfigError(f"--output {args.output} holds the inputs; choose another folder so no input is overwritten")
+    for source in tqdm(inputs, desc="infer", unit="volume", disable=None if model.cfg.logger.progress else True):
+        infer_file(model, source, args.output, probabilities=args.probabilities)
+    print(f"wrote {len(inputs)} label map{'s' if len(inputs) > 1 else ''} to {args.output}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from lightning_fl.inference import export_torchscript, load_trained
+
+    model = load_trained(args.checkpoint, args.overrides + ["fabric.accelerator=cpu"])
+    ts_path, meta_path = export_torchscript(model, args.output)
+    print(f"wrote {ts_path} and {meta_path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightning-fl", description="Federated ConDistFL segmentation")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -115,17 +151,50 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--seed", type=int, default=0, help="seed of the 60/20/20 split")
     prepare.add_argument("--config", type=Path, default=None, help="config whose label space to map onto (default: the demo's)")
     prepare.set_defaults(run=_prepare_data)
+    evaluate = commands.add_parser("evaluate", help="per-class Dice of one or more models on a test set, or across sites")
+    evaluate.add_argument("--checkpoint", type=Path, nargs="+", required=True, help="best.ckpt / last.ckpt / model.ts files")
+    evaluate.add_argument("--datalist", type=Path, default=None, help="datalist JSON of the test set (MSD layout)")
+    evaluate.add_argument("--split", default="testing", choices=("training", "validation", "testing"), help="default: testing")
+    evaluate.add_argument("--label-map", default=None, metavar="NAME",
+                          help="labels in another scheme: a task of configs/prepare/tasks.yaml, e.g. totalsegmentator")
+    evaluate.add_argument("--cross-site", action="store_true",
+                          help="every model on every site of the (first) model's config: CSV matrix and heatmap")
+    evaluate.add_argument("--output", type=Path, default=Path("evaluation"), help="folder for the JSON, CSV and PNG (default: ./evaluation)")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=DIR eval.sw_batch_size=2")
+    evaluate.set_defaults(run=_evaluate)
+    infer = commands.add_parser("infer", help="label maps on each input's own grid")
+    infer.add_argument("--checkpoint", type=Path, required=True, help="best.ckpt / last.ckpt, or model.ts from export")
+    infer.add_argument("--input", type=Path, required=True, help="a NIfTI file or a folder of them")
+    infer.add_argument("--output", type=Path, required=True, help="folder for <name>.nii.gz (and <name>_probabilities.nii.gz)")
+    infer.add_argument("--probabilities", action="store_true", help="also write per-class softmax probabilities")
+    infer.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. fabric.accelerator=cpu eval.overlap=0.25")
+    infer.set_defaults(run=_infer)
+    export = commands.add_parser("export", help="TorchScript model.ts with a MONAI-bundle-style metadata.json")
+    export.add_argument("--checkpoint", type=Path, required=True, help="best.ckpt or last.ckpt of a run")
+    export.add_argument("--output", type=Path, required=True, help="folder for model.ts and metadata.json")
+    export.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.roi_size=[96,96,64]")
+    export.set_defaults(run=_export)
     return parser
+
+
+def _user_error(err: BaseException | None) -> BaseException | None:
+    """The first input error in an exception's chain of causes."""
+    while err is not None and not isinstance(err, USER_ERRORS):
+        err = err.__cause__
+    return err
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except USER_ERRORS as err:
-        print(f"lightning-fl {args.command}: error: {err}", file=sys.stderr)
-        return 2
     except RunStopped as err:
         print(f"lightning-fl {args.command}: stopped: {err}", file=sys.stderr)
         return 1
+    except Exception as err:  # a user error may arrive wrapped, e.g. by a MONAI transform
+        cause = _user_error(err)
+        if cause is None:
+            raise
+        print(f"lightning-fl {args.command}: error: {cause}", file=sys.stderr)
+        return 2
     return 0

@@ -108,8 +108,9 @@ class DataConfig:
     samples_per_volume: int = 2
     batch_size: int = 2  # volumes per step; each gives samples_per_volume patches
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
-    cache_rate: float = 1.0
-    num_workers: int = 0
+    cache_rate: float = 1.0  # share of the cases kept in memory after preprocessing (CacheDataset)
+    cache_dir: Optional[str] = None  # set: preprocessed cases are kept on disk there instead (PersistentDataset)
+    num_workers: int = 0  # data-loader processes per site; part of the random stream, so of the results
     check_before_fit: bool = True  # read every file once and list all data problems before training
 
 
@@ -249,6 +250,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = OmegaConf.structured(RunConfig)
     for source, node in _compose(path):
         cfg = _merge(cfg, node, str(source))
+    return _finish(cfg, overrides, str(path))
+
+
+def config_from_container(content: dict[str, Any], overrides: list[str] | None, source: str) -> DictConfig:
+    """A run config saved inside a checkpoint or an exported model, checked like a file."""
+    return _finish(_merge(OmegaConf.structured(RunConfig), content, source), overrides, source)
+
+
+def _finish(cfg: DictConfig, overrides: list[str] | None, source: str) -> DictConfig:
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -261,9 +271,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         OmegaConf.resolve(cfg)
         missing = sorted(OmegaConf.missing_keys(cfg))
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{path}: {err}") from err
+        raise ConfigError(f"{source}: {err}") from err
     if missing:
-        raise ConfigError(f"{path}: required config keys have no value: {missing}")
+        raise ConfigError(f"{source}: required config keys have no value: {missing}")
     try:
         _validate(cfg)
     except LabelSpaceError as err:

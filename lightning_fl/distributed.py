@@ -206,9 +206,13 @@ def leave_process_group(fabric: L.Fabric) -> None:
         dist.destroy_process_group()
 
 
-def peak_host_memory_mb() -> float:
-    """This process's peak resident memory (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """This process's peak resident host memory (Linux reports kilobytes) and, on a GPU, the peak
+    memory PyTorch allocated there."""
+    peaks = {"host": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        peaks["gpu"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peaks
 
 
 def move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:

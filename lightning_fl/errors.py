@@ -6,5 +6,9 @@ class UserInputError(ValueError):
     """Base class of the project's input errors."""
 
 
+class DatalistError(UserInputError):
+    """Data that cannot be read or lacks what a site needs; the message names the file or case."""
+
+
 class RunStopped(RuntimeError):
     """The run cannot go on (too few sites sent a usable update); its last checkpoint is intact."""

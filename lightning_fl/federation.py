@@ -26,7 +26,6 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from lightning_fl.checkpoint import STATE_FILE, atomic_write_text, check_compatible, save_model, save_state
@@ -35,10 +34,11 @@ from lightning_fl.data.datasets import SiteData, TrainingStream, evaluation_load
 from lightning_fl.data.validation import DataCheckError, check_federation
 from lightning_fl.distributed import (
     broadcast_states, build_fabric, checked_on_every_rank, leave_process_group, make_placement, merge_from_ranks,
-    move_optimizer_state, peak_host_memory_mb, site_seed,
+    move_optimizer_state, peak_memory_mb, site_seed,
 )
 from lightning_fl.errors import RunStopped
-from lightning_fl.evaluation import evaluate, nanmean
+from lightning_fl.inference import Predictor
+from lightning_fl.evaluation import nanmean, score_cases
 from lightning_fl.labels import LabelSpace, label_space_from_config
 from lightning_fl.loggers import RunLogger, StepMeans, format_table
 from lightning_fl.networks import build_network, check_size
@@ -81,6 +81,7 @@ class Federation:
             torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
         root = prepare_data_root(cfg, self.labels)
         self.global_model = freeze(self._network())  # reaches the device with the sites, in fabric.setup
+        self.predictor = Predictor(self.global_model, fabric, cfg.model.channels_last)
         self.site_data = [load_site(root, s, self.labels) for s in cfg.data.sites]
         self.external = load_site(root, cfg.data.external, self.labels, required=("testing",)) if cfg.data.external else None
         self.placement = make_placement(fabric, [s.name for s in cfg.data.sites], [s.cost for s in cfg.data.sites])
@@ -145,21 +146,13 @@ class Federation:
     def _global_state(self) -> StateDict:
         return {k: v.detach().clone() for k, v in self.global_model.state_dict().items()}
 
-    def _prepare(self, image: Tensor) -> Tensor:
-        image = image.to(self.fabric.device)
-        return image.to(memory_format=torch.channels_last_3d) if self.cfg.model.channels_last and image.dim() == 5 else image
-
-    def _predictor(self, image: Tensor) -> Tensor:
-        with self.fabric.autocast():
-            return self.global_model(image).float()
-
     # ---------------------------------------------------------------- one round
     def train_site(self, local: LocalSite, global_state: StateDict, round_index: int) -> tuple[StateDict, dict[str, float]]:
         """Local training of one site for one round: returns (Δ_k, mean step metrics)."""
         site, module, device = local.site, local.module, self.fabric.device
         seed = site_seed(self.cfg.seed, site.site_name, round_index)
         torch.manual_seed(seed)  # dropout and anything else random in the step: the site's, not the process's
-        batches = local.stream.start_round(seed, local.shard)
+        batches = local.stream.start_round(seed, self.cfg.fl.local_steps, local.shard)
         site.receive(global_state, round_index)
         move_optimizer_state(local.optimizer, device)
         module.train()
@@ -167,7 +160,7 @@ class Federation:
         steps = tqdm(range(self.cfg.fl.local_steps), desc=f"  {site.site_name}", leave=False, disable=self.hide_bars)
         for step in steps:
             batch = next(batches)
-            batch = {"image": self._prepare(batch["image"].as_tensor()), "label": batch["label"].as_tensor().to(device)}
+            batch = {"image": self.predictor.prepare(batch["image"].as_subclass(torch.Tensor)), "label": batch["label"].as_subclass(torch.Tensor).to(device)}
             with self.fabric.autocast():  # Fabric applies its precision to forward(), not to training_step()
                 loss = module.training_step(batch, step)
             finite = torch.isfinite(loss.detach()).to(torch.int32)
@@ -243,18 +236,14 @@ class Federation:
 
     def score(self, site: SiteData, split: str, organ_level: bool = False) -> dict[str, float]:
         """Mean Dice per class of the global model on one site's split."""
-        if organ_level:
-            classes = [self.labels.index(c) for c in site.classes]
-            lut = torch.as_tensor(self.labels.organ_lut())
-        else:
-            classes, lut = site.foreground, None
+        classes = [self.labels.index(c) for c in site.classes] if organ_level else site.foreground
         loader = self._loaders.get((site.name, split)) if split == "validation" else None
         if loader is None:
             loader = evaluation_loader(site.splits[split], self.cfg.data)
             if split == "validation":  # kept: the same cases every round
                 self._loaders[(site.name, split)] = loader
-        scores = evaluate(self._predictor, loader, classes, self.cfg.eval, self._prepare, pred_lut=lut)
-        return {self.labels.classes[c]: nanmean(v) for c, v in scores.items()}
+        scores = score_cases(self.predictor, loader, classes, self.labels, self.cfg.eval, self.predictor.prepare, organ_level)
+        return {c: nanmean(v) for c, v in scores.items()}
 
     # ---------------------------------------------------------------- the run
     def fit(self) -> dict[str, Any]:
@@ -307,8 +296,9 @@ class Federation:
         summary = self._test(best_state, best_round, best_score, logger)
         summary["wall_time_s"] = round(time.perf_counter() - start, 1)
         summary["round_time_s"] = [round(t, 2) for t in round_times]
-        memory = merge_from_ranks(self.fabric, {self.fabric.global_rank: round(peak_host_memory_mb(), 1)})
-        summary["peak_host_memory_mb"] = [memory[rank] for rank in range(self.fabric.world_size)]
+        memory = merge_from_ranks(self.fabric, {self.fabric.global_rank: peak_memory_mb(self.fabric.device)})
+        for key in memory[0]:  # host, and GPU where there is one: one value per rank
+            summary[f"peak_{key}_memory_mb"] = [memory[rank][key] for rank in range(self.fabric.world_size)]
         self._on_main("writing the summary", lambda: self._finish(logger, summary))
         return summary
 

@@ -109,5 +109,33 @@ class LabelSpace:
         return np.array([self.group_of(c) for c in range(self.num_classes)], dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class LabelMap:
+    """A dataset's native label values → unified class indices (an entry of configs/prepare/tasks.yaml)."""
+
+    name: str
+    values: Mapping[int, int]  # native value -> unified class index
+    background: frozenset[int]  # native values drawn as background
+    unlisted_background: bool  # every other value is background too (schemes with many structures)
+    per_organ: bool = False  # labelled without tumours: predicted tumours are scored as their organ
+
+    @property
+    def classes(self) -> list[int]:
+        """The unified classes these labels annotate."""
+        return sorted(set(self.values.values()))
+
+    def unexpected(self, native: np.ndarray) -> list[int]:
+        """Values the map does not list (none where unlisted values count as background)."""
+        if self.unlisted_background:
+            return []
+        return sorted(set(np.unique(native).tolist()) - set(self.values) - self.background - {0})
+
+    def apply(self, native: np.ndarray) -> np.ndarray:
+        mapped = np.zeros(native.shape, dtype=np.uint8)
+        for value, index in self.values.items():
+            mapped[native == value] = index
+        return mapped
+
+
 def label_space_from_config(classes: Sequence[str], tumors: Mapping[str, str]) -> LabelSpace:
     return LabelSpace(tuple(classes), dict(tumors))

@@ -43,7 +43,7 @@ def main(fabric, cfg) -> None:
     federation = Federation(cfg, fabric)
     local = federation.local["liver"]
     local.site.receive(federation._global_state(), 0)
-    batch = next(local.stream.start_round(site_seed(cfg.seed, "liver", 0), local.shard))
+    batch = next(local.stream.start_round(site_seed(cfg.seed, "liver", 0), 1, local.shard))
     batch = {key: value.as_tensor() for key, value in batch.items()}
     own = gradients(federation, batch, sync=False)
     synced = gradients(federation, batch, sync=True)

@@ -50,10 +50,10 @@ def test_training_stream_replays_a_round_and_shards_split_its_batches(data_home,
     stream = TrainingStream(site, cfg.data)
 
     def first(seed: int, shard: tuple[int, int] = (0, 1), n: int = 3) -> list[torch.Tensor]:
-        batches = stream.start_round(seed, shard)
-        return [next(batches)["image"].as_tensor() for _ in range(n)]
+        return [batch["image"].as_tensor() for batch in stream.start_round(seed, n, shard)]
 
     whole = first(7)
+    assert len(whole) == 3  # 3 full batches from 2 training cases: the round runs on into the next epoch
     assert all(torch.equal(a, b) for a, b in zip(whole, first(7)))  # a round replays exactly
     assert not all(torch.equal(a, b) for a, b in zip(whole, first(8)))  # another round differs
     halves = [first(7, (i, 2)) for i in range(2)]

@@ -15,65 +15,16 @@ import numpy as np
 import pytest
 
 from conftest import REPO, SHARED
+from layouts import AFFINE, write_volume, make_amos, make_kits, make_msd
 from lightning_fl.config import ConfigError, load_config
 from lightning_fl.data.datasets import DatalistError, read_datalist
 from lightning_fl.data.prepare import prepare_task
 from lightning_fl.labels import label_space_from_config
 
-AFFINE = np.diag([-0.8, -0.8, 2.5, 1.0])  # LPS-like, anisotropic
-
-
 @pytest.fixture(scope="module")
 def labels():
     cfg = load_config()
     return label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
-
-
-def _volume(path: Path, values: np.ndarray, dtype) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(values.astype(dtype), AFFINE), path)
-
-
-def _case(rng, native_values: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    image = rng.integers(-1000, 1000, (16, 16, 8))
-    label = rng.choice([0] + native_values, size=(16, 16, 8))
-    return image, label
-
-
-def make_msd(root: Path, name: str, n: int, native: list[int]) -> Path:
-    rng = np.random.default_rng(0)
-    entries = []
-    for i in range(n):
-        image, label = _case(rng, native)
-        _volume(root / "imagesTr" / f"{name}_{i}.nii.gz", image, np.int16)
-        _volume(root / "labelsTr" / f"{name}_{i}.nii.gz", label, np.uint8)
-        entries.append({"image": f"./imagesTr/{name}_{i}.nii.gz", "label": f"./labelsTr/{name}_{i}.nii.gz"})
-    (root / "dataset.json").write_text(json.dumps({"name": name, "training": entries, "test": []}))
-    return root
-
-
-def make_kits(root: Path, n: int) -> Path:
-    rng = np.random.default_rng(1)
-    for i in range(n):
-        image, label = _case(rng, [1, 2])
-        _volume(root / f"case_{i:05d}" / "imaging.nii.gz", image, np.float32)
-        _volume(root / f"case_{i:05d}" / "segmentation.nii.gz", label, np.int32)
-    (root / "case_00300").mkdir()  # a test case without segmentation: skipped
-    _volume(root / "case_00300" / "imaging.nii.gz", rng.integers(-1000, 1000, (16, 16, 8)), np.int16)
-    return root
-
-
-def make_amos(root: Path) -> Path:
-    rng = np.random.default_rng(2)
-    lists: dict[str, list] = {"training": [], "validation": []}
-    for split, folder, ids in (("training", "Tr", [1, 2, 600]), ("validation", "Va", [3])):  # 600: an MRI case
-        for i in ids:
-            image, label = _case(rng, [1, 2, 3, 4, 6, 10, 15])
-            _volume(root / f"images{folder}" / f"amos_{i:04d}.nii.gz", image, np.int16)
-            _volume(root / f"labels{folder}" / f"amos_{i:04d}.nii.gz", label, np.uint8)
-            lists[split].append({"image": f"./images{folder}/amos_{i:04d}.nii.gz", "label": f"./labels{folder}/amos_{i:04d}.nii.gz"})
-    (root / "dataset.json").write_text(json.dumps(lists))
-    return root
 
 
 def test_msd_task_is_split_remapped_and_readable(tmp_path, labels):
@@ -96,6 +47,10 @@ def test_msd_task_is_split_remapped_and_readable(tmp_path, labels):
 def test_kits_and_amos_layouts(tmp_path, labels):
     kidney = read_datalist(prepare_task("kidney", make_kits(tmp_path / "kits19", 5), tmp_path / "data", labels))
     assert sum(len(v) for v in kidney.values()) == 5
+    for item in (item for items in kidney.values() for item in items):  # every KiTS19 image is called imaging.nii.gz
+        case = Path(item["label"]).name.removesuffix(".nii.gz")
+        assert Path(item["image"]).name == f"{case}.nii.gz"
+        assert np.array_equal(nib.load(item["image"]).get_fdata(), nib.load(tmp_path / "kits19" / case / "imaging.nii.gz").get_fdata())
     values = set(np.unique(nib.load(kidney["training"][0]["label"]).get_fdata()).astype(int))
     assert values <= {0, 6, 7}
     amos = prepare_task("amos", make_amos(tmp_path / "amos22"), tmp_path / "data", labels)
@@ -125,9 +80,9 @@ def test_bad_cases_name_the_file_and_leave_nothing_behind(tmp_path, labels, dama
     src = make_msd(tmp_path / "Task03_Liver", "liver", 4, [1, 2])
     label = src / "labelsTr" / "liver_2.nii.gz"
     if damage == "label_value":
-        _volume(label, np.full((16, 16, 8), 3), np.uint8)
+        write_volume(label, np.full((16, 16, 8), 3), np.uint8)
     elif damage == "grid":
-        _volume(label, np.zeros((16, 16, 7)), np.uint8)
+        write_volume(label, np.zeros((16, 16, 7)), np.uint8)
     else:
         label.unlink()
     dst = tmp_path / "data"

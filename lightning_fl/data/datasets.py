@@ -13,19 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from monai.data import CacheDataset, DataLoader, load_decathlon_datalist
+from torch.utils.data import RandomSampler
+import monai.transforms as mt
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, load_decathlon_datalist
+from monai.data.utils import pickle_hashing
 from omegaconf import DictConfig
 
 from lightning_fl.config import all_sites
-from lightning_fl.errors import UserInputError
+from lightning_fl.errors import DatalistError
 from lightning_fl.data.transforms import evaluation_transform, training_transform
 from lightning_fl.labels import LabelSpace
 
 SPLITS = ("training", "validation", "testing")
-
-
-class DatalistError(UserInputError):
-    """A datalist that cannot be read or lacks what a site needs; the message names the file."""
 
 
 @dataclass
@@ -100,37 +99,44 @@ def prepare_data_root(cfg: DictConfig, labels: LabelSpace) -> Path:
 
 
 class TrainingStream:
-    """A site's training patches: `batch_size × samples_per_volume` per batch, endlessly.
+    """A site's training patches: `batch_size × samples_per_volume` per batch.
 
-    Each round restarts the stream from a seed (see `distributed.site_seed`) that fixes the shuffle
+    Each round draws its batches from a seed (see `distributed.site_seed`) that fixes the shuffle
     order and every random crop and augmentation, so a site's batches do not depend on where or
     after whom it runs, and a rank that trains a share of a site takes its share of the same batch.
+    A round is one pass of one loader over as many shuffled epochs as its steps need: its workers
+    start once a round (seeded from the round's generator), not once per epoch, and every batch
+    is full.
     """
 
     def __init__(self, site: SiteData, data: DictConfig) -> None:
-        self.dataset = CacheDataset(
-            site.splits["training"], training_transform(data), cache_rate=data.cache_rate, progress=False,
-            num_workers=None,
-        )
+        self.dataset = cached_dataset(site.splits["training"], training_transform(data), data)
+        self.batch_size, self.num_workers = data.batch_size, data.num_workers
         self.generator = torch.Generator()
-        # workers are not persistent: each round's iterator seeds its workers from `generator`
-        self.loader = DataLoader(
-            self.dataset, batch_size=data.batch_size, shuffle=True, generator=self.generator,
-            num_workers=data.num_workers,
-        )
 
-    def start_round(self, seed: int, shard: tuple[int, int] = (0, 1)) -> Iterator[dict]:
-        """Batches for one round; `shard` = (index, count) keeps every count-th patch from index on."""
+    def start_round(self, seed: int, batches: int, shard: tuple[int, int] = (0, 1)) -> Iterator[dict]:
+        """`batches` batches for one round; `shard` = (index, count) keeps every count-th patch from index on."""
         self.generator.manual_seed(seed)
         self.dataset.transform.set_random_state(seed=seed % 2**32)
+        sampler = RandomSampler(self.dataset, num_samples=batches * self.batch_size, generator=self.generator)
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, generator=self.generator,
+                            num_workers=self.num_workers)
         index, count = shard
-        while True:
-            for batch in self.loader:
-                yield {key: batch[key][index::count] for key in ("image", "label")}
+        for batch in loader:
+            yield {key: batch[key][index::count] for key in ("image", "label")}
 
 
-def evaluation_loader(items: list[dict[str, str]], data: DictConfig) -> DataLoader:
+def cached_dataset(items: list[dict[str, str]], transform: mt.Compose, data: DictConfig) -> Dataset:
+    """Preprocess each case once: on disk under `data.cache_dir` when it is set (kept across runs;
+    the transforms are part of each entry's key, so a changed pipeline never reads a stale entry),
+    else in memory for `data.cache_rate` of the cases. Random transforms run on every draw."""
+    if data.cache_dir is not None:
+        return PersistentDataset(items, transform, cache_dir=Path(data.cache_dir).expanduser(),
+                                 hash_transform=pickle_hashing)
+    return CacheDataset(items, transform, cache_rate=data.cache_rate, progress=False, num_workers=None)
+
+
+def evaluation_loader(items: list[dict[str, str]], data: DictConfig, transform: mt.Compose | None = None) -> DataLoader:
     """Whole preprocessed volumes, one per batch, cached for the per-round validation."""
-    dataset = CacheDataset(items, evaluation_transform(data), cache_rate=data.cache_rate, progress=False,
-                           num_workers=None)
+    dataset = cached_dataset(items, transform or evaluation_transform(data), data)
     return DataLoader(dataset, batch_size=1, num_workers=data.num_workers)

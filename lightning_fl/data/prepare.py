@@ -15,6 +15,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import nibabel as nib
 import numpy as np
@@ -23,9 +24,9 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
 from lightning_fl.config import CONFIG_DIR, ConfigError
-from lightning_fl.data.datasets import DatalistError
 from lightning_fl.data.validation import grid_mismatch
-from lightning_fl.labels import LabelSpace
+from lightning_fl.errors import DatalistError
+from lightning_fl.labels import LabelMap, LabelSpace
 
 TASKS_FILE = CONFIG_DIR / "prepare" / "tasks.yaml"
 LAYOUTS = ("msd", "kits19", "amos")
@@ -34,10 +35,11 @@ AMOS_LAST_CT = 500  # AMOS22 numbers its CT cases 1–500 and its MRI cases abov
 
 @dataclass
 class TaskConfig:
-    layout: str = "msd"
+    layout: Optional[str] = "msd"  # null: a label scheme for `evaluate --label-map` only
     labels: dict[int, str] = field(default_factory=dict)  # native value -> unified class name
     background: list[int] = field(default_factory=list)  # other native values, drawn as background
-    external: bool = False  # a test-only site: every case goes to "testing"
+    unlisted: str = "error"  # any value not listed above: "error" or "background"
+    external: bool = False  # a test-only site (every case goes to "testing"), scored per organ
 
 
 @dataclass
@@ -55,9 +57,18 @@ def load_task(task: str, tasks_file: Path = TASKS_FILE) -> TaskConfig:
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TaskConfig), tasks[task]))
     except OmegaConfBaseException as err:
         raise ConfigError(f"{tasks_file}: task '{task}': {str(err).splitlines()[0]}") from err
-    if cfg.layout not in LAYOUTS:
-        raise ConfigError(f"{tasks_file}: task '{task}': layout must be one of {list(LAYOUTS)}, got '{cfg.layout}'")
+    if cfg.layout not in LAYOUTS + (None,):
+        raise ConfigError(f"{tasks_file}: task '{task}': layout must be one of {list(LAYOUTS)} or null, got '{cfg.layout}'")
+    if cfg.unlisted not in ("error", "background"):
+        raise ConfigError(f"{tasks_file}: task '{task}': unlisted must be 'error' or 'background', got '{cfg.unlisted}'")
     return cfg
+
+
+def label_map(task: str, labels: LabelSpace, tasks_file: Path = TASKS_FILE) -> LabelMap:
+    """The task's native label values in the unified label space."""
+    cfg = load_task(task, tasks_file)
+    values = {int(k): labels.index(v, where=f"{tasks_file} task '{task}'") for k, v in cfg.labels.items()}
+    return LabelMap(task, values, frozenset(cfg.background), cfg.unlisted == "background", per_organ=cfg.external)
 
 
 def find_cases(src: Path, layout: str) -> list[Case]:
@@ -103,7 +114,7 @@ def split_cases(names: list[str], seed: int, datalist: Path | None, external: bo
     return {"training": order[:train], "validation": order[train:train + val], "testing": order[train + val:]}
 
 
-def remap_label(case: Case, lut: np.ndarray, known: set[int]) -> nib.Nifti1Image:
+def remap_label(case: Case, mapping: LabelMap) -> nib.Nifti1Image:
     """The case's label in unified classes, on the image's grid; unknown values and grids are errors."""
     for path in (case.image, case.label):
         if not path.is_file():
@@ -113,10 +124,10 @@ def remap_label(case: Case, lut: np.ndarray, known: set[int]) -> nib.Nifti1Image
     if mismatch:
         raise DatalistError(f"case '{case.name}': {case.label} is not on the grid of {case.image} ({mismatch})")
     values = np.asanyarray(label.dataobj).astype(np.int64)
-    unexpected = sorted(set(np.unique(values).tolist()) - known - {0})
+    unexpected = mapping.unexpected(values)
     if unexpected:
         raise DatalistError(f"case '{case.name}': {case.label} has label values {unexpected} that the task does not map")
-    remapped = nib.Nifti1Image(lut[values], label.affine, label.header)
+    remapped = nib.Nifti1Image(mapping.apply(values), label.affine, label.header)
     remapped.set_data_dtype(np.uint8)
     return remapped
 
@@ -125,14 +136,13 @@ def prepare_task(task: str, src: Path, dst: Path, labels: LabelSpace, seed: int 
                  datalist: Path | None = None, tasks_file: Path = TASKS_FILE, progress: bool = False) -> Path:
     """Write `dst/<task>/` and `dst/<task>.json`; returns the datalist path."""
     cfg = load_task(task, tasks_file)
+    if cfg.layout is None:
+        raise ConfigError(f"{tasks_file}: task '{task}' is a label scheme for `evaluate --label-map`, not a dataset layout")
+    mapping = label_map(task, labels, tasks_file)
     folder, listing = dst / task, dst / f"{task}.json"
     for path in (folder, listing):
         if path.exists():
             raise FileExistsError(f"{path} already exists; delete it or choose another --dst")
-    values = {int(k): labels.index(v, where=f"{tasks_file} task '{task}'") for k, v in cfg.labels.items()}
-    lut = np.zeros(max(list(values) + list(cfg.background) + [0]) + 1, dtype=np.uint8)
-    for native, unified in values.items():
-        lut[native] = unified
     cases = {c.name: c for c in find_cases(src, cfg.layout)}
     splits = split_cases(sorted(cases), seed, datalist, cfg.external)
     tmp = dst.parent / f".{dst.name}.{task}.prepare-tmp"  # beside dst: nothing appears in dst until the end
@@ -142,8 +152,9 @@ def prepare_task(task: str, src: Path, dst: Path, labels: LabelSpace, seed: int 
         todo = [(key, name) for key, names in splits.items() for name in names]
         for key, name in tqdm(todo, desc=f"prepare {task}", unit="case", disable=None if progress else True):
             case = cases[name]
-            label = remap_label(case, lut, set(values) | set(cfg.background))
-            image_path = tmp / task / "images" / case.image.name
+            label = remap_label(case, mapping)
+            suffix = ".nii.gz" if case.image.name.endswith(".gz") else ".nii"
+            image_path = tmp / task / "images" / f"{name}{suffix}"  # KiTS19 names every image imaging.nii.gz
             label_path = tmp / task / "labels" / f"{name}.nii.gz"
             image_path.parent.mkdir(parents=True, exist_ok=True)
             label_path.parent.mkdir(parents=True, exist_ok=True)

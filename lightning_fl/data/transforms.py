@@ -1,34 +1,69 @@
 """MONAI dictionary pipelines built from the `data` config group (spec §3).
 
 The deterministic preprocessing (load, RAS, resample, window, pad, foreground indices) comes
-first so that `CacheDataset` keeps its output; random cropping and augmentation follow.
+first so that a cached dataset keeps its output; random cropping and augmentation follow. Images
+of any orientation, spacing and integer or float type, and labels of any integer type, come out
+as float32 RAS volumes on the same grid.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import monai.transforms as mt
+import torch
+from monai.data import MetaTensor
 from omegaconf import DictConfig
+
+from lightning_fl.errors import DatalistError
+from lightning_fl.labels import LabelMap
 
 KEYS = ("image", "label")
 
 
-def preprocessing(data: DictConfig) -> list[mt.Transform]:
-    """NIfTI on disk → channel-first RAS volume at `data.spacing_mm`, intensities windowed and scaled."""
+class RemapLabelsd(mt.MapTransform):
+    """Native label values → unified classes (a `LabelMap`), before resampling; a value the map
+    does not list is an error that names the file."""
+
+    def __init__(self, mapping: LabelMap, key: str = "label") -> None:
+        super().__init__([key])
+        self.mapping = mapping
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        for key in self.keys:
+            label = out[key]
+            native = label.numpy().astype(np.int64)
+            unexpected = self.mapping.unexpected(native)
+            if unexpected:
+                source = label.meta.get("filename_or_obj", key)
+                raise DatalistError(f"{source} has label values {unexpected} that the label map '{self.mapping.name}' does not list")
+            out[key] = MetaTensor(torch.from_numpy(self.mapping.apply(native)), meta=label.meta,
+                                  applied_operations=label.applied_operations)
+        return out
+
+
+def preprocessing(data: DictConfig, keys: Sequence[str] = KEYS, label_map: LabelMap | None = None) -> list[mt.Transform]:
+    """NIfTI on disk → channel-first RAS volume at `data.spacing_mm`, intensities windowed and scaled;
+    `keys` without "label" for images alone (inference)."""
     window = data.intensity
+    keys = tuple(keys)
+    modes = tuple("nearest" if key == "label" else "bilinear" for key in keys)
     return [
-        mt.LoadImaged(KEYS, image_only=True),
-        mt.EnsureChannelFirstd(KEYS),
-        mt.Orientationd(KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        mt.Spacingd(KEYS, pixdim=list(data.spacing_mm), mode=("bilinear", "nearest")),
+        mt.LoadImaged(keys, image_only=True),
+        mt.EnsureChannelFirstd(keys),
+        *([RemapLabelsd(label_map)] if label_map is not None else []),
+        mt.Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        mt.Spacingd(keys, pixdim=list(data.spacing_mm), mode=modes),
         mt.ScaleIntensityRanged(
             "image", a_min=window.hu_min, a_max=window.hu_max, clip=True,
             b_min=(window.hu_min - window.center) / window.scale,
             b_max=(window.hu_max - window.center) / window.scale,
         ),
-        mt.EnsureTyped(KEYS, dtype=np.float32, track_meta=True),
+        mt.EnsureTyped(keys, dtype=np.float32, track_meta=True),
     ]
 
 
@@ -82,5 +117,11 @@ def training_transform(data: DictConfig) -> mt.Compose:
     )
 
 
-def evaluation_transform(data: DictConfig) -> mt.Compose:
-    return mt.Compose(preprocessing(data))
+def evaluation_transform(data: DictConfig, label_map: LabelMap | None = None) -> mt.Compose:
+    """Whole volumes with their labels; `label_map` reads labels in another scheme (evaluate --label-map)."""
+    return mt.Compose(preprocessing(data, label_map=label_map))
+
+
+def inference_transform(data: DictConfig) -> mt.Compose:
+    """Images alone; invertible, so predictions go back to each input's own grid."""
+    return mt.Compose(preprocessing(data, keys=("image",)))

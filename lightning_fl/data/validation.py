@@ -21,7 +21,8 @@ import nibabel as nib
 import numpy as np
 from omegaconf import DictConfig
 
-from lightning_fl.data.datasets import DatalistError, SPLITS
+from lightning_fl.data.datasets import SPLITS
+from lightning_fl.errors import DatalistError
 from lightning_fl.labels import LabelSpace
 
 AFFINE_TOLERANCE_MM = 1e-3

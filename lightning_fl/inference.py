@@ -1,0 +1,234 @@
+"""Running a network on whole volumes, and a trained model outside training: loading, label maps
+on each input's own grid, export.
+
+A model file is either a run checkpoint (`best.ckpt`, `last.ckpt`: weights plus the run's resolved
+config) or the TorchScript file `lightning-fl export` writes (`model.ts`, with the same config in
+its `metadata.json`). Either way the config gives the preprocessing (RAS, spacing, HU window) and
+the sliding window, so a prediction is made exactly as validation made it, then resampled back
+to the input's grid: the output has the input's shape and affine whatever its orientation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import monai
+import monai.transforms as mt
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.networks.utils import convert_to_torchscript
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from lightning_fl.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, check_compatible, load_model
+from lightning_fl.config import config_from_container
+from lightning_fl.data.transforms import inference_transform
+from lightning_fl.distributed import resolve_precision
+from lightning_fl.errors import DatalistError
+from lightning_fl.networks import build_network
+
+TORCHSCRIPT_SUFFIX = ".ts"
+METADATA = "metadata.json"
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+class Predictor:
+    """A network as evaluation and inference run it: inputs on its device and in its memory
+    format, float32 logits out, under the run's autocast precision."""
+
+    def __init__(self, network: nn.Module, fabric: L.Fabric, channels_last: bool) -> None:
+        self.network, self.fabric, self.channels_last = network, fabric, channels_last
+
+    def prepare(self, image: Tensor) -> Tensor:
+        image = image.to(self.fabric.device)
+        return image.to(memory_format=torch.channels_last_3d) if self.channels_last and image.dim() == 5 else image
+
+    def __call__(self, image: Tensor) -> Tensor:
+        with self.fabric.autocast():
+            return self.network(image).float()
+
+
+def sliding_logits(model: Callable[[Tensor], Tensor], image: Tensor, eval_cfg: DictConfig) -> Tensor:
+    """Logits `[B, C, *S]` of whole volumes, by Gaussian-blended sliding windows."""
+    return sliding_window_inference(
+        image, roi_size=list(eval_cfg.roi_size), sw_batch_size=eval_cfg.sw_batch_size, predictor=model,
+        overlap=eval_cfg.overlap, mode=eval_cfg.blend_mode,
+    )
+
+
+@dataclass
+class TrainedModel:
+    """A model ready to predict, with the config it was trained and validated with."""
+
+    name: str  # how tables and file names refer to it: "<run folder>/<file>"
+    path: Path
+    cfg: DictConfig
+    predictor: Predictor
+    round: int | None  # the round it was saved after, where known
+
+
+def load_trained(path: Path, overrides: list[str] | None = None) -> TrainedModel:
+    """A checkpoint or an exported TorchScript model, on the device `fabric.accelerator` picks.
+    Overrides change how it runs (`eval.sw_batch_size=2`, `fabric.accelerator=cpu`, `data.root=...`),
+    not what it is: the network and label space come from the file."""
+    if path.suffix == TORCHSCRIPT_SUFFIX:
+        extra = {METADATA: ""}
+        network = _load_torchscript(path, extra)
+        metadata = json.loads(extra[METADATA])
+        cfg = config_from_container(metadata["lightning_fl"]["config"], overrides, f"{path} ({METADATA})")
+        saved_round = metadata["lightning_fl"].get("round")
+    else:
+        payload = load_model(path)
+        if "config" not in payload or "classes" not in payload:
+            raise CheckpointError(f"{path} is not a lightning-fl model checkpoint (best.ckpt, last.ckpt): it has no config")
+        cfg = config_from_container(payload["config"], overrides, f"{path} (its config)")
+        network = build_network(cfg.model, in_channels=1, out_channels=len(cfg.labels.classes))
+        check_compatible(path, payload["model"], payload["classes"], network, list(cfg.labels.classes))
+        network.load_state_dict(payload["model"])
+        saved_round = payload.get("round")
+    cfg.fabric.precision = resolve_precision(cfg.fabric)  # what runs here, not what ran in training
+    fabric = L.Fabric(accelerator=cfg.fabric.accelerator, devices=1, precision=cfg.fabric.precision)
+    network = network.eval().to(fabric.device)
+    name = f"{path.resolve().parent.name}/{path.name}"
+    return TrainedModel(name, path, cfg, Predictor(network, fabric, cfg.model.channels_last), saved_round)
+
+
+def _load_torchscript(path: Path, extra: dict[str, Any]) -> nn.Module:
+    if not path.is_file():
+        raise CheckpointError(f"model not found: {path}")
+    try:
+        return torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except Exception as err:  # noqa: BLE001 - torch.jit.load raises many types for a damaged file
+        raise CheckpointError(f"cannot read TorchScript model {path}: {str(err).splitlines()[0]}") from err
+
+
+def nifti_inputs(source: Path) -> list[Path]:
+    """A NIfTI file, or every NIfTI file in a folder (sorted)."""
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
+        if not files:
+            raise DatalistError(f"--input {source}: no .nii or .nii.gz files in this folder")
+        return files
+    if not source.is_file():
+        raise DatalistError(f"--input {source}: no such file or folder")
+    if not source.name.endswith(NIFTI_SUFFIXES):
+        raise DatalistError(f"--input {source}: expected a NIfTI file (.nii or .nii.gz) or a folder of them")
+    return [source]
+
+
+def _stem(path: Path) -> str:
+    return next(path.name.removesuffix(s) for s in NIFTI_SUFFIXES if path.name.endswith(s))
+
+
+@torch.no_grad()
+def infer_file(model: TrainedModel, source: Path, out_dir: Path, probabilities: bool = False) -> list[Path]:
+    """Write `<stem>.nii.gz` (uint8 classes) and optionally `<stem>_probabilities.nii.gz` (float32,
+    one volume per class in class order) on the grid of `source`; returns the files written.
+
+    The softmax probabilities are resampled to the input's grid (trilinear) and the classes are
+    their argmax there, as nnU-Net does: smoother outlines than resampling the classes themselves,
+    and the two files always agree."""
+    header = nib.load(source)
+    if len(header.shape) != 3:
+        raise DatalistError(f"{source}: expected a 3D volume, got shape {header.shape}")
+    transform = inference_transform(model.cfg.data)
+    try:
+        item = transform({"image": str(source)})
+    except RuntimeError as err:  # MONAI wraps the reader's error
+        raise DatalistError(f"{source}: cannot be read as an image: {err.__cause__ or err}") from err
+    image: MetaTensor = item["image"]
+    logits = sliding_logits(model.predictor, model.predictor.prepare(image.as_tensor()[None]), model.cfg.eval)[0]
+    item["probabilities"] = MetaTensor(torch.softmax(logits, 0), meta=image.meta)
+    native = mt.Invertd("probabilities", transform, orig_keys="image", nearest_interp=False)(item)["probabilities"]
+    if tuple(native.shape[1:]) != header.shape:  # the inverse must land on the input's grid exactly
+        raise RuntimeError(f"{source}: the prediction came back as {tuple(native.shape[1:])}, not {header.shape}")
+    stem = _stem(source)
+    written = [save_like(native.argmax(0).to(torch.uint8).cpu().numpy(), header, out_dir / f"{stem}.nii.gz")]
+    if probabilities:
+        channel_last = native.as_subclass(torch.Tensor).movedim(0, -1).float().cpu().numpy()  # as NIfTI stores vectors
+        written.append(save_like(channel_last, header, out_dir / f"{stem}_probabilities.nii.gz"))
+    return written
+
+
+def save_like(volume: np.ndarray, like: nib.Nifti1Image, path: Path) -> Path:
+    """`volume` as a NIfTI file with `like`'s affine, qform, sform and units, written atomically."""
+    out = nib.Nifti1Image(volume, like.affine, like.header.copy())
+    out.set_data_dtype(volume.dtype)
+    out.header.set_slope_inter(1, 0)  # CT headers often scale stored integers; classes and probabilities are stored as is
+    for get, put in ((like.get_qform, out.set_qform), (like.get_sform, out.set_sform)):
+        matrix, form_code = get(coded=True)
+        put(matrix, int(form_code))
+    data = out.to_bytes()
+    atomic_write_bytes(path, lambda f: f.write(data if path.suffix == ".nii" else gzip.compress(data, compresslevel=1)))
+    return path
+
+
+def export_torchscript(model: TrainedModel, out_dir: Path) -> tuple[Path, Path]:
+    """`model.ts` (TorchScript, float32, with `metadata.json` inside as MONAI bundles keep it) and
+    the same `metadata.json` beside it. The deep-supervision heads only train, so they are left out."""
+    cfg = model.cfg
+    plain = OmegaConf.merge(cfg.model, {"deep_supervision_heads": 0})
+    network = build_network(plain, in_channels=1, out_channels=len(cfg.labels.classes))
+    state = {k: v for k, v in model.predictor.network.state_dict().items() if "deep_supervision_heads" not in k and "super_head" not in k}
+    network.load_state_dict(state)
+    network = network.eval().cpu()
+    metadata = bundle_metadata(model)
+    example = torch.randn(1, 1, *cfg.eval.roi_size)
+    if cfg.model.channels_last:
+        example = example.to(memory_format=torch.channels_last_3d)
+    ts_path, meta_path = out_dir / "model.ts", out_dir / METADATA
+    with warnings.catch_warnings():  # TorchScript's notes on MONAI's type annotations
+        warnings.simplefilter("ignore", UserWarning)
+        scripted = convert_to_torchscript(network, verify=True, inputs=[example], rtol=1e-4, atol=1e-4)
+    atomic_write_bytes(ts_path, lambda f: torch.jit.save(scripted, f, _extra_files={METADATA: json.dumps(metadata)}))
+    atomic_write_text(meta_path, json.dumps(metadata, indent=2) + "\n")
+    return ts_path, meta_path
+
+
+def bundle_metadata(model: TrainedModel) -> dict[str, Any]:
+    """MONAI-bundle-style metadata: what the network takes and returns, and how to prepare its input."""
+    cfg = model.cfg
+    classes = list(cfg.labels.classes)
+    window = cfg.data.intensity
+    return {
+        "version": "1.0.0",
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "name": "lightning-fl ConDistFL abdominal CT segmentation",
+        "task": f"segmentation of {', '.join(classes[1:])} in CT",
+        "description": f"global model of a federated run, exported from {model.name}"
+                       + (f" (after round {model.round + 1})" if model.round is not None else ""),
+        "intended_use": "research only",
+        "network_data_format": {
+            "inputs": {"image": {
+                "type": "image", "format": "hounsfield", "modality": "CT", "num_channels": 1,
+                "spatial_shape": list(cfg.eval.roi_size), "dtype": "float32", "is_patch_data": True,
+                "channel_def": {"0": "image"},
+                "orientation": "RAS", "spacing_mm": list(cfg.data.spacing_mm),
+                "intensity_window": {"hu_min": window.hu_min, "hu_max": window.hu_max,
+                                     "center": window.center, "scale": window.scale,
+                                     "formula": "(clip(HU, hu_min, hu_max) - center) / scale"},
+                "value_range": [(window.hu_min - window.center) / window.scale, (window.hu_max - window.center) / window.scale],
+            }},
+            "outputs": {"pred": {
+                "type": "image", "format": "segmentation", "num_channels": len(classes),
+                "spatial_shape": list(cfg.eval.roi_size), "dtype": "float32", "value_range": ["-inf", "inf"],
+                "is_patch_data": True, "channel_def": {str(i): c for i, c in enumerate(classes)},
+                "activation": "logits: softmax over channels, argmax for labels",
+            }},
+        },
+        "inference": {"sliding_window": {"roi_size": list(cfg.eval.roi_size), "overlap": cfg.eval.overlap,
+                                         "blend_mode": cfg.eval.blend_mode}},
+        "lightning_fl": {"round": model.round, "config": OmegaConf.to_container(cfg, resolve=True)},
+    }
