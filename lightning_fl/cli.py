@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from lightning_fl.errors import RunStopped, UserInputError
 from lightning_fl.labels import label_space_from_config
 
 USER_ERRORS = (UserInputError, FileExistsError, FileNotFoundError)
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # dotted.key=value
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +96,12 @@ def _prepare_data(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    # `--checkpoint A B key=value`: argparse gives the overrides to --checkpoint; take them back
+    overrides = [str(p) for p in args.checkpoint if OVERRIDE.match(str(p)) and not p.exists()]
+    args.checkpoint = [p for p in args.checkpoint if str(p) not in overrides]
+    args.overrides += overrides
+    if not args.checkpoint:
+        raise ConfigError("--checkpoint needs at least one model file (best.ckpt, last.ckpt or model.ts)")
     if args.cross_site == (args.datalist is not None):
         raise ConfigError("give either --datalist FILE (one test set) or --cross-site (every site of the model's config)")
     if args.label_map is not None and args.cross_site:

@@ -130,7 +130,7 @@ def cross_site_heatmap(scores: Mapping[str, Mapping[str, Mapping[str, float]]], 
 
 
 @dataclass
-class TestSet:
+class EvalSet:
     """Cases to score and how: which unified classes their labels hold, read through which map."""
 
     name: str
@@ -150,25 +150,25 @@ def score_cases(model: Callable[[Tensor], Tensor], loader: Iterable[dict[str, Te
     return {labels.classes[c]: values for c, values in scores.items()}
 
 
-def site_test_sets(cfg: DictConfig, labels: LabelSpace, split: str) -> list[TestSet]:
+def site_test_sets(cfg: DictConfig, labels: LabelSpace, split: str) -> list[EvalSet]:
     """Every site's `split` with its own classes, and the external set (testing, per organ), as in `fit`."""
     root = prepare_data_root(cfg, labels)
-    sets = [TestSet(s.name, root / s.datalist, read_datalist(root / s.datalist, (split,))[split],
+    sets = [EvalSet(s.name, root / s.datalist, read_datalist(root / s.datalist, (split,))[split],
                     labels.foreground(s.classes, where=f"site '{s.name}'")) for s in cfg.data.sites]
     if cfg.data.external is not None:
         ext = cfg.data.external
-        sets.append(TestSet(ext.name, root / ext.datalist, read_datalist(root / ext.datalist, ("testing",))["testing"],
+        sets.append(EvalSet(ext.name, root / ext.datalist, read_datalist(root / ext.datalist, ("testing",))["testing"],
                             [labels.index(c) for c in ext.classes], per_organ=True))
     return sets
 
 
-def datalist_test_set(datalist: Path, split: str, labels: LabelSpace, mapping: LabelMap | None) -> TestSet:
+def datalist_test_set(datalist: Path, split: str, labels: LabelSpace, mapping: LabelMap | None) -> EvalSet:
     """A datalist's split: labels in the unified space (every class scored where present), or in
     another scheme read through `mapping` (its classes scored)."""
     items = read_datalist(datalist, (split,))[split]
     if mapping is None:
-        return TestSet(datalist.stem, datalist, items, list(range(1, labels.num_classes)))
-    return TestSet(datalist.stem, datalist, items, mapping.classes, mapping.per_organ, mapping)
+        return EvalSet(datalist.stem, datalist, items, list(range(1, labels.num_classes)))
+    return EvalSet(datalist.stem, datalist, items, mapping.classes, mapping.per_organ, mapping)
 
 
 def evaluate_models(checkpoints: Sequence[Path], overrides: list[str], output: Path, split: str = "testing",

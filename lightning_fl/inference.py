@@ -84,9 +84,11 @@ def load_trained(path: Path, overrides: list[str] | None = None) -> TrainedModel
     if path.suffix == TORCHSCRIPT_SUFFIX:
         extra = {METADATA: ""}
         network = _load_torchscript(path, extra)
-        metadata = json.loads(extra[METADATA])
-        cfg = config_from_container(metadata["lightning_fl"]["config"], overrides, f"{path} ({METADATA})")
-        saved_round = metadata["lightning_fl"].get("round")
+        saved = json.loads(extra[METADATA] or "{}").get("lightning_fl")
+        if not isinstance(saved, dict) or "config" not in saved:
+            raise CheckpointError(f"{path} has no {METADATA} from `lightning-fl export`: its preprocessing and classes are unknown")
+        cfg = config_from_container(saved["config"], overrides, f"{path} ({METADATA})")
+        saved_round = saved.get("round")
     else:
         payload = load_model(path)
         if "config" not in payload or "classes" not in payload:

@@ -14,6 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from conftest import REPO, SHARED
 from layouts import make_amos, make_kits, make_msd
@@ -60,7 +61,8 @@ def test_fit_on_fabricated_layouts_and_cross_site_evaluation_reproduce_its_score
     cache = list((fabricated_run / "cache").glob("*.pt"))
     assert len(cache) == 4 * 2 + 4 + 4 + 3  # the training volumes drawn (2 steps of 1), then every validation, testing and external case
     out = fabricated_run / "evaluation"
-    result = cli("evaluate", "--checkpoint", str(run / "best.ckpt"), str(run / "last.ckpt"), "--cross-site", "--output", str(out))
+    result = cli("evaluate", "--checkpoint", str(run / "best.ckpt"), str(run / "last.ckpt"), "eval.sw_batch_size=1",
+                 "--cross-site", "--output", str(out))  # an override after --checkpoint's files is still an override
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "evaluation.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
@@ -185,6 +187,10 @@ def test_infer_and_evaluate_errors_name_what_is_wrong(tmp_path, smoke_run, orien
         (["evaluate", "--checkpoint", ckpt, "--datalist", str(tmp_path / "x.json"), "--label-map", "lung"], "unknown task 'lung'"),
         (["evaluate", "--checkpoint", ckpt], "give either --datalist FILE"),
     ]
+    foreign = tmp_path / "foreign.ts"
+    torch.jit.save(torch.jit.script(torch.nn.Conv3d(1, 8, 1)), str(foreign))
+    cases.append((["infer", "--checkpoint", str(foreign), "--input", str(oriented_inputs), "--output", str(tmp_path)],
+                  "has no metadata.json from `lightning-fl export`"))
     four_d = tmp_path / "four_d.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 2), np.int16), np.eye(4)), four_d)
     cases.append((["infer", "--checkpoint", ckpt, "--input", str(four_d), "--output", str(tmp_path / "o")], f"{four_d}: expected a 3D volume"))
