@@ -77,7 +77,7 @@ def main() -> None:
         device = model.predictor.fabric.device
         ev = model.cfg.eval
         print(f"{model.name} on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
-              f"precision {model.cfg.fabric.precision}, spacing {list(model.cfg.data.spacing_mm)} mm, roi {list(ev.roi_size)}, "
+              f"precision {model.precision}, spacing {list(model.cfg.data.spacing_mm)} mm, roi {list(ev.roi_size)}, "
               f"overlap {ev.overlap}, sw_batch_size {ev.sw_batch_size}; median of {args.repeats} after a warm-up\n")
         print(f"{'volume':<24}{'shape':>16}{'s/volume':>10}{'peak GPU GiB':>14}")
         for name in VOLUMES:

@@ -129,7 +129,7 @@ def _infer(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from lightning_fl.inference import export_torchscript, load_trained
 
-    model = load_trained(args.checkpoint, args.overrides + ["fabric.accelerator=cpu"])
+    model = load_trained(args.checkpoint, args.overrides, accelerator="cpu")  # the config keeps its own
     ts_path, meta_path = export_torchscript(model, args.output)
     print(f"wrote {ts_path} and {meta_path}")
 

@@ -117,15 +117,18 @@ class FederatedDDPStrategy(DDPStrategy):
         return module
 
 
+def check_accelerator(accelerator: str) -> None:
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"fabric.accelerator={accelerator}, but PyTorch sees no CUDA GPU here; use fabric.accelerator=cpu (or auto)"
+        )
+
+
 def build_fabric(cfg: DictConfig) -> L.Fabric:
     """Fabric as the `fabric` config group asks (`precision: auto` resolved in the config, so the
     saved config says what ran); its logger averages the sites' step metrics."""
     settings = cfg.fabric
-    if settings.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"fabric.accelerator={settings.accelerator}, but PyTorch sees no CUDA GPU here; "
-            "use fabric.accelerator=cpu (or auto)"
-        )
+    check_accelerator(settings.accelerator)
     settings.precision = resolve_precision(settings)
     strategy: Any = "auto"
     if settings.devices * settings.num_nodes > 1:  # config.py allows "auto", "ddp", "ddp_spawn"

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from lightning_fl.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, check_compatible, load_model
 from lightning_fl.config import config_from_container
 from lightning_fl.data.transforms import inference_transform
-from lightning_fl.distributed import resolve_precision
+from lightning_fl.distributed import check_accelerator, resolve_precision
 from lightning_fl.errors import DatalistError
 from lightning_fl.networks import build_network
 
@@ -74,13 +74,15 @@ class TrainedModel:
     path: Path
     cfg: DictConfig
     predictor: Predictor
+    precision: str  # what it runs at here (fabric.precision resolved on this machine)
     round: int | None  # the round it was saved after, where known
 
 
-def load_trained(path: Path, overrides: list[str] | None = None) -> TrainedModel:
-    """A checkpoint or an exported TorchScript model, on the device `fabric.accelerator` picks.
-    Overrides change how it runs (`eval.sw_batch_size=2`, `fabric.accelerator=cpu`, `data.root=...`),
-    not what it is: the network and label space come from the file."""
+def load_trained(path: Path, overrides: list[str] | None = None, accelerator: str | None = None) -> TrainedModel:
+    """A checkpoint or an exported TorchScript model, on the device `fabric.accelerator` (or
+    `accelerator`, which leaves the config as saved) picks. Overrides change how it runs
+    (`eval.sw_batch_size=2`, `fabric.accelerator=cpu`, `data.root=...`), not what it is: the network
+    and label space come from the file."""
     if path.suffix == TORCHSCRIPT_SUFFIX:
         extra = {METADATA: ""}
         network = _load_torchscript(path, extra)
@@ -98,11 +100,13 @@ def load_trained(path: Path, overrides: list[str] | None = None) -> TrainedModel
         check_compatible(path, payload["model"], payload["classes"], network, list(cfg.labels.classes))
         network.load_state_dict(payload["model"])
         saved_round = payload.get("round")
-    cfg.fabric.precision = resolve_precision(cfg.fabric)  # what runs here, not what ran in training
-    fabric = L.Fabric(accelerator=cfg.fabric.accelerator, devices=1, precision=cfg.fabric.precision)
+    runtime = OmegaConf.merge(cfg.fabric, {"accelerator": accelerator or cfg.fabric.accelerator})
+    check_accelerator(runtime.accelerator)
+    precision = resolve_precision(runtime)
+    fabric = L.Fabric(accelerator=runtime.accelerator, devices=1, precision=precision)
     network = network.eval().to(fabric.device)
     name = f"{path.resolve().parent.name}/{path.name}"
-    return TrainedModel(name, path, cfg, Predictor(network, fabric, cfg.model.channels_last), saved_round)
+    return TrainedModel(name, path, cfg, Predictor(network, fabric, cfg.model.channels_last), precision, saved_round)
 
 
 def _load_torchscript(path: Path, extra: dict[str, Any]) -> nn.Module:

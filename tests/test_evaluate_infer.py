@@ -191,6 +191,9 @@ def test_infer_and_evaluate_errors_name_what_is_wrong(tmp_path, smoke_run, orien
     torch.jit.save(torch.jit.script(torch.nn.Conv3d(1, 8, 1)), str(foreign))
     cases.append((["infer", "--checkpoint", str(foreign), "--input", str(oriented_inputs), "--output", str(tmp_path)],
                   "has no metadata.json from `lightning-fl export`"))
+    if not torch.cuda.is_available():
+        cases.append((["infer", "--checkpoint", ckpt, "--input", str(oriented_inputs), "--output", str(tmp_path / "g"),
+                       "fabric.accelerator=gpu"], "PyTorch sees no CUDA GPU here"))
     four_d = tmp_path / "four_d.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 2), np.int16), np.eye(4)), four_d)
     cases.append((["infer", "--checkpoint", ckpt, "--input", str(four_d), "--output", str(tmp_path / "o")], f"{four_d}: expected a 3D volume"))

@@ -138,5 +138,5 @@ def cached_dataset(items: list[dict[str, str]], transform: mt.Compose, data: Dic
 
 def evaluation_loader(items: list[dict[str, str]], data: DictConfig, transform: mt.Compose | None = None) -> DataLoader:
     """Whole preprocessed volumes, one per batch, cached for the per-round validation."""
-    dataset = cached_dataset(items, transform or evaluation_transform(data), data)
+    dataset = cached_dataset(items, evaluation_transform(data) if transform is None else transform, data)
     return DataLoader(dataset, batch_size=1, num_workers=data.num_workers)
