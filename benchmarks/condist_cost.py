@@ -12,9 +12,7 @@ Prints two ratios (median of timed repeats, after warm-up):
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from _timing import median_times  # noqa: E402
 from reference_losses import condist_loss_loop, marginal_loss_loop  # noqa: E402
 
 from lightning_fl.config import load_config  # noqa: E402
@@ -32,24 +31,6 @@ from lightning_fl.labels import label_space_from_config  # noqa: E402
 from lightning_fl.losses import ConDistDiceLoss, MarginalDiceCELoss, deep_supervision_weights  # noqa: E402
 from lightning_fl.networks import build_network  # noqa: E402
 from lightning_fl.site import Site  # noqa: E402
-
-
-def median_times(fns: list[Callable[[], object]], repeats: int, warmup: int = 3) -> list[float]:
-    """Median wall time of each function, timed in alternation so that a slow spell of a shared
-    machine falls on all of them alike."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, spent in zip(fns, times):
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            spent.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 def step_timer(cfg, fabric: L.Fabric, condist: bool, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
@@ -106,7 +87,7 @@ def main() -> None:
     label = torch.tensor([0] + foreground)[torch.randint(len(foreground) + 1, (batch_size, 1, *spatial), generator=g)]
     batch = {"image": image, "label": label.to(fabric.device)}
     condist_step, supervised_step = median_times(
-        [step_timer(cfg, fabric, True, batch), step_timer(cfg, fabric, False, batch)], args.repeats
+        [step_timer(cfg, fabric, True, batch), step_timer(cfg, fabric, False, batch)], args.repeats, warmup=3
     )
     peak = torch.cuda.max_memory_allocated() / 2**30 if fabric.device.type == "cuda" else None
 
@@ -126,7 +107,7 @@ def main() -> None:
         supervised = sum(weights[h] * marginal_loss_loop(x[:, h], label, foreground, cfg.method.ce) for h in range(heads))
         (supervised + condist_loss_loop(x[:, 0], teacher, label, foreground, groups, cfg.method.temperature)).backward()
 
-    fast_time, loop_time = median_times([fast, loop], args.repeats)
+    fast_time, loop_time = median_times([fast, loop], args.repeats, warmup=3)
 
     print(f"\n{'measurement':<52}{'ms':>10}")
     print(f"{'training step, ConDist (marginal + ConDist)':<52}{condist_step * 1e3:>10.1f}")

@@ -14,16 +14,16 @@ TorchScript model labels like the checkpoint.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+
+from _timing import median_times
 
 from lightning_fl.checkpoint import save_model
 from lightning_fl.config import load_config
@@ -43,19 +43,6 @@ def seeded_checkpoint(config: Path, overrides: list[str], folder: Path) -> Path:
     save_model(path, network.state_dict(), round=None, score=None, classes=list(cfg.labels.classes),
                config=OmegaConf.to_container(cfg, resolve=True))
     return path
-
-
-def timed(fn, repeats: int) -> float:
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
-    times = []
-    for i in range(repeats + 1):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        if i:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -84,7 +71,7 @@ def main() -> None:
             source = args.realdata / name
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            seconds = timed(lambda: infer_file(model, source, folder / "ckpt"), args.repeats)
+            seconds = median_times([lambda: infer_file(model, source, folder / "ckpt")], args.repeats)[0]
             peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if device.type == "cuda" else "-"
             shape = "×".join(str(n) for n in nib.load(source).shape)
             print(f"{name:<24}{shape:>16}{seconds:>10.2f}{peak:>14}")

@@ -13,7 +13,7 @@ runs after one warm-up) for
   3. a PersistentDataset holding that cached part (volumes + foreground/background indices) in a
      temporary folder: first pass (compute + write) and second pass (read back), with its size;
 and then how many data-loader workers keep up with a training step of --step-seconds
-(workers = ceil(draw seconds × data.batch_size / step seconds)).
+(workers = ceil((draw + cache read) seconds × data.batch_size / step seconds)).
 
     python benchmarks/preprocessing.py [--config configs/condistfl_paper.yaml] [--repeats 3]
         [--draws 16] [--threads N] [--step-seconds 0.25] [--realdata DIR] [key=value ...]
@@ -26,13 +26,14 @@ import math
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import monai.transforms as mt
 import torch
 from monai.data import PersistentDataset
+
+from _timing import median_times
 
 from lightning_fl.config import load_config
 from lightning_fl.data.transforms import evaluation_transform, training_transform
@@ -46,15 +47,7 @@ CASES = {
 
 
 def median_time(fn: Callable[[], object], repeats: int, setup: Callable[[], object] = lambda: None) -> float:
-    """Median wall time of `fn` after one untimed warm-up; `setup` runs untimed before each call."""
-    times = []
-    for i in range(repeats + 1):
-        setup()
-        start = time.perf_counter()
-        fn()
-        if i:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_times([fn], repeats, setup=setup)[0]
 
 
 def split_at_first_random(pipeline: mt.Compose) -> tuple[mt.Compose, mt.Compose]:
@@ -95,6 +88,7 @@ def main() -> None:
 
     rows: list[tuple[str, str, str, float]] = []
     draw_seconds: list[float] = []
+    read_seconds: list[float] = []
     cache_mb = 0.0
     for name, (image, label) in files.items():
         item = {"image": str(image), "label": str(label)}
@@ -123,6 +117,7 @@ def main() -> None:
             dataset = PersistentDataset([item], head, cache_dir=cache)
             first = median_time(lambda: dataset[0], args.repeats, setup=lambda: [f.unlink() for f in cache.iterdir()])
             second = median_time(lambda: dataset[0], args.repeats)
+            read_seconds.append(second)
             cache_mb += sum(f.stat().st_size for f in cache.iterdir()) / 2**20
         rows += [(name, size, "PersistentDataset 1st pass (cached part + write)", first),
                  (name, size, "PersistentDataset 2nd pass (read)", second)]
@@ -135,12 +130,12 @@ def main() -> None:
         print(f"{case:<12}{size:<28}{stage:<50}{seconds:>8.3f}{1 / seconds:>9.2f}")
     print(f"\nPersistentDataset cache on disk: {cache_mb:.0f} MB for {len(files)} cases "
           "(volumes + foreground/background indices)")
-    draw = statistics.mean(draw_seconds)
-    workers = math.ceil(draw * data.batch_size / args.step_seconds)
+    per_volume = statistics.mean(draw_seconds) + statistics.mean(read_seconds)  # a worker reads the cached case, then draws
+    workers = math.ceil(per_volume * data.batch_size / args.step_seconds)
     threads = torch.get_num_threads()
     print(f"data-loader workers to keep up with a {args.step_seconds} s step of {data.batch_size} volumes "
-          f"({data.batch_size * data.samples_per_volume} patches): ceil({draw:.3f} s × {data.batch_size} / "
-          f"{args.step_seconds} s) = {workers}")
+          f"({data.batch_size * data.samples_per_volume} patches): ceil(({statistics.mean(draw_seconds):.3f} s draw + "
+          f"{statistics.mean(read_seconds):.3f} s read) × {data.batch_size} / {args.step_seconds} s) = {workers}")
     if threads != 1:  # torch's DataLoader sets 1 thread in each worker process
         print(f"(draws timed at {threads} torch threads; a DataLoader worker runs 1: --threads 1 times it as such)")
 

@@ -2,12 +2,14 @@
 
 One real case (../shared/realdata/spleen_8, read in place) is copied five times into an MSD Task09
 layout and goes through `prepare-data`; then `fit` runs the paper config on that one site for one
-round, twice, with two local step counts. The difference of the two round times over the
+round, twice, with two local step counts, after a 1-step run has filled the disk cache (else the
+first timed run would also pay for preprocessing). The difference of the two round times over the
 difference of the steps is the time of one training step with everything around it (data-loader
 workers drawing patches, bf16 step, optimizer); what is left of a round is the validation of one
 case and the round's overhead (checkpoints). From the step time it projects the training part of
 the paper's round, 4 sites × 1000 steps; validation adds 132 cases (liver 26, spleen 8,
-pancreas 56, kidney 42) at the time benchmarks/inference_time.py reports per case.
+pancreas 56, kidney 42) at less than benchmarks/inference_time.py's time per case (which also reads,
+resamples back and writes).
 
     python benchmarks/real_round.py [--steps 10 40] [--realdata DIR] [key=value ...]
     e.g. on a GPU:  python benchmarks/real_round.py data.num_workers=8
@@ -75,6 +77,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         prepare_task("spleen", task09_layout(args.realdata, folder / "Task09_Spleen"), folder / "data", labels)
+        round_summary(folder / "data", folder / "warm-up", 1, args.overrides)  # fills the disk cache both timed runs read
         runs = {steps: round_summary(folder / "data", folder / f"run{steps}", steps, args.overrides) for steps in (few, many)}
     times = {steps: summary["round_time_s"][0] for steps, summary in runs.items()}
     step = (times[many] - times[few]) / (many - few)
@@ -92,7 +95,7 @@ def main() -> None:
           + (f", GPU {max(gpu) / 1024:.1f} GiB" if gpu else ""))
     print(f"training part of a paper round on one device ({PAPER_SITES} sites × {PAPER_STEPS} steps): "
           f"{PAPER_SITES * PAPER_STEPS * step / 60:.0f} min, plus validating {PAPER_VALIDATION_CASES} cases "
-          f"(benchmarks/inference_time.py gives seconds per case)")
+          f"(at most benchmarks/inference_time.py's seconds per case)")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ from torch import nn
 
 from lightning_fl.config import ConfigError
 from lightning_fl.loggers import StepMeans
+from lightning_fl.strategies import StateDict
 
-StateDict = dict[str, torch.Tensor]
 START_METHODS = {"ddp": "popen", "ddp_spawn": "spawn"}
 T = TypeVar("T")
 
@@ -192,12 +192,16 @@ def _describe(error: BaseException) -> str:
     return text if root is error else f"{text}, caused by {type(root).__name__}: {root}"
 
 
-def merge_from_ranks(fabric: L.Fabric, mine: dict[str, Any]) -> dict[str, Any]:
-    """The union of every rank's dict (small, picklable values), in rank order, on every rank."""
+def merge_from_ranks(fabric: L.Fabric, mine: dict[str, Any], only_to: int | None = None) -> dict[str, Any]:
+    """The union of every rank's dict (picklable values), in rank order, on every rank, or on rank
+    `only_to` alone (the others get {}): large values need not travel to every rank."""
     if fabric.world_size == 1:
         return mine
     everyone: list[dict[str, Any]] = [{} for _ in range(fabric.world_size)]
-    dist.all_gather_object(everyone, mine)
+    if only_to is None:
+        dist.all_gather_object(everyone, mine)
+    else:
+        dist.gather_object(mine, everyone if fabric.global_rank == only_to else None, dst=only_to)
     return {key: value for part in everyone for key, value in part.items()}
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import lightning as L
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.fabric.utilities.apply_func import move_data_to_device
 import torch
 import torch.distributed as dist
@@ -133,7 +134,8 @@ class Federation:
             local.scheduler.load_state_dict(state["sites"][name]["scheduler"])
 
     def _site_states(self) -> dict[str, dict[str, Any]]:
-        """Every site's optimizer and schedule state, gathered from the ranks that own them."""
+        """Every site's optimizer and schedule state, gathered on rank 0 (which writes state.ckpt)
+        from the ranks that own them."""
         rank = self.fabric.global_rank
         mine = {
             name: {"optimizer": local.optimizer.optimizer.state_dict(), "scheduler": local.scheduler.state_dict()}
@@ -141,7 +143,7 @@ class Federation:
         }
         if self.fabric.world_size > 1:  # pickled through the process group: host copies
             mine = move_data_to_device(mine, "cpu")
-        return merge_from_ranks(self.fabric, mine)
+        return merge_from_ranks(self.fabric, mine, only_to=0)
 
     def _global_state(self) -> StateDict:
         return {k: v.detach().clone() for k, v in self.global_model.state_dict().items()}
@@ -236,13 +238,12 @@ class Federation:
 
     def score(self, site: SiteData, split: str, organ_level: bool = False) -> dict[str, float]:
         """Mean Dice per class of the global model on one site's split."""
-        classes = [self.labels.index(c) for c in site.classes] if organ_level else site.foreground
         loader = self._loaders.get((site.name, split)) if split == "validation" else None
         if loader is None:
             loader = evaluation_loader(site.splits[split], self.cfg.data)
             if split == "validation":  # kept: the same cases every round
                 self._loaders[(site.name, split)] = loader
-        scores = score_cases(self.predictor, loader, classes, self.labels, self.cfg.eval, self.predictor.prepare, organ_level)
+        scores = score_cases(self.predictor, loader, site.foreground, self.labels, self.cfg.eval, self.predictor.prepare, organ_level)
         return {c: nanmean(v) for c, v in scores.items()}
 
     # ---------------------------------------------------------------- the run
@@ -399,6 +400,7 @@ def summary_table(summary: dict[str, Any]) -> str:
     return f"\n{title}\n" + format_table(rows, ["class", "test Dice", "external Dice"])
 
 
+@rank_zero_only  # under torchrun, SLURM or Fabric's own launcher every process runs the command
 def record_resume(run_dir: Path, round_index: int, changed: list[str], overrides: list[str]) -> None:
     """Append to `resumes.yaml` when and with which config changes a run was resumed."""
     path = run_dir / "resumes.yaml"

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from lightning_fl.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, check_compatible, load_model
 from lightning_fl.config import config_from_container
+from lightning_fl.data.datasets import nifti_stem
 from lightning_fl.data.transforms import inference_transform
 from lightning_fl.distributed import check_accelerator, resolve_precision
 from lightning_fl.errors import DatalistError
@@ -132,10 +133,6 @@ def nifti_inputs(source: Path) -> list[Path]:
     return [source]
 
 
-def _stem(path: Path) -> str:
-    return next(path.name.removesuffix(s) for s in NIFTI_SUFFIXES if path.name.endswith(s))
-
-
 @torch.no_grad()
 def infer_file(model: TrainedModel, source: Path, out_dir: Path, probabilities: bool = False) -> list[Path]:
     """Write `<stem>.nii.gz` (uint8 classes) and optionally `<stem>_probabilities.nii.gz` (float32,
@@ -158,7 +155,7 @@ def infer_file(model: TrainedModel, source: Path, out_dir: Path, probabilities: 
     native = mt.Invertd("probabilities", transform, orig_keys="image", nearest_interp=False)(item)["probabilities"]
     if tuple(native.shape[1:]) != header.shape:  # the inverse must land on the input's grid exactly
         raise RuntimeError(f"{source}: the prediction came back as {tuple(native.shape[1:])}, not {header.shape}")
-    stem = _stem(source)
+    stem = nifti_stem(source)
     written = [save_like(native.argmax(0).to(torch.uint8).cpu().numpy(), header, out_dir / f"{stem}.nii.gz")]
     if probabilities:
         channel_last = native.as_subclass(torch.Tensor).movedim(0, -1).float().cpu().numpy()  # as NIfTI stores vectors

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_fl.losses import ConDistDiceLoss, MarginalDiceCELoss, deep_supervision_weights
+from lightning_fl.strategies import StateDict
 
-StateDict = dict[str, Tensor]
 
 
 def condist_weight(method: DictConfig, round_index: int, rounds: int) -> float:

@@ -10,8 +10,13 @@ import pytest
 from conftest import REPO
 
 
-@pytest.mark.parametrize("script", sorted((REPO / "benchmarks").glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("script", sorted((REPO / "benchmarks").glob("[!_]*.py")), ids=lambda p: p.name)
 def test_benchmark_script_starts(script):
     result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage:" in result.stdout
+
+
+def test_gpu_check_script_parses():
+    result = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -41,6 +41,11 @@ class SiteData:
         return len(self.splits["training"])
 
 
+def nifti_stem(path: str | Path) -> str:
+    """A NIfTI file's name without `.nii` or `.nii.gz`: the case's name."""
+    return Path(path).name.removesuffix(".gz").removesuffix(".nii")
+
+
 def read_datalist(path: Path, required: tuple[str, ...] = SPLITS) -> dict[str, list[dict[str, str]]]:
     """Every split of a datalist, with image and label paths made absolute and checked to exist."""
     if not path.is_file():
@@ -116,8 +121,7 @@ class TrainingStream:
 
     def start_round(self, seed: int, batches: int, shard: tuple[int, int] = (0, 1)) -> Iterator[dict]:
         """`batches` batches for one round; `shard` = (index, count) keeps every count-th patch from index on."""
-        self.generator.manual_seed(seed)
-        self.dataset.transform.set_random_state(seed=seed % 2**32)
+        self.generator.manual_seed(seed)  # MONAI's DataLoader seeds the transforms (or each worker's) from it
         sampler = RandomSampler(self.dataset, num_samples=batches * self.batch_size, generator=self.generator)
         loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, generator=self.generator,
                             num_workers=self.num_workers)

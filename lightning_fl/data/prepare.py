@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
 from lightning_fl.config import CONFIG_DIR, ConfigError
+from lightning_fl.data.datasets import nifti_stem
 from lightning_fl.data.validation import grid_mismatch
 from lightning_fl.errors import DatalistError
 from lightning_fl.labels import LabelMap, LabelSpace
@@ -40,6 +41,11 @@ class TaskConfig:
     background: list[int] = field(default_factory=list)  # other native values, drawn as background
     unlisted: str = "error"  # any value not listed above: "error" or "background"
     external: bool = False  # a test-only site (every case goes to "testing"), scored per organ
+
+    def label_map(self, name: str, labels: LabelSpace, where: str) -> LabelMap:
+        """These native label values in the unified label space."""
+        values = {int(k): labels.index(v, where=where) for k, v in self.labels.items()}
+        return LabelMap(name, values, frozenset(self.background), self.unlisted == "background", per_organ=self.external)
 
 
 @dataclass
@@ -65,10 +71,7 @@ def load_task(task: str, tasks_file: Path = TASKS_FILE) -> TaskConfig:
 
 
 def label_map(task: str, labels: LabelSpace, tasks_file: Path = TASKS_FILE) -> LabelMap:
-    """The task's native label values in the unified label space."""
-    cfg = load_task(task, tasks_file)
-    values = {int(k): labels.index(v, where=f"{tasks_file} task '{task}'") for k, v in cfg.labels.items()}
-    return LabelMap(task, values, frozenset(cfg.background), cfg.unlisted == "background", per_organ=cfg.external)
+    return load_task(task, tasks_file).label_map(task, labels, where=f"{tasks_file} task '{task}'")
 
 
 def find_cases(src: Path, layout: str) -> list[Case]:
@@ -85,16 +88,12 @@ def find_cases(src: Path, layout: str) -> list[Case]:
         content = json.loads(manifest.read_text())
         lists = ["training"] + (["validation"] if layout == "amos" else [])
         entries = [e for key in lists for e in content.get(key, []) if isinstance(e, dict) and "label" in e]
-        cases = [Case(_stem(e["image"]), src / e["image"], src / e["label"]) for e in entries]
+        cases = [Case(nifti_stem(e["image"]), src / e["image"], src / e["label"]) for e in entries]
         if layout == "amos":  # CT only
             cases = [c for c in cases if int(re.sub(r"\D", "", c.name) or 0) <= AMOS_LAST_CT]
     if not cases:
         raise DatalistError(f"--src {src}: no labelled cases found in the {layout} layout")
     return cases
-
-
-def _stem(path: str) -> str:
-    return Path(path).name.removesuffix(".gz").removesuffix(".nii")
 
 
 def split_cases(names: list[str], seed: int, datalist: Path | None, external: bool) -> dict[str, list[str]]:
@@ -103,7 +102,7 @@ def split_cases(names: list[str], seed: int, datalist: Path | None, external: bo
         return {"testing": sorted(names)}
     if datalist is not None:
         content = json.loads(datalist.read_text())
-        splits = {key: [_stem(e["image"] if isinstance(e, dict) else e) for e in content.get(key, [])]
+        splits = {key: [nifti_stem(e["image"] if isinstance(e, dict) else e) for e in content.get(key, [])]
                   for key in ("training", "validation", "testing")}
         unknown = sorted(set(sum(splits.values(), [])) - set(names))
         if unknown:
@@ -138,7 +137,7 @@ def prepare_task(task: str, src: Path, dst: Path, labels: LabelSpace, seed: int 
     cfg = load_task(task, tasks_file)
     if cfg.layout is None:
         raise ConfigError(f"{tasks_file}: task '{task}' is a label scheme for `evaluate --label-map`, not a dataset layout")
-    mapping = label_map(task, labels, tasks_file)
+    mapping = cfg.label_map(task, labels, where=f"{tasks_file} task '{task}'")
     folder, listing = dst / task, dst / f"{task}.json"
     for path in (folder, listing):
         if path.exists():

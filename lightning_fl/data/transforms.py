@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 import monai.transforms as mt
-import torch
-from monai.data import MetaTensor
+from monai.utils import convert_to_dst_type
 from omegaconf import DictConfig
 
 from lightning_fl.errors import DatalistError
@@ -41,8 +40,7 @@ class RemapLabelsd(mt.MapTransform):
             if unexpected:
                 source = label.meta.get("filename_or_obj", key)
                 raise DatalistError(f"{source} has label values {unexpected} that the label map '{self.mapping.name}' does not list")
-            out[key] = MetaTensor(torch.from_numpy(self.mapping.apply(native)), meta=label.meta,
-                                  applied_operations=label.applied_operations)
+            out[key] = convert_to_dst_type(self.mapping.apply(native), label)[0]  # keeps the header
         return out
 
 
