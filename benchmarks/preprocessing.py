@@ -80,8 +80,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     data = load_config(args.config, args.overrides).data
-    head, tail = split_at_first_random(training_transform(data))
-    evaluation, full = evaluation_transform(data), training_transform(data)
+    spleen = [0, 3]  # the spleen site's classes: the label values of spleen_8
+    head, tail = split_at_first_random(training_transform(data, spleen))
+    evaluation, full = evaluation_transform(data), training_transform(data, spleen)
     print(f"config {args.config.name}: spacing {list(data.spacing_mm)} mm, patch {list(data.patch_size)}, "
           f"{data.samples_per_volume} samples per volume, batch {data.batch_size} volumes; "
           f"{torch.get_num_threads()} torch threads; median of {args.repeats} after 1 warm-up")

@@ -52,7 +52,7 @@ def round_summary(data: Path, out: Path, steps: int, overrides: list[str]) -> di
     """One round of `fit` on the spleen site alone; its summary.json."""
     command = [sys.executable, "-m", "lightning_fl", "fit", "--config", str(REPO / "configs" / "condistfl_paper.yaml"),
                f"output_dir={out}", f"data.root={data}", "data.sites=[{name: spleen, datalist: spleen.json, classes: [spleen]}]",
-               "data.external=null", "fl.rounds=1", f"fl.local_steps={steps}", "logger.wandb.mode=disabled",
+               "data.external=[]", "fl.rounds=1", f"fl.local_steps={steps}", "logger.wandb.mode=disabled",
                "data.check_before_fit=false",  # the copies of one case are a leak by design
                "logger.progress=false", *overrides]
     result = subprocess.run(command, capture_output=True, text=True, env=os.environ)

@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lightning_fl.errors import UserInputError
 from lightning_fl.labels import LabelSpaceError, label_space_from_config
 
+PHASES = ("portal_venous", "unenhanced")  # contrast phases the synthetic scanners can acquire
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "condistfl_synthetic.yaml"
 
@@ -49,15 +50,21 @@ class ScannerConfig:
     validation: int = 2
     test: int = 2
     spacing_mm: list[float] = field(default_factory=lambda: [2.0, 2.0, 3.0])  # native voxel size
+    fov_mm: list[float] = field(default_factory=lambda: [300.0, 240.0, 220.0])  # field of view: x, y, z
+    phase: str = "portal_venous"  # contrast phase: "portal_venous" or "unenhanced" (its own organ HU)
     hu_offset: float = 0.0  # calibration offset added to every voxel
     contrast_scale: float = 1.0  # scales enhancement above water (contrast timing and dose)
     noise_hu: float = 15.0  # standard deviation of the image noise
+    body_scale: list[float] = field(default_factory=lambda: [0.92, 1.0])  # range of the trunk's size factor
+    fat_mm: list[float] = field(default_factory=lambda: [15.0, 25.0])  # range of the subcutaneous fat
 
 
 @dataclass
 class SyntheticConfig:
     seed: int = 0
-    tumor_probability: float = 0.6  # per case and per organ with a tumour class
+    # per case, for organs whose tumours the site does not label; where it does, the lesion
+    # prevalence of the dataset the site stands for (synthetic.TUMOR_PREVALENCE)
+    incidental_tumor_probability: float = 0.05
     scanners: dict[str, ScannerConfig] = field(default_factory=dict)  # keyed by site name
 
 
@@ -99,11 +106,12 @@ class AugmentationConfig:
 class DataConfig:
     root: str = "???"  # folder holding the datalists
     sites: list[SiteConfig] = field(default_factory=list)
-    external: Optional[SiteConfig] = None  # fully labelled test-only site
+    external: list[SiteConfig] = field(default_factory=list)  # test-only sites, labelled per organ
     synthetic: Optional[SyntheticConfig] = None  # generate the phantom federation into root if missing
     spacing_mm: list[float] = field(default_factory=lambda: [1.44423774, 1.44423774, 2.87368553])
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
     patch_size: list[int] = field(default_factory=lambda: [224, 224, 64])
+    crop: str = "pos_neg"  # patch centres: "pos_neg" (foreground : background at pos_neg_ratio) or "classes" (each class alike)
     pos_neg_ratio: list[float] = field(default_factory=lambda: [2.0, 1.0])
     samples_per_volume: int = 2
     batch_size: int = 2  # volumes per step; each gives samples_per_volume patches
@@ -164,6 +172,7 @@ class EvalConfig:
     overlap: float = 0.5
     sw_batch_size: int = 4
     blend_mode: str = "gaussian"
+    every: int = 1  # validate the global model every this many rounds, and after the last; the best is chosen among those
 
 
 @dataclass
@@ -171,7 +180,9 @@ class FabricConfig:
     """Passed to Lightning Fabric; processes = devices × num_nodes (see README, "Scaling out")."""
 
     accelerator: str = "auto"
-    devices: int = 1  # processes per node
+    # processes per node; "auto": on a CPU one per site up to the number of cores (sites train in
+    # parallel, a thread each), on GPUs one per GPU
+    devices: Any = 1
     num_nodes: int = 1
     strategy: str = "auto"  # with several processes: "ddp" (launched as scripts) or "ddp_spawn"
     precision: str = "auto"  # "auto": bf16-mixed where the hardware has bf16, else 32-true
@@ -209,6 +220,7 @@ class RunConfig:
 
 _CHOICES = {
     "method.ce": ("official", "marginal"),
+    "data.crop": ("pos_neg", "classes"),
     "fl.strategy": ("fedavg", "fedopt"),
     "fl.weighting": ("equal", "cases"),
     "logger.wandb.mode": ("offline", "online", "disabled"),
@@ -254,7 +266,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def config_from_container(content: dict[str, Any], overrides: list[str] | None, source: str) -> DictConfig:
-    """A run config saved inside a checkpoint or an exported model, checked like a file."""
+    """A run config saved inside a checkpoint or an exported model, checked like a file. Models
+    saved while `data.external` was one site (or null) still load: it becomes a list."""
+    data = content.get("data")
+    if isinstance(data, dict) and not isinstance(data.get("external", []), list):
+        content = content | {"data": data | {"external": [data["external"]] if data["external"] else []}}
     return _finish(_merge(OmegaConf.structured(RunConfig), content, source), overrides, source)
 
 
@@ -299,12 +315,17 @@ def _validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}: expected one of {list(allowed)}, got '{value}'")
+    if cfg.eval.every < 1:
+        raise ConfigError(f"eval.every must be ≥ 1 (validate every this many rounds), got {cfg.eval.every}")
     if cfg.fl.rounds < 1 or cfg.fl.local_steps < 1:
         raise ConfigError(f"fl.rounds and fl.local_steps must be ≥ 1, got {cfg.fl.rounds}, {cfg.fl.local_steps}")
     if not 1 <= cfg.fl.min_sites <= len(cfg.data.sites):
         raise ConfigError(f"fl.min_sites must lie in [1, {len(cfg.data.sites)}] (the number of sites), got {cfg.fl.min_sites}")
-    if cfg.fabric.devices < 1 or cfg.fabric.num_nodes < 1:
-        raise ConfigError(f"fabric.devices and fabric.num_nodes must be ≥ 1, got {cfg.fabric.devices}, {cfg.fabric.num_nodes}")
+    devices = cfg.fabric.devices
+    if devices != "auto" and (isinstance(devices, bool) or not isinstance(devices, int) or devices < 1):
+        raise ConfigError(f"fabric.devices: expected a whole number ≥ 1 or 'auto', got {devices!r}")
+    if cfg.fabric.num_nodes < 1:
+        raise ConfigError(f"fabric.num_nodes must be ≥ 1, got {cfg.fabric.num_nodes}")
     costs = {s.name: s.cost for s in cfg.data.sites if not s.cost > 0}
     if costs:
         raise ConfigError(f"data.sites: cost must be > 0, got {costs}")
@@ -329,6 +350,9 @@ def _validate(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"data.synthetic.scanners must have one entry per site {names}, mismatched: {sorted(unknown)}"
             )
+        for name, scanner in cfg.data.synthetic.scanners.items():
+            if scanner.phase not in PHASES:
+                raise ConfigError(f"data.synthetic.scanners.{name}.phase: expected one of {list(PHASES)}, got '{scanner.phase}'")
 
 
 def to_yaml(cfg: DictConfig) -> str:
@@ -336,8 +360,8 @@ def to_yaml(cfg: DictConfig) -> str:
 
 
 def all_sites(cfg: DictConfig) -> list[Any]:
-    """The training sites, then the external test site if there is one."""
-    return list(cfg.data.sites) + ([cfg.data.external] if cfg.data.external else [])
+    """The training sites, then the external test sites."""
+    return list(cfg.data.sites) + list(cfg.data.external)
 
 
 def config_changes(before: DictConfig, after: DictConfig, ignore: tuple[str, ...] = ()) -> list[str]:

@@ -16,6 +16,7 @@ Randomness belongs to sites: a site's data order, augmentation and dropout in a 
 from __future__ import annotations
 
 import hashlib
+import os
 import resource
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -124,12 +125,23 @@ def check_accelerator(accelerator: str) -> None:
         )
 
 
+def resolve_devices(fabric_cfg: DictConfig, sites: int) -> int:
+    """`auto`: every GPU where there are GPUs; on a CPU one process per site up to the cores, since
+    a small network's step barely gains from a second thread but sites train independently."""
+    if fabric_cfg.devices != "auto":
+        return int(fabric_cfg.devices)
+    if fabric_cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return max(1, min(sites, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
 def build_fabric(cfg: DictConfig) -> L.Fabric:
-    """Fabric as the `fabric` config group asks (`precision: auto` resolved in the config, so the
-    saved config says what ran); its logger averages the sites' step metrics."""
+    """Fabric as the `fabric` config group asks (`precision` and `devices: auto` resolved in the
+    config, so the saved config says what ran); its logger averages the sites' step metrics."""
     settings = cfg.fabric
     check_accelerator(settings.accelerator)
     settings.precision = resolve_precision(settings)
+    settings.devices = resolve_devices(settings, len(cfg.data.sites))
     strategy: Any = "auto"
     if settings.devices * settings.num_nodes > 1:  # config.py allows "auto", "ddp", "ddp_spawn"
         strategy = FederatedDDPStrategy(start_method=START_METHODS.get(settings.strategy, "popen"))

@@ -151,14 +151,13 @@ def score_cases(model: Callable[[Tensor], Tensor], loader: Iterable[dict[str, Te
 
 
 def site_test_sets(cfg: DictConfig, labels: LabelSpace, split: str) -> list[EvalSet]:
-    """Every site's `split` with its own classes, and the external set (testing, per organ), as in `fit`."""
+    """Every site's `split` with its own classes, and each external site (testing, per organ), as in `fit`."""
     root = prepare_data_root(cfg, labels)
     def scored(site: DictConfig, split: str, per_organ: bool) -> EvalSet:
         items = read_datalist(root / site.datalist, (split,))[split]
         return EvalSet(site.name, root / site.datalist, items, labels.foreground(site.classes, where=f"site '{site.name}'"), per_organ)
 
-    external = [scored(cfg.data.external, "testing", True)] if cfg.data.external is not None else []
-    return [scored(s, split, False) for s in cfg.data.sites] + external
+    return [scored(s, split, False) for s in cfg.data.sites] + [scored(s, "testing", True) for s in cfg.data.external]
 
 
 def datalist_test_set(datalist: Path, split: str, labels: LabelSpace, mapping: LabelMap | None) -> EvalSet:

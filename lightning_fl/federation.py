@@ -84,7 +84,7 @@ class Federation:
         self.global_model = freeze(self._network())  # reaches the device with the sites, in fabric.setup
         self.predictor = Predictor(self.global_model, fabric, cfg.model.channels_last)
         self.site_data = [load_site(root, s, self.labels) for s in cfg.data.sites]
-        self.external = load_site(root, cfg.data.external, self.labels, required=("testing",)) if cfg.data.external else None
+        self.external = [load_site(root, s, self.labels, required=("testing",)) for s in cfg.data.external]
         self.placement = make_placement(fabric, [s.name for s in cfg.data.sites], [s.cost for s in cfg.data.sites])
         student = self._network()  # one per process, shared by its sites (site.py)
         self.local = checked_on_every_rank(
@@ -276,10 +276,12 @@ class Federation:
                 )
             aggregate = self.strategy.aggregate(global_state, list(updates.values()), self.aggregation_weights(list(updates)))
             self.global_model.load_state_dict(aggregate)
-            val = self.evaluate_sites("validation")
-            score = nanmean([d for dice in val.values() for d in dice.values()])
             state = self._global_state()
-            is_best = score > best_score or best_state is None
+            val, score, is_best = {}, math.nan, False  # the best model is chosen among the validated rounds
+            if (r + 1) % cfg.eval.every == 0 or r == cfg.fl.rounds - 1:
+                val = self.evaluate_sites("validation")
+                score = nanmean([d for dice in val.values() for d in dice.values()])
+                is_best = score > best_score or best_state is None
             if is_best:
                 best_score, best_round, best_state = score, r, state
             round_times.append(time.perf_counter() - round_start)
@@ -292,7 +294,7 @@ class Federation:
                 "best": {"round": best_round, "score": best_score, "model": best_state},
             }
             self._on_main(f"saving round {r + 1}", lambda: self._save_state(logger, resumable))
-            rounds.set_postfix(val_dice=f"{score:.3f}", best=f"{best_score:.3f}@{best_round}")
+            rounds.set_postfix(val_dice=f"{score:.3f}", best=f"{best_score:.3f}@{best_round + 1}")
 
         summary = self._test(best_state, best_round, best_score, logger)
         summary["wall_time_s"] = round(time.perf_counter() - start, 1)
@@ -334,7 +336,7 @@ class Federation:
         if is_best:
             save_model(self.output_dir / "best.ckpt", state, round=r, score=score, **meta)
         save_model(self.output_dir / "last.ckpt", state, round=r, score=score, **meta)
-        logger.scalars({"validation/mean_dice": score, "time/round_s": seconds})
+        logger.scalars({"time/round_s": seconds} | ({} if math.isnan(score) else {"validation/mean_dice": score}))
         logger.commit(r)
 
     def _record_dropped(self, logger: RunLogger, r: int, dropped: dict[str, str]) -> None:
@@ -348,23 +350,24 @@ class Federation:
         print(summary_table(summary))
 
     def _test(self, best_state: StateDict, best_round: int, best_score: float, logger: RunLogger | None) -> dict[str, Any]:
-        """The best global model on every site's test split (its own classes) and on the external set
-        (scored on rank 0)."""
+        """The best global model on every site's test split (its own classes) and on each external
+        site (per organ; external sites are shared out over the ranks)."""
         self.global_model.load_state_dict(best_state)
         test = self.evaluate_sites("testing")
-        external = self.external
-        external_dice = merge_from_ranks(self.fabric, checked_on_every_rank(
-            self.fabric, "scoring the external set",
-            lambda: self.score(external, "testing", organ_level=True) if external is not None and self.is_main else {},
+        rank, ranks = self.fabric.global_rank, self.fabric.world_size
+        scored = merge_from_ranks(self.fabric, checked_on_every_rank(
+            self.fabric, "scoring the external sites",
+            lambda: {e.name: self.score(e, "testing", organ_level=True) for i, e in enumerate(self.external) if i % ranks == rank},
         ))
+        external_dice = {e.name: scored[e.name] for e in self.external}
         test_dice = {name: value for dice in test.values() for name, value in dice.items()}
         ordered = {c: test_dice[c] for c in self.labels.classes if c in test_dice}
 
         def record() -> None:
             for name, dice in test.items():
                 logger.dice(best_round, "test", name, "best", dice)
-            if external is not None:
-                logger.dice(best_round, "external", external.name, "best", external_dice)
+            for name, dice in external_dice.items():
+                logger.dice(best_round, "external", name, "best", dice)
             logger.commit(self.cfg.fl.rounds)
 
         self._on_main("writing the test scores", record)
@@ -387,17 +390,18 @@ def _json_safe(value: Any) -> Any:
 
 def summary_table(summary: dict[str, Any]) -> str:
     """The end-of-run table: each class's test Dice at the sites that label it, and per organ on
-    the external set."""
+    each external site (a column each)."""
 
     def fmt(value: float | None) -> str:
         return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
 
     external = summary["external_dice"]
-    rows = [[name, fmt(dice), fmt(external.get(name))] for name, dice in summary["test_dice"].items()]
-    rows.append(["mean", fmt(summary["test_mean_dice"]), fmt(nanmean(list(external.values())) if external else None)])
+    rows = [[name, fmt(dice), *(fmt(organs.get(name)) for organs in external.values())]
+            for name, dice in summary["test_dice"].items()]
+    rows.append(["mean", fmt(summary["test_mean_dice"]), *(fmt(nanmean(list(o.values()))) for o in external.values())])
     title = (f"Best global model: after round {summary['best_round'] + 1} of {summary['rounds']}, "
              f"validation Dice {summary['best_validation_dice']:.4f}")
-    return f"\n{title}\n" + format_table(rows, ["class", "test Dice", "external Dice"])
+    return f"\n{title}\n" + format_table(rows, ["class", "test Dice", *(f"{name} Dice" for name in external)])
 
 
 @rank_zero_only  # under torchrun, SLURM or Fabric's own launcher every process runs the command

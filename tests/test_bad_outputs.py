@@ -52,10 +52,10 @@ def test_damaged_and_foreign_checkpoints_are_refused(data_home, smoke_run, tmp_p
 
     foreign = tmp_path / "foreign"
     shutil.copytree(smoke_run, foreign)
-    result = _cli("fit", "--resume", str(foreign), "--allow-config-change", "model.filters=[8,16,32,64]",
+    result = _cli("fit", "--resume", str(foreign), "--allow-config-change", "model.filters=[16,32,64,128]",
                   data_home=data_home)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "holds another network than this run's model config" in result.stderr
-    assert "of another shape (e.g. input_block.conv1.conv.weight (16, 1, 3, 3, 3) ≠ (8, 1, 3, 3, 3))" in result.stderr
+    assert "of another shape (e.g. input_block.conv1.conv.weight (8, 1, 3, 3, 3) ≠ (16, 1, 3, 3, 3))" in result.stderr
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_model(tmp_path / "none.ckpt")

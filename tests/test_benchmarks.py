@@ -20,3 +20,15 @@ def test_benchmark_script_starts(script):
 def test_gpu_check_script_parses():
     result = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_round_time_benchmark_splits_a_round(data_home):
+    result = subprocess.run([sys.executable, "benchmarks/round_time.py", "--config", "configs/smoke.yaml",
+                             "logger.wandb.mode=disabled"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line[:32].strip(): float(line[32:41]) for line in result.stdout.splitlines()
+            if line[:32].strip() in ("local steps", "validation", "checkpoint", "round")}
+    assert set(rows) == {"local steps", "validation", "checkpoint", "round"}
+    assert 0 < rows["local steps"] < rows["round"] and rows["validation"] > 0
+    assert "loop overhead / local steps" in result.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from lightning_fl.config import CONFIG_DIR, ConfigError, load_config
 from lightning_fl.networks import build_network, check_size
@@ -48,6 +49,9 @@ def test_overrides_reach_nested_keys_and_list_items():
         ("data.sites.0.classes=[liver,livr]", "site 'liver' .*unknown class 'livr'"),
         ("data.sites.2.classes=[]", "site 'pancreas' .*at least one class"),
         ("fl.rounds", "not of the form dotted.key=value"),
+        ("fabric.devices=0", "fabric.devices: expected a whole number ≥ 1 or 'auto', got 0"),
+        ("fabric.devices=two", "fabric.devices: expected a whole number ≥ 1 or 'auto', got 'two'"),
+        ("data.synthetic.scanners.unenhanced.phase=arterial", "scanners.unenhanced.phase: expected one of"),
     ],
 )
 def test_bad_overrides_are_clear_errors(override, message):
@@ -92,3 +96,38 @@ def test_patch_sizes_the_network_cannot_take_are_config_errors():
 def test_impossible_optimizer_values_are_config_errors(override):
     with pytest.raises(ConfigError, match="optim.lr must be > 0 and optim.momentum, optim.weight_decay ≥ 0"):
         load_config(CONFIG_DIR / "smoke.yaml", [override])
+
+
+def test_auto_devices_is_a_process_per_site_up_to_the_cores(monkeypatch):
+    from lightning_fl import distributed
+
+    cfg = load_config(CONFIG_DIR / "condistfl_synthetic.yaml", ["fabric.accelerator=cpu"])
+    assert cfg.fabric.devices == "auto"
+    for cores, expected in ((1, 1), (2, 2), (16, 4)):
+        monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert distributed.resolve_devices(cfg.fabric, len(cfg.data.sites)) == expected
+    cfg.fabric.devices = 3
+    assert distributed.resolve_devices(cfg.fabric, len(cfg.data.sites)) == 3
+
+
+def test_a_model_saved_with_one_external_site_still_loads():
+    from omegaconf import OmegaConf
+
+    from lightning_fl.config import config_from_container
+
+    saved = OmegaConf.to_container(load_config(CONFIG_DIR / "condistfl_paper.yaml"), resolve=True)
+    saved["data"]["external"] = {"name": "amos", "datalist": "amos.json", "classes": ["liver", "spleen", "pancreas", "kidney"]}
+    cfg = config_from_container(saved, None, "old.ckpt")
+    assert [s.name for s in cfg.data.external] == ["amos"]
+    saved["data"]["external"] = None
+    assert list(config_from_container(saved, None, "old.ckpt").data.external) == []
+
+
+def test_augmented_experiment_is_the_demo_with_the_papers_augmentation():
+    from lightning_fl.config import AugmentationConfig
+
+    cfg = load_config(CONFIG_DIR.parent / "experiments" / "augmented_synthetic.yaml")
+    demo = load_config(CONFIG_DIR / "condistfl_synthetic.yaml")
+    assert cfg.data.augmentation == OmegaConf.structured(AugmentationConfig)  # the schema holds the paper's values
+    assert all(v == 0 for k, v in demo.data.augmentation.items() if k.endswith("_prob"))
+    assert cfg.model == demo.model and cfg.fl == demo.fl and cfg.optim == demo.optim

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -68,13 +69,34 @@ def test_datalist_errors_name_the_file_and_entry(smoke_root, tmp_path):
 def test_training_pipeline_gives_patches_of_the_configured_size(smoke_root):
     root, cfg = smoke_root
     item = read_datalist(root / "pancreas.json")["training"][0]
-    transform = training_transform(cfg.data)
+    transform = training_transform(cfg.data, [0, 4, 5])
     transform.set_random_state(0)
     patches = transform(item)
     assert len(patches) == cfg.data.samples_per_volume
     for patch in patches:
         assert tuple(patch["image"].shape) == (1, *cfg.data.patch_size)
         assert set(np.unique(patch["label"].numpy())) <= {0, 4, 5}
+
+
+@pytest.mark.parametrize("crop", ["pos_neg", "classes"])
+def test_class_balanced_crops_centre_small_classes_as_often_as_large_ones(smoke_root, crop):
+    """With `data.crop: classes` a tumour is a patch centre as often as its organ and the
+    background, whatever its size; with the paper's pos_neg crops 2 in 3 centres are foreground,
+    shared between organ and tumour in proportion to their voxels."""
+    root, cfg = smoke_root
+    cfg = cfg.copy()
+    cfg.data.crop, cfg.data.samples_per_volume, cfg.data.patch_size = crop, 300, [8, 8, 8]  # centre = patch[4, 4, 4]
+    cfg.data.spacing_mm = [4.0, 4.0, 4.0]
+    item = next(i for i in read_datalist(root / "kidney.json")["training"]
+                if (np.asanyarray(nib.load(i["label"]).dataobj) == 7).any())
+    label = evaluation_transform(cfg.data)(item)["label"].numpy()
+    tumour_share = float((label == 7).sum() / np.isin(label, [6, 7]).sum())
+    transform = training_transform(cfg.data, [0, 6, 7])
+    transform.set_random_state(1)
+    centres = np.array([int(p["label"][0, 4, 4, 4]) for p in transform(item)])
+    share = {c: float(np.mean(centres == c)) for c in (0, 6, 7)}
+    expected = {0: 1 / 3, 6: 1 / 3, 7: 1 / 3} if crop == "classes" else {0: 1 / 3, 6: 2 / 3 * (1 - tumour_share), 7: 2 / 3 * tumour_share}
+    assert all(abs(share[c] - expected[c]) < 0.1 for c in share), (share, expected)
 
 
 def test_preprocessing_reorients_resamples_and_windows(smoke_root):

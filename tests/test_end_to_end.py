@@ -19,6 +19,7 @@ from lightning_fl.networks import build_network
 
 CLASSES = ["liver", "liver_tumor", "spleen", "pancreas", "pancreas_tumor", "kidney", "kidney_tumor"]
 ORGANS = ["liver", "spleen", "pancreas", "kidney"]
+EXTERNAL = ["external", "unenhanced"]
 
 
 def test_run_writes_every_output(smoke_run):
@@ -35,18 +36,22 @@ def test_run_writes_every_output(smoke_run):
     assert all(float(r["supervised"]) > 0 and 0 < float(r["condist_weight"]) <= 1 for r in train)
     validation = [r for r in rows if r["phase"] == "validation"]
     assert {(r["round"], r["class"]) for r in validation} == {(str(i), c) for i in range(2) for c in CLASSES}
-    assert {r["class"] for r in rows if r["phase"] == "external"} == set(ORGANS)
+    assert {(r["site"], r["class"]) for r in rows if r["phase"] == "external"} == {
+        (site, organ) for site in EXTERNAL for organ in ORGANS}
 
     summary = json.loads((smoke_run / "summary.json").read_text())
     assert summary["best_round"] in (0, 1)
     assert list(summary["test_dice"]) == CLASSES
-    assert set(summary["external_dice"]) == set(ORGANS)
+    assert list(summary["external_dice"]) == EXTERNAL  # each external site on its own
+    assert all(set(dice) == set(ORGANS) for dice in summary["external_dice"].values())
     finite = [v for v in summary["test_dice"].values() if v is not None]
     assert summary["test_mean_dice"] == pytest.approx(sum(finite) / len(finite))
-    assert all(0.0 <= v <= 1.0 for v in finite + list(summary["external_dice"].values()))
+    external = [v for dice in summary["external_dice"].values() for v in dice.values()]
+    assert all(0.0 <= v <= 1.0 for v in finite + external)
 
     stdout = (smoke_run / "stdout.txt").read_text()
-    assert "Best global model" in stdout and "external Dice" in stdout
+    header = next(line for line in stdout.splitlines() if line.startswith("class"))
+    assert "Best global model" in stdout and header.split() == ["class", "test", "Dice", "external", "Dice", "unenhanced", "Dice"]
 
 
 def test_checkpoints_hold_a_loadable_global_model(smoke_run):
@@ -116,9 +121,25 @@ def test_synth_command_writes_the_layout_the_fit_reads(tmp_path):
     out = tmp_path / "federation"
     result = _cli("synth", "--out", str(out), "--config", "configs/smoke.yaml")
     assert result.returncode == 0, result.stderr[-2000:]
-    for site in ("liver", "spleen", "pancreas", "kidney", "external"):
+    for site in ("liver", "spleen", "pancreas", "kidney", "external", "unenhanced"):
         datalist = json.loads((out / f"{site}.json").read_text())
         assert all((out / item[key]).is_file() for split in ("training", "validation", "testing")
                    for item in datalist[split] for key in ("image", "label"))
     again = _cli("synth", "--out", str(out), "--config", "configs/smoke.yaml")
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+@pytest.mark.slow
+def test_validation_every_k_rounds_chooses_the_best_among_the_validated(data_home, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_fl", "fit", "--config", "configs/smoke.yaml", f"output_dir={tmp_path}",
+         "fl.rounds=3", "fl.local_steps=1", "eval.every=2", "logger.wandb.mode=disabled"],
+        capture_output=True, text=True, cwd=REPO, env=os.environ | {"LIGHTNING_FL_DATA": str(data_home)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert {r["round"] for r in rows if r["phase"] == "validation"} == {"1", "2"}  # every 2nd round and the last
+    assert {r["round"] for r in rows if r["phase"] == "train"} == {"0", "1", "2"}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["best_round"] in (1, 2)
+    assert torch.load(tmp_path / "best.ckpt", weights_only=True)["round"] == summary["best_round"]

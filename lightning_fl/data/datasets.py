@@ -115,7 +115,7 @@ class TrainingStream:
     """
 
     def __init__(self, site: SiteData, data: DictConfig) -> None:
-        self.dataset = cached_dataset(site.splits["training"], training_transform(data), data)
+        self.dataset = cached_dataset(site.splits["training"], training_transform(data, [0, *site.foreground]), data)
         self.batch_size, self.num_workers = data.batch_size, data.num_workers
         self.generator = torch.Generator()
 

@@ -13,12 +13,13 @@ HU values follow portal-venous-phase CT. Everything is drawn from one numpy Gene
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import shutil
 import zlib
 from concurrent.futures import ProcessPoolExecutor
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -31,58 +32,82 @@ from scipy.interpolate import CubicSpline
 from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
+from lightning_fl.config import PHASES
 from lightning_fl.labels import LabelSpace, LabelSpaceError
 
-GENERATOR_VERSION = 1  # bump whenever the phantoms change, so a cached federation is not reused
+GENERATOR_VERSION = 2  # bump whenever the phantoms change, so a cached federation is not reused
 MANIFEST = "synthetic.yaml"  # written beside the datalists: what the federation was generated from
 
 # Organs every phantom draws; a label space must name them all.
 ORGANS = ("liver", "spleen", "pancreas", "kidney")
 
-FOV_MM = (300.0, 240.0, 220.0)  # x (left-right), y (posterior-anterior), z (inferior-superior)
 PSF_SIGMA_VOXELS = 0.7  # scanner point-spread function, applied before the noise
 DEFORMATION_RMS_MM = (5.0, 10.0)  # per-case range of the smooth warp's RMS displacement
 DEFORMATION_CELL_MM = 50.0  # control-point spacing of the warp (its smoothness)
-ORGAN_SCALE = (0.9, 1.1)  # per-case, per-organ isotropic size factor
-ORGAN_JITTER_MM = 8.0  # per-case, per-organ position jitter (each axis, uniform ±)
+ORGAN_SCALE = (0.85, 1.15)  # per-case, per-organ overall size factor
+ORGAN_STRETCH = 0.1  # and a per-axis stretch of ± this much on top: organs vary in shape
+ORGAN_JITTER_MM = 12.0  # per-case, per-organ position jitter (each axis, uniform ±)
 PANCREAS_HEIGHT_RATIO = 1.4  # craniocaudal over anteroposterior calibre of the gland
-TUMOR_DIAMETER_MM = (8.0, 35.0)
-TUMORS_PER_ORGAN = (1, 3)  # inclusive range when an organ gets tumours
+GALLBLADDER_PROBABILITY = 0.8  # the rest: contracted or removed (a fluid-filled neighbour of the liver)
 TEXTURE_HU = 5.0  # standard deviation of the smooth soft-tissue heterogeneity
 TEXTURE_CELL_MM = 8.0
 BOWEL_CELL_MM = 30.0  # scale of the random bowel-loop field
 
-# Per-case HU draws (portal venous phase, before the scanner's offset and contrast scaling).
-HU_RANGES: dict[str, tuple[float, float]] = {
-    "fat": (-110.0, -90.0),
-    "muscle": (40.0, 60.0),
-    "liver": (100.0, 120.0),
-    "spleen": (110.0, 130.0),
-    "pancreas": (90.0, 110.0),
-    "kidney": (150.0, 200.0),  # cortex
-    "aorta": (150.0, 250.0),
-    "ivc": (120.0, 160.0),
-    "portal_vein": (150.0, 190.0),
-    "gut_wall": (30.0, 50.0),
-    "fluid": (0.0, 30.0),
-    "bowel": (30.0, 60.0),
-    "cortical_bone": (700.0, 1000.0),
-    "cancellous_bone": (250.0, 400.0),
-    "posterior_elements": (500.0, 800.0),
-    "rib": (450.0, 750.0),
-    "disc": (70.0, 100.0),
-    "csf": (0.0, 20.0),
+# Per-case HU draws, before the scanner's offset and contrast scaling. Portal venous phase: the
+# usual ranges of contrast-enhanced abdominal CT (normal liver above 90 HU: Moeller, Pickhardt et
+# al., ARRS 2024, abstract 4710; renal cortex enhancing by about 200 HU: PubMed 17367973). Unenhanced:
+# liver 58.8 ± 10.8 HU in 3,357 adults (Boyce, Pickhardt et al., 2010), spleen 1-18 HU below the
+# liver (Park et al., Radiology 2011;258:760-6; so drawn relative to the liver, in _draw_hu),
+# pancreas 46.9 HU (37 controls, ejmcm.com article 23496), renal parenchyma 29.6 ± 3.0 HU
+# (PubMed 21388763), aortic blood 39-50 HU (interquartile range, Research Square rs-1420003), fat
+# -123 to -89 HU (PubMed 37296765); muscle 40-60 HU in both phases (a textbook value, no
+# healthy-population source found). Without contrast the four organs lie within about 30 HU of each
+# other and of muscle, where the portal venous phase separates them by up to 150 HU.
+HU_RANGES: dict[str, dict[str, tuple[float, float]]] = {
+    "portal_venous": {
+        "fat": (-110.0, -90.0),
+        "muscle": (40.0, 60.0),
+        "liver": (100.0, 120.0),
+        "spleen": (110.0, 130.0),
+        "pancreas": (90.0, 110.0),
+        "kidney": (150.0, 200.0),  # cortex
+        "aorta": (150.0, 250.0),
+        "ivc": (120.0, 160.0),
+        "portal_vein": (150.0, 190.0),
+        "gut_wall": (30.0, 50.0),
+        "fluid": (0.0, 30.0),
+        "bowel": (30.0, 60.0),
+        "cortical_bone": (700.0, 1000.0),
+        "cancellous_bone": (250.0, 400.0),
+        "posterior_elements": (500.0, 800.0),
+        "rib": (450.0, 750.0),
+        "disc": (70.0, 100.0),
+        "csf": (0.0, 20.0),
+    },
+    "unenhanced": {
+        "fat": (-110.0, -90.0),
+        "muscle": (40.0, 60.0),
+        "liver": (50.0, 68.0),
+        "pancreas": (40.0, 52.0),
+        "kidney": (26.0, 34.0),  # no corticomedullary difference without contrast
+        "aorta": (39.0, 50.0),
+        "ivc": (36.0, 48.0),
+        "portal_vein": (36.0, 48.0),
+        "gut_wall": (30.0, 45.0),
+        "fluid": (0.0, 20.0),
+        "bowel": (20.0, 45.0),
+        "cortical_bone": (700.0, 1000.0),
+        "cancellous_bone": (200.0, 350.0),
+        "posterior_elements": (500.0, 800.0),
+        "rib": (450.0, 750.0),
+        "disc": (70.0, 100.0),
+        "csf": (0.0, 15.0),
+    },
 }
+UNENHANCED_SPLEEN_BELOW_LIVER_HU = (1.0, 18.0)
 AIR_HU = -1000.0
-KIDNEY_MEDULLA_DROP_HU = (15.0, 35.0)  # medulla is this much darker than the cortex
-# Lesion HU by host organ; kidney lesions are a textured mixture spanning their whole range.
-TUMOR_HU: dict[str, tuple[float, float]] = {
-    "liver": (40.0, 80.0),
-    "spleen": (40.0, 80.0),
-    "pancreas": (50.0, 70.0),
-    "kidney": (80.0, 140.0),
-}
-TEXTURED_TUMORS = frozenset({"kidney"})
+# The medulla is this much darker than the cortex in the portal venous (nephrographic) phase.
+KIDNEY_MEDULLA_DROP_HU = {"portal_venous": (15.0, 35.0), "unenhanced": (0.0, 0.0)}
 
 _BSPLINE_VARIANCE = 151.0 / 315.0  # mean over a period of sum_k B3(t - k)^2, for unit-variance fields
 
@@ -99,12 +124,19 @@ class _Grid:
     shape: tuple[int, int, int]
 
     @classmethod
-    def for_spacing(cls, spacing_mm: Sequence[float]) -> "_Grid":
-        spacing = np.asarray([float(s) for s in spacing_mm])
+    def for_scan(cls, spacing_mm: Sequence[float], fov_mm: Sequence[float]) -> "_Grid":
+        """The grid that covers the field of view `fov_mm` (x, y, z) at `spacing_mm`."""
+        spacing, fov = (np.asarray([float(v) for v in values]) for values in (spacing_mm, fov_mm))
         if spacing.shape != (3,) or np.any(spacing <= 0):
             raise ValueError(f"spacing_mm must be three positive numbers, got {list(spacing_mm)}")
-        shape = tuple(max(1, int(round(f / s))) for f, s in zip(FOV_MM, spacing))
+        if fov.shape != (3,) or np.any(fov <= 0):
+            raise ValueError(f"fov_mm must be three positive numbers, got {list(fov_mm)}")
+        shape = tuple(max(1, int(round(f / s))) for f, s in zip(fov, spacing))
         return cls(spacing, shape)  # type: ignore[arg-type]
+
+    @property
+    def fov(self) -> np.ndarray:
+        return np.asarray(self.shape) * self.spacing
 
     @property
     def origin(self) -> np.ndarray:
@@ -160,8 +192,10 @@ class _Body:
     muscle_mm: float
 
     def at(self, x: float, y: float, z: float) -> np.ndarray:
-        """A nominal position (mm, for a 272 × 206 mm body centred at y = -5) in this body."""
-        return np.array([x * self.half_width / 136.0, self.centre_y + (y + 5.0) * self.half_depth / 103.0, z])
+        """A nominal position (mm, for a 272 × 206 mm body centred at y = -5, with 20 mm of fat and
+        10 mm of muscle wall) in this body: organs follow the abdominal cavity, not the skin."""
+        wall = self.fat_mm + self.muscle_mm
+        return np.array([x * (self.half_width - wall) / 106.0, self.centre_y + (y + 5.0) * (self.half_depth - wall) / 73.0, z])
 
 
 class _Canvas:
@@ -208,9 +242,11 @@ class _Canvas:
 # Shape primitives (vectorised implicit functions; <= 1 means inside)
 
 
-def _pose(rng: np.random.Generator, centre: np.ndarray) -> tuple[np.ndarray, float]:
-    """Per-case position jitter and size of one organ."""
-    return centre + rng.uniform(-ORGAN_JITTER_MM, ORGAN_JITTER_MM, 3), float(rng.uniform(*ORGAN_SCALE))
+def _pose(rng: np.random.Generator, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-case position jitter and size of one organ: an overall size factor times a per-axis
+    stretch (x, y, z), so organs vary in shape as well as in size."""
+    scale = rng.uniform(*ORGAN_SCALE) * rng.uniform(1 - ORGAN_STRETCH, 1 + ORGAN_STRETCH, 3)
+    return centre + rng.uniform(-ORGAN_JITTER_MM, ORGAN_JITTER_MM, 3), scale
 
 
 def _frame(axis: Sequence[float], towards: Sequence[float]) -> np.ndarray:
@@ -221,9 +257,11 @@ def _frame(axis: Sequence[float], towards: Sequence[float]) -> np.ndarray:
     return np.stack([u, w, np.cross(u, w)], axis=1)
 
 
-def _local(p: tuple[np.ndarray, ...], rot: np.ndarray, scale: float) -> tuple[np.ndarray, ...]:
-    """Coordinates relative to a centre expressed in the frame `rot`, divided by the organ scale."""
-    return tuple(sum(np.float32(rot[i, j] / scale) * p[i] for i in range(3)) for j in range(3))
+def _local(p: tuple[np.ndarray, ...], rot: np.ndarray, scale: Union[float, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """Coordinates relative to a centre, divided by the organ's per-axis (world) scale, then
+    expressed in the frame `rot`."""
+    scale = np.broadcast_to(np.asarray(scale, dtype=float), (3,))
+    return tuple(sum(np.float32(rot[i, j] / scale[i]) * p[i] for i in range(3)) for j in range(3))
 
 
 def _ellipsoid(p: tuple[np.ndarray, ...], semi: Sequence[float]) -> np.ndarray:
@@ -249,13 +287,15 @@ def _tube(p: tuple[np.ndarray, ...], points: np.ndarray, radii: np.ndarray, samp
 # Anatomy, in painting (priority) order
 
 
-def _paint_body(c: _Canvas, rng: np.random.Generator, hu: dict[str, float]) -> _Body:
-    """Elliptic trunk: subcutaneous fat, a muscle wall, and the fat-filled abdominal cavity."""
+def _paint_body(c: _Canvas, rng: np.random.Generator, hu: dict[str, float], scanner) -> _Body:
+    """Elliptic trunk: subcutaneous fat, a muscle wall, and the fat-filled abdominal cavity; the
+    site's population sets the habitus (trunk size and subcutaneous fat)."""
+    size = rng.uniform(*scanner.body_scale)
     body = _Body(
-        half_width=136.0 * rng.uniform(0.92, 1.0),
-        half_depth=103.0 * rng.uniform(0.92, 1.0),
+        half_width=136.0 * size * rng.uniform(0.95, 1.05),
+        half_depth=103.0 * size * rng.uniform(0.95, 1.05),
         centre_y=-5.0,
-        fat_mm=rng.uniform(15.0, 25.0),
+        fat_mm=rng.uniform(*scanner.fat_mm),
         muscle_mm=rng.uniform(8.0, 12.0),
     )
     full = (slice(None),) * 3
@@ -286,7 +326,7 @@ def _paint_duodenum(c: _Canvas, rng: np.random.Generator, body: _Body, hu: dict[
     points = np.array([body.at(*p) for p in [(20, 42, 15), (46, 28, 8), (56, 8, -10), (48, -6, -28), (24, 4, -38), (0, 14, -36)]])
     centre, scale = _pose(rng, points.mean(axis=0))
     points = centre + scale * (points - points.mean(axis=0))
-    radius = 11.0 * scale
+    radius = 11.0 * float(scale.mean())
     sl = c.region(centre, np.ptp(points, axis=0) / 2 + radius)
     dist = _tube(c.coords(sl, np.zeros(3)), points, np.full(len(points), radius))
     cavity = c.cavity[sl]
@@ -299,7 +339,7 @@ def _paint_stomach(c: _Canvas, rng: np.random.Generator, body: _Body, hu: dict[s
     centre, scale = _pose(rng, body.at(-45, 10, 55))
     semi = np.array([36.0, 28.0, 45.0])
     sl = c.region(centre, semi * scale)
-    x, y, z = (v / np.float32(scale) for v in c.coords(sl, centre))
+    x, y, z = (v / np.float32(s) for v, s in zip(c.coords(sl, centre), scale))
     cavity = c.cavity[sl]
     c.paint(sl, (_ellipsoid((x, y, z), semi) <= 1) & cavity, hu["gut_wall"])
     lumen = (_ellipsoid((x, y, z), semi - 5.0) <= 1) & cavity
@@ -312,7 +352,7 @@ def _paint_liver(c: _Canvas, rng: np.random.Generator, body: _Body, hu: dict[str
     centre, scale = _pose(rng, body.at(25, 5, 50))
     half = np.array([95.0, 80.0, 80.0])
     sl = c.region(centre + np.array([0.0, 30.0, 8.0]) * scale, (half + [0.0, 30.0, 8.0]) * scale)
-    x, y, z = (v / np.float32(scale) for v in c.coords(sl, centre))
+    x, y, z = (v / np.float32(s) for v, s in zip(c.coords(sl, centre), scale))
     u = np.clip(x / np.float32(half[0]), -1, 1)
     right = (u + 1) / 2  # 0 at the left tip, 1 at the right border
     left = np.maximum(-u, 0)
@@ -320,6 +360,19 @@ def _paint_liver(c: _Canvas, rng: np.random.Generator, body: _Body, hu: dict[str
     thick_z = half[2] * (0.45 + 0.55 * right)
     q = u**2 + ((y - 60 * left) / thick_y) ** 2 + ((z - 15 * left) / thick_z) ** 2
     c.paint(sl, (q <= 1) & (np.abs(x) <= half[0]) & c.cavity[sl], hu["liver"], label, enhanced=True)
+
+
+def _paint_gallbladder(c: _Canvas, rng: np.random.Generator, body: _Body, hu: dict[str, float]) -> None:
+    """A fluid-filled pear under the right lobe's inferior surface, in its fossa (it displaces liver):
+    a hypodense neighbour that liver lesions must be told from. Absent in some cases."""
+    if rng.random() >= GALLBLADDER_PROBABILITY:
+        return
+    centre, scale = _pose(rng, body.at(45, 38, 8))
+    rot = _frame(axis=(0.2, 0.6, 1.0), towards=(1.0, 0.0, 0.0))  # long axis: fundus anterior-inferior
+    semi = np.array([40.0, 15.0, 15.0]) * rng.uniform(0.7, 1.1)
+    sl = c.region(centre, semi.max() * scale)
+    u, w, v = _local(c.coords(sl, centre), rot, scale)
+    c.paint(sl, (_ellipsoid((u, w, v), semi) <= 1) & c.cavity[sl], hu["fluid"])
 
 
 def _paint_spleen(c: _Canvas, rng: np.random.Generator, body: _Body, hu: dict[str, float], label: int) -> None:
@@ -348,7 +401,7 @@ def _paint_pancreas(
     points, radii = _pancreas_curve(body)
     centre, scale = _pose(rng, points.mean(axis=0))
     points = centre + scale * (points - points.mean(axis=0))
-    radii = radii * scale * rng.uniform(0.9, 1.1, len(radii))
+    radii = radii * float(scale.mean()) * rng.uniform(0.9, 1.1, len(radii))
     sl = c.region(centre, np.ptp(points, axis=0) / 2 + radii.max() * np.array([1, 1, PANCREAS_HEIGHT_RATIO]))
     x, y, z = c.coords(sl, np.zeros(3))
     squash = np.array([1.0, 1.0, 1.0 / PANCREAS_HEIGHT_RATIO], dtype=np.float32)
@@ -357,11 +410,12 @@ def _paint_pancreas(
     return points, radii
 
 
-def _paint_kidneys(c: _Canvas, rng: np.random.Generator, body: _Body, hu: dict[str, float], label: int) -> None:
+def _paint_kidneys(c: _Canvas, rng: np.random.Generator, body: _Body, hu: dict[str, float], label: int,
+                   phase: str) -> None:
     """Paraspinal beans, the right one lower; long axis craniocaudal with the upper pole tilted
-    medially and posteriorly, hilum facing anteromedially; cortex brighter than medulla."""
+    medially and posteriorly, hilum facing anteromedially; with contrast, cortex brighter than medulla."""
     shared_z = rng.uniform(-ORGAN_JITTER_MM, ORGAN_JITTER_MM)
-    medulla = hu["kidney"] - rng.uniform(*KIDNEY_MEDULLA_DROP_HU)
+    medulla = hu["kidney"] - rng.uniform(*KIDNEY_MEDULLA_DROP_HU[phase])
     for side, z in ((-1.0, -5.0), (1.0, -22.0)):  # left (−x), right (+x)
         centre, scale = _pose(rng, body.at(70 * side, -40, z))
         # The pair moves together craniocaudally, so the right kidney stays the lower one.
@@ -396,11 +450,11 @@ def _paint_great_vessels(c: _Canvas, rng: np.random.Generator, body: _Body, hu: 
     """Aorta left-anterior of the spine; IVC right-anterior, turning anteriorly into the liver."""
     aorta_radius = rng.uniform(9.0, 12.0)
     aorta = body.at(-14, 4, 0)
-    sl = c.region(aorta, np.array([aorta_radius, aorta_radius, FOV_MM[2]]))
+    sl = c.region(aorta, np.array([aorta_radius, aorta_radius, c.grid.fov[2]]))
     x, y, _ = c.coords(sl, aorta)
     c.paint(sl, x**2 + y**2 <= aorta_radius**2, hu["aorta"], enhanced=True)
     ivc = body.at(22, 4, 0)
-    sl = c.region(ivc + [6.0, 12.0, 0.0], np.array([20.0, 25.0, FOV_MM[2]]))
+    sl = c.region(ivc + [6.0, 12.0, 0.0], np.array([20.0, 25.0, c.grid.fov[2]]))
     x, y, z = c.coords(sl, ivc)
     rise = np.maximum(z - 30, 0)
     c.paint(sl, ((x - 0.1 * rise) / 13) ** 2 + ((y - 0.25 * rise) / 9) ** 2 <= 1, hu["ivc"], enhanced=True)
@@ -410,11 +464,11 @@ def _paint_muscles(c: _Canvas, spine_y: float, hu: dict[str, float]) -> None:
     """Paraspinal muscles behind the spine; psoas beside it, growing toward the pelvis."""
     for side in (-1.0, 1.0):
         centre = np.array([28.0 * side, spine_y - 45.0, 0.0])
-        sl = c.region(centre, np.array([22.0, 20.0, FOV_MM[2]]))
+        sl = c.region(centre, np.array([22.0, 20.0, c.grid.fov[2]]))
         x, y, _ = c.coords(sl, centre)
         c.paint(sl, (x / 22) ** 2 + (y / 20) ** 2 <= 1, hu["muscle"])
         centre = np.array([40.0 * side, spine_y, 0.0])
-        sl = c.region(centre, np.array([25.0, 30.0, FOV_MM[2]]))
+        sl = c.region(centre, np.array([25.0, 30.0, c.grid.fov[2]]))
         x, y, z = c.coords(sl, centre)
         radius = 17.0 * np.clip((70.0 - z) / 140.0, 0, 1) ** 0.7
         c.paint(sl, (x - side * (radius - 16)) ** 2 + (y - 0.1 * np.maximum(-z, 0)) ** 2 <= radius**2, hu["muscle"])
@@ -423,7 +477,7 @@ def _paint_muscles(c: _Canvas, spine_y: float, hu: dict[str, float]) -> None:
 def _paint_ribs(c: _Canvas, body: _Body, hu: dict[str, float]) -> None:
     """Lower ribs in the upper-abdominal wall, descending as they wrap from the back forward."""
     top = np.array([0.0, body.centre_y, 0.0])
-    sl = c.region(np.array([0.0, 0.0, 50.0]), np.array([FOV_MM[0], FOV_MM[1], 90.0]))  # rib levels reach z ≈ -35
+    sl = c.region(np.array([0.0, 0.0, 50.0]), np.array([c.grid.fov[0], c.grid.fov[1], 90.0]))  # rib levels reach z ≈ -35
     x, y, z = c.coords(sl, top)
     angle = np.abs(np.arctan2(x, -y))  # 0 at the back, pi at the front
     mid = body.fat_mm + body.muscle_mm / 2
@@ -440,7 +494,7 @@ def _paint_spine(c: _Canvas, rng: np.random.Generator, spine_y: float, hu: dict[
     semi = np.array([22.0, 17.0]) * rng.uniform(0.95, 1.05)
     period = rng.uniform(32.0, 36.0)
     disc_h = rng.uniform(7.0, 9.0)
-    sl = c.region(centre + [0.0, -20.0, 0.0], np.array([48.0, 50.0, FOV_MM[2]]))
+    sl = c.region(centre + [0.0, -20.0, 0.0], np.array([48.0, 50.0, c.grid.fov[2]]))
     x, y, z = c.coords(sl, centre)
     level = (z - rng.uniform(0, period)) % np.float32(period)
     disc = level < disc_h
@@ -460,41 +514,164 @@ def _paint_spine(c: _Canvas, rng: np.random.Generator, spine_y: float, hu: dict[
     c.paint(sl, r <= 9, hu["csf"])
 
 
-def _paint_tumours(
-    c: _Canvas, rng: np.random.Generator, labels: LabelSpace, tumor_probability: float
-) -> None:
-    """1–3 lesions per organ that has a tumour class (with probability `tumor_probability`), each an
-    ellipsoid inside a sphere whose centre is at least radius + one voxel deep in the organ, so a
-    lesion and its one-voxel shell always lie inside the organ."""
+@dataclass(frozen=True)
+class LesionModel:
+    """How one organ's lesions are drawn, after the dataset the site stands for (sources beside
+    LESIONS). Diameters are log-normal (the shape of published lesion-size distributions),
+    clipped to the range the dataset reports."""
+
+    count_weights: tuple[float, ...]  # relative frequency of 1, 2, 3, ... lesions in an organ that has any
+    diameter_median_mm: float
+    diameter_sigma: float  # standard deviation of log(diameter)
+    diameter_range_mm: tuple[float, float]
+    exophytic_probability: float  # centred on the organ's surface, bulging into the surrounding fat
+    bulges: bool  # may extend past the organ's outline into fat (mass effect), as pancreatic masses do
+    necrosis_min_mm: float  # lesions at least this large may have a necrotic (fluid-density) core ...
+    necrosis_probability: float  # ... with this probability
+    cystic_probability: float  # fluid-density lesions throughout (cystic pancreatic neoplasms)
+    hu: dict[str, tuple[float, float]]  # solid tissue, per phase
+    textured: bool  # heterogeneous enhancement: a smooth texture over the HU range, not one value
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """One lesion to paint."""
+
+    diameter_mm: float
+    exophytic: bool
+    necrotic: bool
+    cystic: bool
+
+
+NECROSIS_HU = (5.0, 25.0)  # necrotic interiors: near water in every phase
+CYST_HU = (0.0, 20.0)
+
+# Sources. KiTS19: computed here from the public training set (neheller/kits19, data/kits.json and
+# the 210 segmentations; Heller et al., arXiv:1904.00445, 2019): radiographic tumour size median
+# 4.0 cm, IQR 2.5-5.6, range 1.2-16.2 cm; one tumour in 201 of 210 patients, two in 7, three or more
+# in 2; pathological necrosis in 43 of 187 (23 %); 68 % clear-cell carcinoma (heterogeneous
+# enhancement). The clinical data do not record whether a tumour is exophytic: half are taken to
+# be (an assumption). MSD Task07 (Simpson et al., arXiv:1902.09063): IPMN, PNET and PDAC, one mass
+# per case, tumour volume median 6 cm³ (a 22.5 mm sphere), range 0.4-732 cm³; hypoattenuating PDAC
+# 30 ± 9 mm across, 40 ± 23 HU below the parenchyma in the portal venous phase (PubMed 17961951).
+# The share of cystic lesions (IPMN) is an assumption. LiTS / MSD Task03 (Bilic et al., Medical
+# Image Analysis 84:102680, 2023): primary and secondary tumours, one or many per liver, mostly
+# hypodense, lesions in 118 of 131 training volumes (90 %). LiTS publishes no per-lesion size
+# table that we could read: the liver's count and size distribution below are assumptions that
+# span the reported "from under 1 cm to over 10 cm", several lesions in many livers. Diameters are
+# capped where a larger lesion would engulf the phantom's organ (kidney 12 cm, pancreas 6 cm).
+# log-normal sigma from an IQR: log(Q3 / Q1) / 1.349.
+LESIONS: dict[str, LesionModel] = {
+    "liver": LesionModel(
+        count_weights=(0.35, 0.2, 0.13, 0.1, 0.08, 0.06, 0.05, 0.03),
+        diameter_median_mm=25.0, diameter_sigma=0.7, diameter_range_mm=(5.0, 120.0),
+        exophytic_probability=0.0, bulges=False, necrosis_min_mm=30.0, necrosis_probability=0.5,
+        cystic_probability=0.0, hu={"portal_venous": (40.0, 80.0), "unenhanced": (25.0, 45.0)}, textured=False,
+    ),
+    "kidney": LesionModel(
+        count_weights=(201, 7, 2),
+        diameter_median_mm=40.0, diameter_sigma=math.log(5.6 / 2.5) / 1.349, diameter_range_mm=(12.0, 120.0),
+        # necrosis in 23 % of all tumours, placed in the larger half (≥ the 4 cm median): 0.23 / 0.5
+        exophytic_probability=0.5, bulges=True, necrosis_min_mm=40.0, necrosis_probability=0.46,
+        cystic_probability=0.0, hu={"portal_venous": (80.0, 140.0), "unenhanced": (25.0, 45.0)}, textured=True,
+    ),
+    "pancreas": LesionModel(
+        count_weights=(1.0,),
+        diameter_median_mm=22.5, diameter_sigma=0.4, diameter_range_mm=(9.0, 60.0),
+        exophytic_probability=0.0, bulges=True, necrosis_min_mm=math.inf, necrosis_probability=0.0,
+        cystic_probability=0.25, hu={"portal_venous": (50.0, 70.0), "unenhanced": (30.0, 45.0)}, textured=False,
+    ),
+}
+# Share of a dataset's cases that show its organ's tumour: every KiTS19 and MSD Task07 case (both
+# are tumour cohorts), 90 % of LiTS volumes.
+TUMOR_PREVALENCE = {"liver": 0.9, "kidney": 1.0, "pancreas": 1.0}
+
+
+def draw_lesions(rng: np.random.Generator, organ: str) -> list[Lesion]:
+    """The lesions of one affected organ: how many, how large, and of which kind."""
+    model = LESIONS[organ]
+    weights = np.asarray(model.count_weights)
+    count = 1 + int(rng.choice(len(weights), p=weights / weights.sum()))
+    lesions = []
+    for _ in range(count):
+        diameter = float(np.clip(model.diameter_median_mm * np.exp(model.diameter_sigma * rng.standard_normal()),
+                                 *model.diameter_range_mm))
+        cystic = bool(rng.random() < model.cystic_probability)
+        lesions.append(Lesion(
+            diameter_mm=diameter,
+            exophytic=bool(rng.random() < model.exophytic_probability),
+            necrotic=not cystic and diameter >= model.necrosis_min_mm and bool(rng.random() < model.necrosis_probability),
+            cystic=cystic,
+        ))
+    return lesions
+
+
+def _paint_tumours(c: _Canvas, rng: np.random.Generator, labels: LabelSpace, probability: Mapping[str, float],
+                   phase: str) -> None:
+    """Lesions in each organ that has a tumour class, with the organ's probability: lobulated
+    ellipsoids centred in the organ (on its surface for exophytic ones), clipped to the organ, or
+    for masses that bulge, to the organ and the fat around it, so a lesion never leaves its organ
+    nor overwrites another structure."""
     for organ in ORGANS:
         classes = [labels.index(t) for t, o in labels.tumor_of.items() if o == organ]
-        if not classes or rng.random() >= tumor_probability:
+        if not classes or organ not in LESIONS or rng.random() >= probability.get(organ, 0.0):
             continue
         organ_mask = c.label == labels.index(organ)
         if not organ_mask.any():
             continue
         box = ndimage.find_objects(organ_mask.view(np.uint8))[0]
         depth = ndimage.distance_transform_edt(np.pad(organ_mask[box], 1), sampling=c.grid.spacing)[1:-1, 1:-1, 1:-1]
-        margin = float(c.grid.spacing.max())
-        for _ in range(rng.integers(TUMORS_PER_ORGAN[0], TUMORS_PER_ORGAN[1] + 1)):
-            radius = min(rng.uniform(*TUMOR_DIAMETER_MM) / 2, float(depth.max()) - margin - 1e-3)
-            if radius < TUMOR_DIAMETER_MM[0] / 2:
-                break
-            seed = np.unravel_index(rng.choice(np.flatnonzero(depth > radius + margin)), depth.shape)
-            index = np.array([b.start + s for b, s in zip(box, seed)])
-            reach = np.ceil(radius / c.grid.spacing).astype(int)
-            sl = tuple(slice(max(i - r, 0), i + r + 1) for i, r in zip(index, reach))
-            p = [c.grid.axis(a)[sl[a]] - c.grid.axis(a)[index[a]] for a in range(3)]
-            grid = (p[0][:, None, None], p[1][None, :, None], p[2][None, None, :])
-            local = _local(grid, Rotation.random(rng=rng).as_matrix(), 1.0)
-            inside = (_ellipsoid(local, radius * rng.uniform(0.75, 1.0, 3)) <= 1) & organ_mask[sl]
-            c.paint(sl, inside, _tumour_hu(rng, organ, inside), int(rng.choice(classes)), enhanced=True)
+        fat = c.cavity & (c.label == 0) & (c.image < -50)  # the organ's fatty surroundings, before any lesion
+        model = LESIONS[organ]
+        for lesion in draw_lesions(rng, organ):
+            allowed = organ_mask | fat if model.bulges or lesion.exophytic else organ_mask
+            _paint_lesion(c, rng, lesion, model, organ_mask, allowed, box, depth, int(rng.choice(classes)), phase)
 
 
-def _tumour_hu(rng: np.random.Generator, organ: str, inside: np.ndarray) -> Union[float, np.ndarray]:
+def _paint_lesion(c: _Canvas, rng: np.random.Generator, lesion: Lesion, model: LesionModel, organ_mask: np.ndarray,
+                  allowed: np.ndarray, box: tuple[slice, ...], depth: np.ndarray, label: int, phase: str) -> None:
+    radius = lesion.diameter_mm / 2
+    # Exophytic: centre within 30 % of the radius (or a voxel) of the surface, so about half the mass lies outside.
+    if lesion.exophytic:
+        inside = (depth > 0) & (depth <= max(0.3 * radius, float(c.grid.spacing.max())))
+    else:
+        inside = depth >= min(0.6 * radius, 0.8 * float(depth.max()))
+    seed = np.unravel_index(rng.choice(np.flatnonzero(inside)), depth.shape)
+    index = np.array([b.start + i for b, i in zip(box, seed)])
+    reach = np.ceil(1.6 * radius / c.grid.spacing).astype(int)
+    sl = tuple(slice(max(i - r, 0), i + r + 1) for i, r in zip(index, reach))
+    p = [c.grid.axis(a)[sl[a]] - c.grid.axis(a)[index[a]] for a in range(3)]
+    grid = (p[0][:, None, None], p[1][None, :, None], p[2][None, None, :])
+    rotation = Rotation.random(rng=rng).as_matrix()
+    local = _local(grid, rotation, 1.0)
+    semi = radius * rng.uniform(0.75, 1.0, 3)
+    mask = _ellipsoid(local, semi) <= 1
+    for _ in range(rng.integers(0, 3)):  # lobulation: up to two smaller lobes on the surface
+        offset = rng.standard_normal(3)
+        offset *= 0.55 * radius / np.linalg.norm(offset)
+        mask |= _ellipsoid(tuple(x - np.float32(o) for x, o in zip(local, offset)), semi * rng.uniform(0.45, 0.7)) <= 1
+    mask &= allowed[sl]
+    pieces, count = ndimage.label(mask)
+    if count > 1:  # clipping can cut a lobe off: keep what stays joined to the organ
+        touching = np.unique(pieces[ndimage.binary_dilation(organ_mask[sl]) & mask])
+        mask = np.isin(pieces, touching[touching > 0])
+    if not mask.any():
+        return
+    if lesion.cystic:
+        hu: Union[float, np.ndarray] = float(rng.uniform(*CYST_HU))
+    else:
+        hu = _lesion_hu(rng, model.hu[phase], model.textured, mask)
+        if lesion.necrotic:
+            core = (_ellipsoid(local, semi * rng.uniform(0.35, 0.6)) <= 1) & mask
+            hu = np.where(core, np.float32(rng.uniform(*NECROSIS_HU)), hu).astype(np.float32)
+    c.paint(sl, mask, hu, label, enhanced=not lesion.cystic)
+
+
+def _lesion_hu(rng: np.random.Generator, hu_range: tuple[float, float], textured: bool,
+               inside: np.ndarray) -> Union[float, np.ndarray]:
     """One value per lesion, or for heterogeneous lesions a smooth texture stretched over the range."""
-    lo, hi = TUMOR_HU[organ]
-    if organ not in TEXTURED_TUMORS:
+    lo, hi = hu_range
+    if not textured:
         return float(rng.uniform(lo, hi))
     texture = ndimage.gaussian_filter(rng.standard_normal(inside.shape).astype(np.float32), 1.0)
     t_lo, t_hi = texture[inside].min(), texture[inside].max()
@@ -518,32 +695,52 @@ def _acquire(c: _Canvas, rng: np.random.Generator, scanner) -> np.ndarray:
 
 
 def make_phantom(
-    rng: np.random.Generator, scanner, labels: LabelSpace, tumor_probability: float
+    rng: np.random.Generator, scanner, labels: LabelSpace, tumor_probability: Mapping[str, float]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One scan: (image HU int16 [X,Y,Z], full label uint8 [X,Y,Z] in `labels`' space, RAS+ affine).
 
-    Uses the scanner's spacing_mm, hu_offset, contrast_scale and noise_hu (not its case counts). Every
-    organ is drawn; tumour classes of other organs than ORGANS never appear."""
+    Uses the scanner's protocol and population (spacing, field of view, phase, calibration,
+    contrast, noise, habitus; not its case counts). Every organ is drawn; `tumor_probability` gives,
+    per organ, the chance that it has lesions (see `tumor_probabilities`); tumour classes of other
+    organs than those in LESIONS never appear."""
     organ_label = _organ_indices(labels)
-    grid = _Grid.for_spacing(scanner.spacing_mm)
+    if scanner.phase not in PHASES:
+        raise ValueError(f"phase must be one of {list(PHASES)}, got '{scanner.phase}'")
+    grid = _Grid.for_scan(scanner.spacing_mm, scanner.fov_mm)
     c = _Canvas(grid, rng, scanner.contrast_scale)
-    hu = {name: float(rng.uniform(lo, hi)) for name, (lo, hi) in HU_RANGES.items()}
-    body = _paint_body(c, rng, hu)
+    hu = _draw_hu(rng, scanner.phase)
+    body = _paint_body(c, rng, hu, scanner)
     _paint_bowel(c, rng, body, hu)
     _paint_duodenum(c, rng, body, hu)
     _paint_stomach(c, rng, body, hu)
     _paint_liver(c, rng, body, hu, organ_label["liver"])
+    _paint_gallbladder(c, rng, body, hu)
     _paint_spleen(c, rng, body, hu, organ_label["spleen"])
     pancreas = _paint_pancreas(c, rng, body, hu, organ_label["pancreas"])
-    _paint_kidneys(c, rng, body, hu, organ_label["kidney"])
+    _paint_kidneys(c, rng, body, hu, organ_label["kidney"], scanner.phase)
     _paint_veins(c, rng, hu, pancreas)
     _paint_great_vessels(c, rng, body, hu)
     spine_y = float(body.at(0, -27, 0)[1])
     _paint_muscles(c, spine_y, hu)
     _paint_ribs(c, body, hu)
     _paint_spine(c, rng, spine_y, hu)
-    _paint_tumours(c, rng, labels, tumor_probability)
+    _paint_tumours(c, rng, labels, tumor_probability, scanner.phase)
     return _acquire(c, rng, scanner), c.label, grid.affine
+
+
+def _draw_hu(rng: np.random.Generator, phase: str) -> dict[str, float]:
+    """One case's tissue HU in its contrast phase."""
+    hu = {name: float(rng.uniform(lo, hi)) for name, (lo, hi) in HU_RANGES[phase].items()}
+    if phase == "unenhanced":
+        hu["spleen"] = hu["liver"] - float(rng.uniform(*UNENHANCED_SPLEEN_BELOW_LIVER_HU))
+    return hu
+
+
+def tumor_probabilities(site_classes: Sequence[str], labels: LabelSpace, incidental: float) -> dict[str, float]:
+    """Per organ, the chance that a case of this site shows its tumours: the prevalence of the
+    dataset the site stands for where it labels the organ's tumour, else `incidental`."""
+    labelled = {labels.tumor_of[c] for c in site_classes if c in labels.tumor_of}
+    return {organ: TUMOR_PREVALENCE[organ] if organ in labelled else incidental for organ in LESIONS}
 
 
 def manifest_text(synthetic, sites, labels: LabelSpace) -> str:
@@ -565,15 +762,19 @@ def write_federation(out_dir: Path, synthetic, sites, labels: LabelSpace, progre
         values = [str(getattr(site, key)) for site in sites]
         if len(set(values)) != len(values):
             raise ValueError(f"synthetic sites need distinct {key}s, got {values}")
-    plan = [(site, _scanner_of(synthetic, site), labels.annotation_lut(site.classes, f"site '{site.name}'")) for site in sites]
+    plan = [
+        (site, _scanner_of(synthetic, site), labels.annotation_lut(site.classes, f"site '{site.name}'"),
+         tumor_probabilities(site.classes, labels, synthetic.incidental_tumor_probability))
+        for site in sites
+    ]
     if out_dir.exists():
         raise FileExistsError(f"synthetic data folder already exists: {out_dir}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        cases = [case for site, scanner, lut in plan for case in _write_datalist(tmp, site, scanner, lut)]
-        jobs = [(tmp, case, synthetic.seed, synthetic.tumor_probability, labels) for case in cases]
+        cases = [case for site, scanner, lut, tumours in plan for case in _write_datalist(tmp, site, scanner, lut, tumours)]
+        jobs = [(tmp, case, synthetic.seed, labels) for case in cases]
         workers = min(os.cpu_count() or 1, len(jobs))
         bar_off = None if progress else True  # tqdm's None: a bar on terminals only
         with tqdm(total=len(jobs), desc="synthetic federation", unit="case", disable=bar_off) as bar:
@@ -637,9 +838,10 @@ class _Case:
     label: str
     scanner: object
     lut: np.ndarray
+    tumor_probability: dict[str, float]  # per organ
 
 
-def _write_datalist(root: Path, site, scanner, lut: np.ndarray) -> list[_Case]:
+def _write_datalist(root: Path, site, scanner, lut: np.ndarray, tumor_probability: dict[str, float]) -> list[_Case]:
     """Write the site's datalist and folders; return its cases, numbered across the splits."""
     for sub in ("images", "labels"):
         (root / site.name / sub).mkdir(parents=True, exist_ok=True)
@@ -651,16 +853,16 @@ def _write_datalist(root: Path, site, scanner, lut: np.ndarray) -> list[_Case]:
             index = len(cases)
             entry = {kind: f"{site.name}/{kind}s/{site.name}_{index:03d}.nii.gz" for kind in ("image", "label")}
             splits[split].append(entry)
-            cases.append(_Case(site.name, index, entry["image"], entry["label"], scanner, lut))
+            cases.append(_Case(site.name, index, entry["image"], entry["label"], scanner, lut, tumor_probability))
     datalist = root / site.datalist
     datalist.parent.mkdir(parents=True, exist_ok=True)
     datalist.write_text(json.dumps({"name": site.name, "classes": list(site.classes), **splits}, indent=2) + "\n")
     return cases
 
 
-def _write_case(job: tuple[Path, _Case, int, float, LabelSpace]) -> None:
-    root, case, seed, tumor_probability, labels = job
-    image, label, affine = make_phantom(_case_rng(seed, case.site, case.index), case.scanner, labels, tumor_probability)
+def _write_case(job: tuple[Path, _Case, int, LabelSpace]) -> None:
+    root, case, seed, labels = job
+    image, label, affine = make_phantom(_case_rng(seed, case.site, case.index), case.scanner, labels, case.tumor_probability)
     _save_nifti(root / case.image, image, affine)
     _save_nifti(root / case.label, case.lut[label], affine)
 

@@ -98,19 +98,28 @@ def _augmentation(aug: DictConfig) -> list[mt.Transform]:
     return [t for p, t in spatial + intensity + flips if p > 0]
 
 
-def training_transform(data: DictConfig) -> mt.Compose:
-    pos, neg = data.pos_neg_ratio
+def training_transform(data: DictConfig, classes: Sequence[int]) -> mt.Compose:
+    """Preprocessing, then `samples_per_volume` random patches and augmentation. Patch centres:
+    `data.crop: pos_neg` (the paper's) draws foreground and background voxels at
+    `data.pos_neg_ratio`; `classes` (nnU-Net's oversampling) draws each of `classes` (background
+    and the site's labelled classes, by index) equally often, among those the case contains, so a
+    small tumour is centred as often as its organ."""
+    if data.crop == "classes":
+        ratios = [1.0 if c in classes else 0.0 for c in range(max(classes) + 1)]
+        indices = mt.ClassesToIndicesd("label", num_classes=len(ratios))
+        crop = mt.RandCropByLabelClassesd(
+            KEYS, label_key="label", spatial_size=list(data.patch_size), ratios=ratios, num_classes=len(ratios),
+            num_samples=data.samples_per_volume, indices_key="label_cls_indices", warn=False,
+        )
+    else:
+        pos, neg = data.pos_neg_ratio
+        indices = mt.FgBgToIndicesd("label")
+        crop = mt.RandCropByPosNegLabeld(
+            KEYS, label_key="label", spatial_size=list(data.patch_size), pos=pos, neg=neg,
+            num_samples=data.samples_per_volume, fg_indices_key="label_fg_indices", bg_indices_key="label_bg_indices",
+        )
     return mt.Compose(
-        preprocessing(data)
-        + [
-            mt.SpatialPadd(KEYS, spatial_size=list(data.patch_size)),
-            mt.FgBgToIndicesd("label"),
-            mt.RandCropByPosNegLabeld(
-                KEYS, label_key="label", spatial_size=list(data.patch_size), pos=pos, neg=neg,
-                num_samples=data.samples_per_volume, fg_indices_key="label_fg_indices",
-                bg_indices_key="label_bg_indices",
-            ),
-        ]
+        preprocessing(data) + [mt.SpatialPadd(KEYS, spatial_size=list(data.patch_size)), indices, crop]
         + _augmentation(data.augmentation)
     )
 

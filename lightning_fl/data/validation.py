@@ -138,10 +138,10 @@ def check_site(root: Path, site: DictConfig, labels: LabelSpace, splits: Sequenc
 
 
 def check_federation(root: Path, cfg: DictConfig, labels: LabelSpace) -> list[Problem]:
-    """Every problem of every site (and of the external test set), in config order."""
+    """Every problem of every site (and of the external test sites), in config order."""
     problems: list[Problem] = []
     for site in cfg.data.sites:
         problems += check_site(root, site, labels)
-    if cfg.data.external is not None:
-        problems += check_site(root, cfg.data.external, labels, splits=("testing",))
+    for site in cfg.data.external:
+        problems += check_site(root, site, labels, splits=("testing",))
     return problems
