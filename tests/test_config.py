@@ -52,6 +52,8 @@ def test_overrides_reach_nested_keys_and_list_items():
         ("fabric.devices=0", "fabric.devices: expected a whole number ≥ 1 or 'auto', got 0"),
         ("fabric.devices=two", "fabric.devices: expected a whole number ≥ 1 or 'auto', got 'two'"),
         ("data.synthetic.scanners.unenhanced.phase=arterial", "scanners.unenhanced.phase: expected one of"),
+        ("eval.every=0", "eval.every must be ≥ 1"),
+        ("data.crop=random", "data.crop: expected one of"),
     ],
 )
 def test_bad_overrides_are_clear_errors(override, message):

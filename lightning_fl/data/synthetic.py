@@ -552,11 +552,12 @@ CYST_HU = (0.0, 20.0)
 # in 2; pathological necrosis in 43 of 187 (23 %); 68 % clear-cell carcinoma (heterogeneous
 # enhancement). The clinical data do not record whether a tumour is exophytic: half are taken to
 # be (an assumption). MSD Task07 (Simpson et al., arXiv:1902.09063): IPMN, PNET and PDAC, one mass
-# per case, tumour volume median 6 cm³ (a 22.5 mm sphere), range 0.4-732 cm³; hypoattenuating PDAC
+# per case, tumour volume median 6 cm³ (a 22.5 mm sphere), range 0.4-732 cm³ over the 281 training
+# cases (as summarised by openmedlab/Awesome-Medical-Dataset, resources); hypoattenuating PDAC
 # 30 ± 9 mm across, 40 ± 23 HU below the parenchyma in the portal venous phase (PubMed 17961951).
 # The share of cystic lesions (IPMN) is an assumption. LiTS / MSD Task03 (Bilic et al., Medical
 # Image Analysis 84:102680, 2023): primary and secondary tumours, one or many per liver, mostly
-# hypodense, lesions in 118 of 131 training volumes (90 %). LiTS publishes no per-lesion size
+# hypodense, lesions in 118 of 131 training volumes (90 %; the same summary). LiTS publishes no per-lesion size
 # table that we could read: the liver's count and size distribution below are assumptions that
 # span the reported "from under 1 cm to over 10 cm", several lesions in many livers. Diameters are
 # capped where a larger lesion would engulf the phantom's organ (kidney 12 cm, pancreas 6 cm).
