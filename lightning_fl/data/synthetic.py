@@ -622,15 +622,17 @@ def _paint_tumours(c: _Canvas, rng: np.random.Generator, labels: LabelSpace, pro
             continue
         box = ndimage.find_objects(organ_mask.view(np.uint8))[0]
         depth = ndimage.distance_transform_edt(np.pad(organ_mask[box], 1), sampling=c.grid.spacing)[1:-1, 1:-1, 1:-1]
-        fat = c.cavity & (c.label == 0) & (c.image < -50)  # the organ's fatty surroundings, before any lesion
         model = LESIONS[organ]
+        # the organ's fatty surroundings, before any lesion: where masses that bulge may grow
+        fat = c.cavity & (c.label == 0) & (c.image < -50) if model.bulges or model.exophytic_probability else None
         for lesion in draw_lesions(rng, organ):
-            allowed = organ_mask | fat if model.bulges or lesion.exophytic else organ_mask
-            _paint_lesion(c, rng, lesion, model, organ_mask, allowed, box, depth, int(rng.choice(classes)), phase)
+            beyond = fat if model.bulges or lesion.exophytic else None
+            _paint_lesion(c, rng, lesion, model, organ_mask, beyond, box, depth, int(rng.choice(classes)), phase)
 
 
 def _paint_lesion(c: _Canvas, rng: np.random.Generator, lesion: Lesion, model: LesionModel, organ_mask: np.ndarray,
-                  allowed: np.ndarray, box: tuple[slice, ...], depth: np.ndarray, label: int, phase: str) -> None:
+                  beyond: np.ndarray | None, box: tuple[slice, ...], depth: np.ndarray, label: int, phase: str) -> None:
+    """One lesion, within the organ and, where `beyond` is given, the voxels past it it may fill."""
     radius = lesion.diameter_mm / 2
     # Exophytic: centre within 30 % of the radius (or a voxel) of the surface, so about half the mass lies outside.
     if lesion.exophytic:
@@ -651,7 +653,7 @@ def _paint_lesion(c: _Canvas, rng: np.random.Generator, lesion: Lesion, model: L
         offset = rng.standard_normal(3)
         offset *= 0.55 * radius / np.linalg.norm(offset)
         mask |= _ellipsoid(tuple(x - np.float32(o) for x, o in zip(local, offset)), semi * rng.uniform(0.45, 0.7)) <= 1
-    mask &= allowed[sl]
+    mask &= organ_mask[sl] if beyond is None else organ_mask[sl] | beyond[sl]
     pieces, count = ndimage.label(mask)
     if count > 1:  # clipping can cut a lobe off: keep what stays joined to the organ
         touching = np.unique(pieces[ndimage.binary_dilation(organ_mask[sl]) & mask])
