@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 from torch import nn
 
 from lightning_fl.errors import UserInputError
 
 STATE_FILE = "state.ckpt"  # everything `fit --resume` needs, rewritten after every round
+LOCK_FILE = "run.lock"  # held by the process that writes the run, for as long as it runs
 
 
 class OutputError(UserInputError):
@@ -21,6 +25,10 @@ class OutputError(UserInputError):
 
 class CheckpointError(UserInputError):
     """A checkpoint that cannot be read, or was made for another label space or network."""
+
+
+class RunFolderError(UserInputError):
+    """A run folder that another process is writing, or that holds files a new run would mix with."""
 
 
 def atomic_write_bytes(path: Path, write: Any) -> None:
@@ -68,7 +76,8 @@ def load_model(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch.load raises many types for a damaged file
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+        first_line = next(iter(str(err).splitlines()), "")  # an empty file: EOFError without a message
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {first_line}") from err
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -90,3 +99,63 @@ def check_compatible(path: Path, saved: dict[str, torch.Tensor], saved_classes: 
                    f"{len(reshaped)} of another shape (e.g. {reshaped[0]})" if reshaped else ""]
         raise CheckpointError(f"{path} holds another network than this run's model config: "
                                       + "; ".join(d for d in details if d))
+
+
+def file_sha256(path: Path, size: int | None = None) -> str:
+    """The sha256 of a file's first `size` bytes (all of it by default)."""
+    with path.open("rb") as f:
+        return hashlib.sha256(f.read(size)).hexdigest()
+
+
+def lock_run_folder(run_dir: Path) -> FileLock:
+    """Take the folder's `run.lock` at once, or refuse: two processes writing one run would mix it.
+    The operating system releases the lock when its process ends, however it ends."""
+    lock = FileLock(run_dir / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunFolderError(
+            f"{run_dir} is in use: another lightning-fl fit is writing the run there "
+            f"(it holds {run_dir / LOCK_FILE}); wait for it to end, or choose another output_dir"
+        ) from None
+    except OSError as err:
+        raise OutputError(f"cannot write {run_dir / LOCK_FILE}: {err.strerror or err}") from err
+    return lock
+
+
+def claim_run_folder(run_dir: Path, overwrite: bool) -> tuple[FileLock, Path | None]:
+    """Create and lock the folder of a new run. A folder that holds anything is refused, so that no
+    run is replaced by mistake, or with `overwrite` moved aside (never deleted): returns the lock
+    and where the old folder went."""
+    aside = None
+    if run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):  # a lock alone: nothing ran
+        if not overwrite:
+            raise RunFolderError(
+                f"output_dir {run_dir} already holds files; pass --overwrite to move it aside (to "
+                f"{run_dir}.replaced-<date-time>) and start a new run there, "
+                f"or fit --resume {run_dir} to continue its run"
+            )
+        aside = _move_aside(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create the run folder {run_dir}: {err.strerror or err}") from err
+    return lock_run_folder(run_dir), aside
+
+
+def _move_aside(run_dir: Path) -> Path:
+    """Rename a folder to `<name>.replaced-<date-time>` beside it, unless a run is writing there."""
+    run_dir = run_dir.absolute()  # `.` has no name to extend
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, n = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}"), 1
+    while aside.exists():  # replaced twice within a second
+        n += 1
+        aside = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}-{n}")
+    lock = lock_run_folder(run_dir)
+    try:
+        run_dir.rename(aside)
+    except OSError as err:
+        raise OutputError(f"cannot move {run_dir} aside to {aside}: {err.strerror or err}") from err
+    finally:
+        lock.release()
+    return aside

@@ -1,6 +1,6 @@
 """`lightning-fl` (also `python -m lightning_fl`): the project's commands.
 
-    lightning-fl fit   [--config FILE] [dotted.key=value ...]   train a federation (default: the demo)
+    lightning-fl fit   [--config FILE] [--overwrite] [dotted.key=value ...]   train a federation (default: the demo)
     lightning-fl fit   --resume RUN_DIR [--allow-config-change] [key=value ...]   continue a run
     lightning-fl synth --out DIR [--config FILE] [key=value ...] write the synthetic federation
     lightning-fl check-data [--config FILE] [key=value ...]      check every site's data, list all problems
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from lightning_fl.config import CONFIG_DIR, DEFAULT_CONFIG, ConfigError, all_sites, config_changes, load_config
-from lightning_fl.errors import RunStopped, UserInputError
+from lightning_fl.errors import DatalistError, RunStopped, UserInputError
 from lightning_fl.labels import label_space_from_config
 
 USER_ERRORS = (UserInputError, FileExistsError, FileNotFoundError)
@@ -39,10 +39,14 @@ def _fit(args: argparse.Namespace) -> None:
         cfg = load_config(args.config, args.overrides)  # config mistakes surface before the heavy imports
         from lightning_fl.federation import run_fit
 
-        run_fit(cfg)
+        run_fit(cfg, overwrite=args.overwrite)
         return
     if args.config is not None:
         raise ConfigError("--resume continues a run with its own config.yaml; --config cannot be given with it")
+    if args.overwrite:
+        raise ConfigError(
+            "--overwrite starts a new run in place of the old one, --resume continues it: give one of them"
+        )
     saved = args.resume / "config.yaml"
     cfg = load_config(saved, args.overrides + [f"output_dir={args.resume}"])
     changed = config_changes(load_config(saved), cfg, ignore=("output_dir",))
@@ -51,12 +55,9 @@ def _fit(args: argparse.Namespace) -> None:
             f"--resume {args.resume}: the overrides change the run's config ({', '.join(changed)}); "
             "pass --allow-config-change to continue with them anyway (it is recorded in resumes.yaml)"
         )
-    from lightning_fl.checkpoint import STATE_FILE, load_model
-    from lightning_fl.federation import record_resume, run_fit
+    from lightning_fl.federation import Resume, run_fit
 
-    state = load_model(args.resume / STATE_FILE)
-    record_resume(args.resume, state["round"], changed, args.overrides)
-    run_fit(cfg, resume=state)
+    run_fit(cfg, resume=Resume(changed, args.overrides))
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -113,17 +114,34 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _infer(args: argparse.Namespace) -> None:
+    """Every input that passes the input checks gets its maps; a bad one (of several) is skipped
+    with a line saying why, and the command then exits 2 naming every skipped input."""
     from tqdm.auto import tqdm
 
-    from lightning_fl.inference import infer_file, load_trained, nifti_inputs
+    from lightning_fl.data.validation import printable
+    from lightning_fl.inference import check_output_names, infer_file, load_trained, nifti_inputs
 
-    model = load_trained(args.checkpoint, args.overrides)
     inputs = nifti_inputs(args.input)
     if any(p.resolve().parent == args.output.resolve() for p in inputs):
         raise ConfigError(f"--output {args.output} holds the inputs; choose another folder so no input is overwritten")
+    check_output_names(inputs, args.output, args.probabilities)
+    model = load_trained(args.checkpoint, args.overrides)
+    done, skipped = 0, []
     for source in tqdm(inputs, desc="infer", unit="volume", disable=None if model.cfg.logger.progress else True):
-        infer_file(model, source, args.output, probabilities=args.probabilities)
-    print(f"wrote {len(inputs)} label map{'s' if len(inputs) > 1 else ''} to {args.output}")
+        try:
+            infer_file(model, source, args.output, probabilities=args.probabilities)
+            done += 1
+        except DatalistError as err:
+            if len(inputs) == 1:
+                raise
+            skipped.append(source.name)
+            tqdm.write(printable(f"lightning-fl {args.command}: skipped {source.name}: {err}"), file=sys.stderr)
+    if done:
+        plural = "s" if done > 1 else ""
+        also = f" and {done} probability map{plural}" if args.probabilities else ""
+        print(f"wrote {done} label map{plural}{also} to {args.output}")
+    if skipped:
+        raise DatalistError(f"skipped {len(skipped)} of {len(inputs)} inputs: {', '.join(skipped)}")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -143,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue a run from its last complete round (state.ckpt), with its config")
     fit.add_argument("--allow-config-change", action="store_true",
                      help="with --resume: accept overrides that change the config (recorded in resumes.yaml)")
+    fit.add_argument("--overwrite", action="store_true",
+                     help="start a new run in an output_dir that holds files: the old folder is moved aside to "
+                          "<output_dir>.replaced-<date-time> (nothing is deleted)")
     fit.set_defaults(run=_fit)
     synth = commands.add_parser("synth", help="write the synthetic federation (NIfTI + datalists)")
     synth.add_argument("--out", type=Path, required=True, help="folder to create")
@@ -192,6 +213,13 @@ def _user_error(err: BaseException | None) -> BaseException | None:
     return err
 
 
+def _one_message(err: BaseException) -> str:
+    """The error's message on one line (a newline in a file name escaped), or the list of data problems."""
+    from lightning_fl.data.validation import DataCheckError, printable
+
+    return str(err) if isinstance(err, DataCheckError) else printable(str(err))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -203,6 +231,6 @@ def main(argv: list[str] | None = None) -> int:
         cause = _user_error(err)
         if cause is None:
             raise
-        print(f"lightning-fl {args.command}: error: {cause}", file=sys.stderr)
+        print(f"lightning-fl {args.command}: error: {_one_message(cause)}", file=sys.stderr)
         return 2
     return 0

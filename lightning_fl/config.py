@@ -8,6 +8,10 @@ file's own keys last), so `configs/` mirrors the code.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import math
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -28,6 +32,63 @@ class ConfigError(UserInputError):
     """A config file or override that does not fit the schema; the message names the key."""
 
 
+@dataclass(frozen=True)
+class Rule:
+    """The values a key accepts, declared beside it in the schema and checked as a config loads, so
+    no command starts work on an impossible value: bounds on a number (or on every number of a
+    list), a list's length, a [low, high] pair, a choice. Every number must be finite."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    length: int | None = None
+    ordered: bool = False  # a [low, high] range: low ≤ high
+    choices: tuple[Any, ...] | None = None
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` is not accepted, or None."""
+        if self.choices is not None:
+            return None if value in self.choices else f"expected one of {list(self.choices)}, got {value!r}"
+        if isinstance(value, (list, ListConfig)):
+            values = OmegaConf.to_object(value) if isinstance(value, ListConfig) else value
+            if self.length is not None and len(values) != self.length:
+                return f"expected {self.length} values, got {len(values)}: {values}"
+            if self.ordered and len(values) == 2 and not values[0] <= values[1]:
+                return f"expected a range [low, high] with low ≤ high, got {values}"
+            wanted = next((w for v in _numbers(values) if (w := self._wanted(v, plural=True))), None)
+            return f"expected values {wanted}, got {values}" if wanted else None
+        wanted = self._wanted(value)
+        return f"expected a value {wanted}, got {value}" if wanted else None
+
+    def _wanted(self, value: Any, plural: bool = False) -> str | None:
+        """What a number should have been, or None when it is fine."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None  # strings and booleans: the schema's types already checked them
+        if not math.isfinite(value):
+            return "that are finite" if plural else "that is finite"
+        tests = ((self.ge, operator.ge, "≥"), (self.gt, operator.gt, ">"), (self.le, operator.le, "≤"), (self.lt, operator.lt, "<"))
+        if all(bound is None or holds(value, bound) for bound, holds, _ in tests):
+            return None
+        return " and ".join(f"{sign} {bound:g}" for bound, _, sign in tests if bound is not None)
+
+
+def _numbers(values: Any) -> list[Any]:
+    """The leaves of a (nested) list."""
+    return [n for v in values for n in _numbers(v)] if isinstance(values, list) else [values]
+
+
+def ranged(default: Any, **rule: Any) -> Any:
+    """A schema field with its `Rule`: `rounds: int = ranged(120, ge=1)`."""
+    metadata = {"rule": Rule(**rule)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: [list(v) if isinstance(v, list) else v for v in default], metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+PROBABILITY = {"ge": 0.0, "le": 1.0}
+
+
 @dataclass
 class LabelsConfig:
     classes: list[str] = field(default_factory=list)  # index order, 0 = background
@@ -39,32 +100,32 @@ class SiteConfig:
     name: str = "???"
     datalist: str = "???"  # datalist JSON, relative to data.root
     classes: list[str] = field(default_factory=list)  # the classes this site annotates
-    cost: float = 1.0  # relative time per round: sites are spread over ranks to balance it
+    cost: float = ranged(1.0, gt=0)  # relative time per round: sites are spread over ranks to balance it
 
 
 @dataclass
 class ScannerConfig:
     """One synthetic site's scanner protocol and case counts."""
 
-    train: int = 8
-    validation: int = 2
-    test: int = 2
-    spacing_mm: list[float] = field(default_factory=lambda: [2.0, 2.0, 3.0])  # native voxel size
-    fov_mm: list[float] = field(default_factory=lambda: [300.0, 240.0, 220.0])  # field of view: x, y, z
-    phase: str = "portal_venous"  # contrast phase: "portal_venous" or "unenhanced" (its own organ HU)
+    train: int = ranged(8, ge=0)
+    validation: int = ranged(2, ge=0)
+    test: int = ranged(2, ge=0)
+    spacing_mm: list[float] = ranged([2.0, 2.0, 3.0], gt=0, length=3)  # native voxel size
+    fov_mm: list[float] = ranged([300.0, 240.0, 220.0], gt=0, length=3)  # field of view: x, y, z
+    phase: str = ranged("portal_venous", choices=PHASES)  # contrast phase, with its own organ HU
     hu_offset: float = 0.0  # calibration offset added to every voxel
-    contrast_scale: float = 1.0  # scales enhancement above water (contrast timing and dose)
-    noise_hu: float = 15.0  # standard deviation of the image noise
-    body_scale: list[float] = field(default_factory=lambda: [0.92, 1.0])  # range of the trunk's size factor
-    fat_mm: list[float] = field(default_factory=lambda: [15.0, 25.0])  # range of the subcutaneous fat
+    contrast_scale: float = ranged(1.0, gt=0)  # scales enhancement above water (contrast timing and dose)
+    noise_hu: float = ranged(15.0, ge=0)  # standard deviation of the image noise
+    body_scale: list[float] = ranged([0.92, 1.0], gt=0, length=2, ordered=True)  # range of the trunk's size factor
+    fat_mm: list[float] = ranged([15.0, 25.0], ge=0, length=2, ordered=True)  # range of the subcutaneous fat
 
 
 @dataclass
 class SyntheticConfig:
-    seed: int = 0
+    seed: int = ranged(0, ge=0)
     # per case, for organs whose tumours the site does not label; where it does, the lesion
     # prevalence of the dataset the site stands for (synthetic.TUMOR_PREVALENCE)
-    incidental_tumor_probability: float = 0.05
+    incidental_tumor_probability: float = ranged(0.05, **PROBABILITY)
     scanners: dict[str, ScannerConfig] = field(default_factory=dict)  # keyed by site name
 
 
@@ -75,31 +136,31 @@ class IntensityConfig:
     hu_min: float = -54.0
     hu_max: float = 258.0
     center: float = 100.0
-    scale: float = 50.0
+    scale: float = ranged(50.0, gt=0)
 
 
 @dataclass
 class AugmentationConfig:
     """Probabilities and ranges of the spatial and intensity augmentations (spec §3)."""
 
-    rotate_prob: float = 0.2
-    rotate_degrees: float = 30.0
-    zoom_prob: float = 0.2
-    zoom_range: list[float] = field(default_factory=lambda: [0.7, 1.4])
-    noise_prob: float = 0.15
-    noise_std: float = 0.1
-    smooth_prob: float = 0.15
-    smooth_sigma: list[float] = field(default_factory=lambda: [0.5, 1.5])
-    brightness_prob: float = 0.15
-    brightness_range: list[float] = field(default_factory=lambda: [0.7, 1.3])
-    contrast_prob: float = 0.15
-    contrast_range: list[float] = field(default_factory=lambda: [0.65, 1.5])
-    lowres_prob: float = 0.25
-    lowres_range: list[float] = field(default_factory=lambda: [0.5, 1.0])
-    gamma_prob: float = 0.15
-    inverse_gamma_prob: float = 0.15
-    gamma_range: list[float] = field(default_factory=lambda: [0.8, 1.2])
-    flip_prob: float = 0.5
+    rotate_prob: float = ranged(0.2, **PROBABILITY)
+    rotate_degrees: float = ranged(30.0, ge=0, le=180)
+    zoom_prob: float = ranged(0.2, **PROBABILITY)
+    zoom_range: list[float] = ranged([0.7, 1.4], gt=0, length=2, ordered=True)
+    noise_prob: float = ranged(0.15, **PROBABILITY)
+    noise_std: float = ranged(0.1, ge=0)
+    smooth_prob: float = ranged(0.15, **PROBABILITY)
+    smooth_sigma: list[float] = ranged([0.5, 1.5], gt=0, length=2, ordered=True)
+    brightness_prob: float = ranged(0.15, **PROBABILITY)
+    brightness_range: list[float] = ranged([0.7, 1.3], gt=0, length=2, ordered=True)
+    contrast_prob: float = ranged(0.15, **PROBABILITY)
+    contrast_range: list[float] = ranged([0.65, 1.5], gt=0, length=2, ordered=True)
+    lowres_prob: float = ranged(0.25, **PROBABILITY)
+    lowres_range: list[float] = ranged([0.5, 1.0], gt=0, le=1, length=2, ordered=True)
+    gamma_prob: float = ranged(0.15, **PROBABILITY)
+    inverse_gamma_prob: float = ranged(0.15, **PROBABILITY)
+    gamma_range: list[float] = ranged([0.8, 1.2], gt=0, length=2, ordered=True)
+    flip_prob: float = ranged(0.5, **PROBABILITY)
 
 
 @dataclass
@@ -108,17 +169,18 @@ class DataConfig:
     sites: list[SiteConfig] = field(default_factory=list)
     external: list[SiteConfig] = field(default_factory=list)  # test-only sites, labelled per organ
     synthetic: Optional[SyntheticConfig] = None  # generate the phantom federation into root if missing
-    spacing_mm: list[float] = field(default_factory=lambda: [1.44423774, 1.44423774, 2.87368553])
+    spacing_mm: list[float] = ranged([1.44423774, 1.44423774, 2.87368553], gt=0, length=3)
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
-    patch_size: list[int] = field(default_factory=lambda: [224, 224, 64])
-    crop: str = "pos_neg"  # patch centres: "pos_neg" (foreground : background at pos_neg_ratio) or "classes" (each class alike)
-    pos_neg_ratio: list[float] = field(default_factory=lambda: [2.0, 1.0])
-    samples_per_volume: int = 2
-    batch_size: int = 2  # volumes per step; each gives samples_per_volume patches
+    patch_size: list[int] = ranged([224, 224, 64], ge=1, length=3)
+    # patch centres: "pos_neg" (foreground : background at pos_neg_ratio) or "classes" (each class alike)
+    crop: str = ranged("pos_neg", choices=("pos_neg", "classes"))
+    pos_neg_ratio: list[float] = ranged([2.0, 1.0], ge=0, length=2)
+    samples_per_volume: int = ranged(2, ge=1)
+    batch_size: int = ranged(2, ge=1)  # volumes per step; each gives samples_per_volume patches
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
-    cache_rate: float = 1.0  # share of the cases kept in memory after preprocessing (CacheDataset)
+    cache_rate: float = ranged(1.0, **PROBABILITY)  # share of the cases kept in memory after preprocessing (CacheDataset)
     cache_dir: Optional[str] = None  # set: preprocessed cases are kept on disk there instead (PersistentDataset)
-    num_workers: int = 0  # data-loader processes per site; part of the random stream, so of the results
+    num_workers: int = ranged(0, ge=0)  # data-loader processes per site; part of the random stream, so of the results
     check_before_fit: bool = True  # read every file once and list all data problems before training
 
 
@@ -126,11 +188,11 @@ class DataConfig:
 class ModelConfig:
     """MONAI DynUNet; in/out channels come from the data and the label space."""
 
-    filters: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 320, 320])
-    kernel_size: list[list[int]] = field(default_factory=lambda: [[3, 3, 1]] + [[3, 3, 3]] * 5)
-    strides: list[list[int]] = field(default_factory=lambda: [[1, 1, 1], [2, 2, 1]] + [[2, 2, 2]] * 4)
-    deep_supervision_heads: int = 3
-    norm: str = "instance"
+    filters: list[int] = ranged([32, 64, 128, 256, 320, 320], ge=1)
+    kernel_size: list[list[int]] = ranged([[3, 3, 1]] + [[3, 3, 3]] * 5, ge=1)
+    strides: list[list[int]] = ranged([[1, 1, 1], [2, 2, 1]] + [[2, 2, 2]] * 4, ge=1)
+    deep_supervision_heads: int = ranged(3, ge=0)
+    norm: str = ranged("instance", choices=("instance", "batch"))
     res_block: bool = False
     channels_last: bool = True  # channels_last_3d memory format: faster 3D convolutions
 
@@ -138,59 +200,61 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     condist: bool = True  # False: marginal loss only (the FedAvg/FedOpt baselines)
-    ce: str = "official"  # "official" or "marginal" (spec §2)
-    temperature: float = 2.0
-    condist_weight_start: float = 0.01  # w_r at the first round
-    condist_weight_end: float = 1.0  # w_r at the last round
+    ce: str = ranged("official", choices=("official", "marginal"))  # spec §2
+    temperature: float = ranged(2.0, gt=0)
+    condist_weight_start: float = ranged(0.01, ge=0)  # w_r at the first round
+    condist_weight_end: float = ranged(1.0, ge=0)  # w_r at the last round
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-2
-    momentum: float = 0.99
+    lr: float = ranged(1e-2, gt=0)
+    momentum: float = ranged(0.99, ge=0, lt=1)
     nesterov: bool = True
-    weight_decay: float = 1e-5
-    eta_min: float = 1e-7
-    grad_clip_norm: float = 1.0
+    weight_decay: float = ranged(1e-5, ge=0)
+    eta_min: float = ranged(1e-7, ge=0)
+    grad_clip_norm: float = ranged(1.0, ge=0)  # 0: no clipping
 
 
 @dataclass
 class FederationConfig:
-    rounds: int = 120
-    local_steps: int = 1000
-    strategy: str = "fedopt"  # "fedavg" or "fedopt"
-    weighting: str = "equal"  # "equal" or "cases" (training cases per site)
-    server_lr: float = 1.0
-    server_lr_min: float = 0.9
-    server_momentum: float = 0.6
-    min_sites: int = 1  # a round whose failed sites leave fewer updates than this stops the run
+    rounds: int = ranged(120, ge=1)
+    local_steps: int = ranged(1000, ge=1)
+    strategy: str = ranged("fedopt", choices=("fedavg", "fedopt"))
+    weighting: str = ranged("equal", choices=("equal", "cases"))  # "cases": by training cases per site
+    server_lr: float = ranged(1.0, gt=0)
+    server_lr_min: float = ranged(0.9, ge=0)
+    server_momentum: float = ranged(0.6, ge=0, lt=1)
+    min_sites: int = ranged(1, ge=1)  # a round whose failed sites leave fewer updates than this stops the run
 
 
 @dataclass
 class EvalConfig:
-    roi_size: list[int] = field(default_factory=lambda: [224, 224, 64])
-    overlap: float = 0.5
-    sw_batch_size: int = 4
-    blend_mode: str = "gaussian"
-    every: int = 1  # validate the global model every this many rounds, and after the last; the best is chosen among those
+    roi_size: list[int] = ranged([224, 224, 64], ge=1, length=3)
+    overlap: float = ranged(0.5, ge=0, lt=1)  # of neighbouring sliding windows
+    sw_batch_size: int = ranged(4, ge=1)
+    blend_mode: str = ranged("gaussian", choices=("gaussian", "constant"))
+    every: int = ranged(1, ge=1)  # validate the global model every this many rounds, and after the last; the best is chosen among those
 
 
 @dataclass
 class FabricConfig:
     """Passed to Lightning Fabric; processes = devices × num_nodes (see README, "Scaling out")."""
 
-    accelerator: str = "auto"
+    accelerator: str = ranged("auto", choices=("auto", "cpu", "gpu", "cuda"))
     # processes per node; "auto": on a CPU one per site up to the number of cores (sites train in
     # parallel, a thread each), on GPUs one per GPU
     devices: Any = 1
-    num_nodes: int = 1
-    strategy: str = "auto"  # with several processes: "ddp" (launched as scripts) or "ddp_spawn"
-    precision: str = "auto"  # "auto": bf16-mixed where the hardware has bf16, else 32-true
+    num_nodes: int = ranged(1, ge=1)
+    strategy: str = ranged("auto", choices=("auto", "ddp", "ddp_spawn"))  # with several processes: launched as scripts, or spawned
+    # "auto": bf16-mixed where the hardware has bf16, else 32-true (16-mixed on GPUs without bf16)
+    precision: str = ranged("auto", choices=("auto", "32-true", "bf16-mixed", "16-mixed"))
 
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # "offline" (sync later with `wandb sync`), "online" or "disabled"
+    # "offline" (sync later with `wandb sync`), "online" or "disabled"
+    mode: str = ranged("offline", choices=("offline", "online", "disabled"))
     project: str = "lightning-fl"
     entity: Optional[str] = None
     name: Optional[str] = None
@@ -205,7 +269,7 @@ class LoggerConfig:
 
 @dataclass
 class RunConfig:
-    seed: int = 0
+    seed: int = ranged(0, ge=0, le=2**32 - 1)  # numpy's and Lightning's seed range
     output_dir: str = "???"
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -216,17 +280,6 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     fabric: FabricConfig = field(default_factory=FabricConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-
-
-_CHOICES = {
-    "method.ce": ("official", "marginal"),
-    "data.crop": ("pos_neg", "classes"),
-    "fl.strategy": ("fedavg", "fedopt"),
-    "fl.weighting": ("equal", "cases"),
-    "logger.wandb.mode": ("offline", "online", "disabled"),
-    "eval.blend_mode": ("gaussian", "constant"),
-    "fabric.strategy": ("auto", "ddp", "ddp_spawn"),
-}
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -274,6 +327,11 @@ def config_from_container(content: dict[str, Any], overrides: list[str] | None, 
     return _finish(_merge(OmegaConf.structured(RunConfig), content, source), overrides, source)
 
 
+def with_overrides(cfg: DictConfig, overrides: list[str], source: str = "overrides") -> DictConfig:
+    """A loaded config with `dotted.key=value` overrides applied and checked again; `cfg` is unchanged."""
+    return _finish(copy.deepcopy(cfg), overrides, source)
+
+
 def _finish(cfg: DictConfig, overrides: list[str] | None, source: str) -> DictConfig:
     for item in overrides or []:
         key, sep, value = item.partition("=")
@@ -310,34 +368,57 @@ def _first_line(err: Exception) -> str:
     return str(getattr(err, "msg", err)).splitlines()[0]
 
 
+def rule_problems(node: DictConfig, prefix: str = "") -> list[str]:
+    """`key: why` for every value of a structured config node that breaks its key's `Rule`
+    (recursing into sections, lists of sites and the scanners' mapping)."""
+    problems: list[str] = []
+    for spec in dataclasses.fields(OmegaConf.get_type(node)):
+        key, value = f"{prefix}{spec.name}", node[spec.name]
+        children = _structured_children(value, key)
+        if children is not None:
+            for child_prefix, child in children:
+                problems += rule_problems(child, child_prefix)
+        elif problem := spec.metadata.get("rule", Rule()).problem(value):
+            problems.append(f"{key}: {problem}")
+    return problems
+
+
+def _structured_children(value: Any, key: str) -> list[tuple[str, DictConfig]] | None:
+    """The schema sections inside a value (itself, a list's items, a mapping's values), or None for a leaf."""
+    def structured(node: Any) -> bool:
+        return isinstance(node, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(node))
+
+    if structured(value):
+        return [(f"{key}.", value)]
+    if isinstance(value, ListConfig) and len(value) and all(structured(v) for v in value):
+        return [(f"{key}.{i}.", v) for i, v in enumerate(value)]
+    if isinstance(value, DictConfig) and len(value) and all(structured(v) for v in value.values()):
+        return [(f"{key}.{k}.", v) for k, v in value.items()]
+    return None
+
+
 def _validate(cfg: DictConfig) -> None:
-    for key, allowed in _CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}: expected one of {list(allowed)}, got '{value}'")
-    if cfg.eval.every < 1:
-        raise ConfigError(f"eval.every must be ≥ 1 (validate every this many rounds), got {cfg.eval.every}")
-    if cfg.fl.rounds < 1 or cfg.fl.local_steps < 1:
-        raise ConfigError(f"fl.rounds and fl.local_steps must be ≥ 1, got {cfg.fl.rounds}, {cfg.fl.local_steps}")
-    if not 1 <= cfg.fl.min_sites <= len(cfg.data.sites):
-        raise ConfigError(f"fl.min_sites must lie in [1, {len(cfg.data.sites)}] (the number of sites), got {cfg.fl.min_sites}")
+    """Each key's own rule (all broken ones at once), then the rules that tie keys together."""
+    problems = rule_problems(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
     devices = cfg.fabric.devices
     if devices != "auto" and (isinstance(devices, bool) or not isinstance(devices, int) or devices < 1):
         raise ConfigError(f"fabric.devices: expected a whole number ≥ 1 or 'auto', got {devices!r}")
-    if cfg.fabric.num_nodes < 1:
-        raise ConfigError(f"fabric.num_nodes must be ≥ 1, got {cfg.fabric.num_nodes}")
-    costs = {s.name: s.cost for s in cfg.data.sites if not s.cost > 0}
-    if costs:
-        raise ConfigError(f"data.sites: cost must be > 0, got {costs}")
-    if not cfg.optim.lr > 0 or cfg.optim.momentum < 0 or cfg.optim.weight_decay < 0:
-        raise ConfigError(
-            f"optim.lr must be > 0 and optim.momentum, optim.weight_decay ≥ 0, got {cfg.optim.lr}, "
-            f"{cfg.optim.momentum}, {cfg.optim.weight_decay}"
-        )
-    if cfg.method.temperature <= 0:
-        raise ConfigError(f"method.temperature must be > 0, got {cfg.method.temperature}")
     if not cfg.data.sites:
         raise ConfigError("data.sites: at least one site is needed")
+    if not cfg.fl.min_sites <= len(cfg.data.sites):
+        raise ConfigError(f"fl.min_sites must lie in [1, {len(cfg.data.sites)}] (the number of sites), got {cfg.fl.min_sites}")
+    if cfg.optim.nesterov and cfg.optim.momentum == 0:
+        raise ConfigError("optim.nesterov=true needs optim.momentum > 0 (Nesterov momentum of nothing); set one or the other")
+    window = cfg.data.intensity
+    if not window.hu_min < window.hu_max:
+        raise ConfigError(f"data.intensity: expected hu_min < hu_max, got {window.hu_min} and {window.hu_max}")
+    if sum(cfg.data.pos_neg_ratio) == 0:
+        raise ConfigError("data.pos_neg_ratio: expected at least one of the two weights > 0, got [0, 0]")
+    _check_network(cfg.model)
+    check_size(cfg.model, cfg.data.patch_size, "data.patch_size")
+    check_size(cfg.model, cfg.eval.roi_size, "eval.roi_size")
     names = [s.name for s in all_sites(cfg)]
     if len(set(names)) != len(names):
         raise ConfigError(f"data.sites: site names must be unique, got {names}")
@@ -345,14 +426,50 @@ def _validate(cfg: DictConfig) -> None:
     for site in all_sites(cfg):
         labels.foreground(site.classes, where=f"site '{site.name}' (classes)")
     if cfg.data.synthetic is not None:
-        unknown = set(cfg.data.synthetic.scanners) ^ set(names)
-        if unknown:
-            raise ConfigError(
-                f"data.synthetic.scanners must have one entry per site {names}, mismatched: {sorted(unknown)}"
-            )
-        for name, scanner in cfg.data.synthetic.scanners.items():
-            if scanner.phase not in PHASES:
-                raise ConfigError(f"data.synthetic.scanners.{name}.phase: expected one of {list(PHASES)}, got '{scanner.phase}'")
+        _check_scanners(cfg)
+
+
+def _check_network(model: DictConfig) -> None:
+    levels = len(model.strides)
+    if not levels or len(model.kernel_size) != levels or len(model.filters) != levels:
+        raise ConfigError(
+            f"model.kernel_size, model.strides and model.filters need one entry per level, got "
+            f"{len(model.kernel_size)}, {levels} and {len(model.filters)}"
+        )
+    dims = {len(k) for k in model.kernel_size} | {len(s) for s in model.strides}
+    if dims != {3}:
+        raise ConfigError(f"model.kernel_size and model.strides: expected 3 values (x, y, z) per level, got lengths {sorted(dims)}")
+    if not model.deep_supervision_heads <= max(levels - 2, 0):
+        raise ConfigError(
+            f"model.deep_supervision_heads must lie in [0, {max(levels - 2, 0)}] for {levels} levels, got {model.deep_supervision_heads}"
+        )
+
+
+def size_divisor(model: DictConfig) -> list[int]:
+    """Each spatial size the network accepts must be a multiple of these (product of strides)."""
+    return [math.prod(s[axis] for s in model.strides) for axis in range(len(model.strides[0]))]
+
+
+def check_size(model: DictConfig, size: Any, key: str) -> None:
+    divisor = size_divisor(model)
+    if len(size) != len(divisor) or any(n % d for n, d in zip(size, divisor)):
+        raise ConfigError(f"{key}={list(size)} must be a multiple of {divisor} (the product of model.strides)")
+    if math.prod(n // d for n, d in zip(size, divisor)) < 2:  # instance norm needs 2 voxels at the bottom
+        raise ConfigError(f"{key}={list(size)} leaves one voxel at the network's deepest level; use at least twice {divisor}")
+
+
+def _check_scanners(cfg: DictConfig) -> None:
+    """One scanner per site, and enough generated cases for what each site is used for."""
+    names = [s.name for s in all_sites(cfg)]
+    unknown = set(cfg.data.synthetic.scanners) ^ set(names)
+    if unknown:
+        raise ConfigError(f"data.synthetic.scanners must have one entry per site {names}, mismatched: {sorted(unknown)}")
+    needs = {s.name: ("train", "validation", "test") for s in cfg.data.sites} | {s.name: ("test",) for s in cfg.data.external}
+    for name, splits in needs.items():
+        scanner = cfg.data.synthetic.scanners[name]
+        empty = [split for split in splits if getattr(scanner, split) < 1]
+        if empty:
+            raise ConfigError(f"data.synthetic.scanners.{name}: {' and '.join(empty)} must be ≥ 1 for this site, got 0")
 
 
 def to_yaml(cfg: DictConfig) -> str:

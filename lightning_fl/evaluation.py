@@ -28,6 +28,7 @@ from lightning_fl.config import ConfigError
 from lightning_fl.data.datasets import evaluation_loader, prepare_data_root, read_datalist
 from lightning_fl.data.prepare import label_map
 from lightning_fl.data.transforms import evaluation_transform
+from lightning_fl.data.validation import DataCheckError, check_cases, check_site, datalist_cases
 from lightning_fl.inference import TrainedModel, load_trained, sliding_logits
 from lightning_fl.labels import LabelMap, LabelSpace, label_space_from_config
 from lightning_fl.loggers import format_table
@@ -153,17 +154,23 @@ def score_cases(model: Callable[[Tensor], Tensor], loader: Iterable[dict[str, Te
 def site_test_sets(cfg: DictConfig, labels: LabelSpace, split: str) -> list[EvalSet]:
     """Every site's `split` with its own classes, and each external site (testing, per organ), as in `fit`."""
     root = prepare_data_root(cfg, labels)
-    def scored(site: DictConfig, split: str, per_organ: bool) -> EvalSet:
-        items = read_datalist(root / site.datalist, (split,))[split]
-        return EvalSet(site.name, root / site.datalist, items, labels.foreground(site.classes, where=f"site '{site.name}'"), per_organ)
-
-    return [scored(s, split, False) for s in cfg.data.sites] + [scored(s, "testing", True) for s in cfg.data.external]
+    chosen = [(s, split, False) for s in cfg.data.sites] + [(s, "testing", True) for s in cfg.data.external]
+    problems = [p for site, part, _ in chosen for p in check_site(root, site, labels, (part,))]
+    if problems:  # refused before any scoring, as `fit` refuses them before training
+        raise DataCheckError(problems)
+    return [EvalSet(site.name, root / site.datalist, read_datalist(root / site.datalist, (part,))[part],
+                    labels.foreground(site.classes, where=f"site '{site.name}'"), per_organ)
+            for site, part, per_organ in chosen]
 
 
 def datalist_test_set(datalist: Path, split: str, labels: LabelSpace, mapping: LabelMap | None) -> EvalSet:
     """A datalist's split: labels in the unified space (every class scored where present), or in
     another scheme read through `mapping` (its classes scored)."""
     items = read_datalist(datalist, (split,))[split]
+    cases = datalist_cases({split: items})
+    problems = check_cases(str(datalist), cases, None if mapping else range(labels.num_classes), mapping)
+    if problems:  # refused before any scoring: a fractional or unknown label value is no "absent organ"
+        raise DataCheckError(problems)
     if mapping is None:
         return EvalSet(datalist.stem, datalist, items, list(range(1, labels.num_classes)))
     return EvalSet(datalist.stem, datalist, items, mapping.classes, mapping.per_organ, mapping)

@@ -16,20 +16,23 @@ import json
 import math
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import lightning as L
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.fabric.utilities.apply_func import move_data_to_device
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from lightning_fl.checkpoint import STATE_FILE, atomic_write_text, check_compatible, save_model, save_state
+from lightning_fl.checkpoint import (
+    LOCK_FILE, STATE_FILE, CheckpointError, atomic_write_text, check_compatible, claim_run_folder, file_sha256, load_model,
+    lock_run_folder, save_model, save_state,
+)
 from lightning_fl.config import ConfigError, to_yaml
 from lightning_fl.data.datasets import SiteData, TrainingStream, evaluation_loader, load_site, prepare_data_root
 from lightning_fl.data.validation import DataCheckError, check_federation
@@ -42,11 +45,12 @@ from lightning_fl.inference import Predictor
 from lightning_fl.evaluation import nanmean, score_cases
 from lightning_fl.labels import LabelSpace, label_space_from_config
 from lightning_fl.loggers import RunLogger, StepMeans, format_table
-from lightning_fl.networks import build_network, check_size
+from lightning_fl.networks import build_network
 from lightning_fl.site import Site, StateDict, freeze
 from lightning_fl.strategies import build_strategy
 
 T = TypeVar("T")
+IDENTITY = ("run_id", "config_sha256", "seed")  # in state.ckpt, best.ckpt and last.ckpt: which run wrote them
 
 
 class SiteFailure(RuntimeError):
@@ -75,8 +79,6 @@ class Federation:
         self._loaders: dict[tuple[str, str], Any] = {}
         self.output_dir = Path(cfg.output_dir)
         self.labels: LabelSpace = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
-        check_size(cfg.model, cfg.data.patch_size, "data.patch_size")
-        check_size(cfg.model, cfg.eval.roi_size, "eval.roi_size")
         fabric.seed_everything(cfg.seed, verbose=False)  # the same initial global model on every rank
         if fabric.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
@@ -311,16 +313,24 @@ class Federation:
 
     def _start_outputs(self) -> RunLogger:
         """The run folder, its resolved config and the metrics logger; a resumed run keeps its
-        folder and config and continues its metrics and W&B run."""
+        folder, config and identity and continues its metrics and W&B run. The identity, stored in
+        every checkpoint, ties them to the run's config.yaml (see `check_same_run`)."""
         if self.resume is not None:
+            self.identity = {key: self.resume[key] for key in IDENTITY}
             return RunLogger(self.output_dir, self.cfg, resume=(self.resume["metrics_bytes"], self.resume["wandb_id"]))
-        atomic_write_text(self.output_dir / "config.yaml", to_yaml(self.cfg))  # creates the folder
+        config = self.output_dir / "config.yaml"
+        atomic_write_text(config, to_yaml(self.cfg))  # creates the folder
+        self.identity = {"run_id": uuid.uuid4().hex, "config_sha256": file_sha256(config), "seed": self.cfg.seed}
         return RunLogger(self.output_dir, self.cfg)
 
     def _save_state(self, logger: RunLogger, resumable: dict[str, Any]) -> None:
         """`state.ckpt`: everything `fit --resume` needs, written last, so it never points past
         what metrics.csv and the model files hold."""
-        save_state(self.output_dir / STATE_FILE, resumable | {"metrics_bytes": logger.position(), "wandb_id": logger.wandb_id})
+        metrics_bytes = logger.position()
+        save_state(self.output_dir / STATE_FILE, resumable | self.identity | {
+            "metrics_bytes": metrics_bytes, "metrics_sha256": file_sha256(logger.path, metrics_bytes),
+            "wandb_id": logger.wandb_id,
+        })
 
     def _record_round(
         self, logger: RunLogger, r: int, means: dict[str, dict[str, float]], val: dict[str, dict[str, float]],
@@ -332,7 +342,8 @@ class Federation:
                 logger.train(r, name, site_means)
         for name, dice in val.items():
             logger.dice(r, "validation", name, "global", dice)
-        meta = {"classes": list(self.labels.classes), "config": OmegaConf.to_container(self.cfg, resolve=True)}
+        meta = {"classes": list(self.labels.classes), "config": OmegaConf.to_container(self.cfg, resolve=True),
+                **self.identity}
         if is_best:
             save_model(self.output_dir / "best.ckpt", state, round=r, score=score, **meta)
         save_model(self.output_dir / "last.ckpt", state, round=r, score=score, **meta)
@@ -404,7 +415,6 @@ def summary_table(summary: dict[str, Any]) -> str:
     return f"\n{title}\n" + format_table(rows, ["class", "test Dice", *(f"{name} Dice" for name in external)])
 
 
-@rank_zero_only  # under torchrun, SLURM or Fabric's own launcher every process runs the command
 def record_resume(run_dir: Path, round_index: int, changed: list[str], overrides: list[str]) -> None:
     """Append to `resumes.yaml` when and with which config changes a run was resumed."""
     path = run_dir / "resumes.yaml"
@@ -414,17 +424,92 @@ def record_resume(run_dir: Path, round_index: int, changed: list[str], overrides
     atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(list(history) + [entry])))
 
 
-def run_fit(cfg: DictConfig, resume: dict[str, Any] | None = None) -> dict[str, Any]:
+def check_same_run(run_dir: Path, state: dict[str, Any]) -> None:
+    """Refuse to resume from a folder whose config.yaml or metrics.csv are not those of the run that
+    saved its state.ckpt (another run started over it, a file replaced, edited or cut short): the
+    resumed run would continue one run's model with another's config or lose rows of its metrics."""
+    ckpt = run_dir / STATE_FILE
+    if "run_id" not in state:
+        raise CheckpointError(
+            f"{ckpt} was written by an older lightning-fl that did not record which run it belongs to, so its "
+            "config.yaml and metrics.csv cannot be checked against it; resume it with that version, or start a new run"
+        )
+    config = run_dir / "config.yaml"
+    if file_sha256(config) != state["config_sha256"]:
+        raise CheckpointError(
+            f"{config} is not the config of run {state['run_id']}, which saved {ckpt} (their sha256 differ): "
+            "another run was started in this folder, which now mixes two runs and cannot be resumed"
+        )
+    metrics, recorded = run_dir / "metrics.csv", state["metrics_bytes"]
+    size = metrics.stat().st_size if metrics.is_file() else 0
+    if size < recorded:
+        raise CheckpointError(
+            f"{metrics} has {size} bytes, {ckpt} records {recorded}: rows of the rounds the checkpoint holds "
+            "are missing, and resuming would lose them"
+        )
+    if file_sha256(metrics, recorded) != state["metrics_sha256"]:
+        raise CheckpointError(
+            f"{metrics}: its first {recorded} bytes are not the ones {ckpt} records (their sha256 differ); "
+            "it was rewritten or edited since"
+        )
+
+
+@dataclass
+class Resume:
+    """`fit --resume`: the config keys its overrides change, and the overrides (for resumes.yaml)."""
+
+    changed: list[str]
+    overrides: list[str]
+
+
+def run_fit(cfg: DictConfig, resume: Resume | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Launch the processes the `fabric` config asks for (none beyond this one when Fabric runs under
-    torchrun or SLURM, or with one device) and run the federation on each."""
+    torchrun or SLURM, or with one device) and run the federation on each.
+
+    Fabric's launcher and torchrun run this command in every process. Global rank 0 alone claims the
+    run folder (`overwrite`: see `claim_run_folder`), checks a resumed run's files and holds the
+    folder's lock until the run ends: the other ranks, started after it (Fabric) or beside it
+    (torchrun), would take its lock and fresh files for another run's. A finished run is left as it is."""
     fabric = build_fabric(cfg)
-    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
-    root = prepare_data_root(cfg, labels)  # once, before launch
-    if cfg.data.check_before_fit and fabric.global_rank == 0:
-        problems = check_federation(root, cfg, labels)
-        if problems:
-            raise DataCheckError(problems)
-    return fabric.launch(_fit_on_rank, cfg, resume)
+    out, is_main = Path(cfg.output_dir), fabric.global_rank == 0
+    lock, created = None, not out.exists()
+    if is_main:
+        if resume is None:
+            lock, aside = claim_run_folder(out, overwrite)
+            if aside is not None:
+                print(f"moved the previous {out} aside to {aside}")
+        else:
+            lock = lock_run_folder(out)
+    try:
+        state = None
+        if resume is not None:
+            state = load_model(out / STATE_FILE)
+            if not isinstance(state, dict) or not {"round", "global", "metrics_bytes"} <= state.keys():
+                raise CheckpointError(f"{out / STATE_FILE} is not a run state written by lightning-fl fit (expected its "
+                                      "round, global model and metrics length)")
+            if is_main:
+                check_same_run(out, state)
+            summary = out / "summary.json"
+            if state["round"] >= cfg.fl.rounds - 1 and summary.is_file():  # on every rank: they all stop
+                print(f"{out} holds a finished run (round {state['round'] + 1} of {cfg.fl.rounds} trained, then "
+                      f"tested: {summary.name}); nothing to do. To train more rounds: "
+                      f"fit --resume {out} --allow-config-change fl.rounds=N")
+                return json.loads(summary.read_text())
+            if is_main:
+                record_resume(out, state["round"], resume.changed, resume.overrides)
+        labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+        root = prepare_data_root(cfg, labels)  # once, before launch
+        if cfg.data.check_before_fit and is_main:
+            problems = check_federation(root, cfg, labels)
+            if problems:
+                raise DataCheckError(problems)
+        return fabric.launch(_fit_on_rank, cfg, state)
+    finally:
+        if lock is not None:
+            lock.release()
+            if created and [p.name for p in out.iterdir()] == [LOCK_FILE]:  # stopped before writing anything
+                (out / LOCK_FILE).unlink()
+                out.rmdir()
 
 
 def _fit_on_rank(fabric: L.Fabric, cfg: DictConfig, resume: dict[str, Any] | None) -> dict[str, Any]:

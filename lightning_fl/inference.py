@@ -34,6 +34,7 @@ from lightning_fl.checkpoint import CheckpointError, atomic_write_bytes, atomic_
 from lightning_fl.config import config_from_container
 from lightning_fl.data.datasets import nifti_stem
 from lightning_fl.data.transforms import inference_transform
+from lightning_fl.data.validation import check_image
 from lightning_fl.distributed import check_accelerator, resolve_precision
 from lightning_fl.errors import DatalistError
 from lightning_fl.networks import build_network
@@ -87,15 +88,21 @@ def load_trained(path: Path, overrides: list[str] | None = None, accelerator: st
     if path.suffix == TORCHSCRIPT_SUFFIX:
         extra = {METADATA: ""}
         network = _load_torchscript(path, extra)
-        saved = json.loads(extra[METADATA] or "{}").get("lightning_fl")
+        try:
+            metadata = json.loads(extra[METADATA] or "{}")
+        except ValueError as err:  # not UTF-8, not JSON
+            raise CheckpointError(f"{path}: its {METADATA} is not valid JSON ({err}); export the model again") from err
+        saved = metadata.get("lightning_fl") if isinstance(metadata, dict) else None
         if not isinstance(saved, dict) or "config" not in saved:
             raise CheckpointError(f"{path} has no {METADATA} from `lightning-fl export`: its preprocessing and classes are unknown")
+        if problem := _saved_problem(saved, ()):
+            raise CheckpointError(f"{path}: its {METADATA} is not what `lightning-fl export` writes: {problem}")
         cfg = config_from_container(saved["config"], overrides, f"{path} ({METADATA})")
         saved_round = saved.get("round")
     else:
         payload = load_model(path)
-        if "config" not in payload or "classes" not in payload:
-            raise CheckpointError(f"{path} is not a lightning-fl model checkpoint (best.ckpt, last.ckpt): it has no config")
+        if problem := _saved_problem(payload, ("model", "classes")):
+            raise CheckpointError(f"{path} is not a lightning-fl model checkpoint (best.ckpt, last.ckpt): {problem}")
         cfg = config_from_container(payload["config"], overrides, f"{path} (its config)")
         network = build_network(cfg.model, in_channels=1, out_channels=len(cfg.labels.classes))
         check_compatible(path, payload["model"], payload["classes"], network, list(cfg.labels.classes))
@@ -110,6 +117,26 @@ def load_trained(path: Path, overrides: list[str] | None = None, accelerator: st
     return TrainedModel(name, path, cfg, Predictor(network, fabric, cfg.model.channels_last), precision, saved_round)
 
 
+def _saved_problem(saved: Any, keys: tuple[str, ...]) -> str | None:
+    """Why a loaded checkpoint (`keys`: "model", "classes") or export metadata is not what this
+    project saves: a dict of the run's config, its round and, in a checkpoint, weights and class names."""
+    if not isinstance(saved, dict):
+        return f"it holds a {type(saved).__name__}, not a dict of weights, classes and the run's config"
+    if "config" not in saved:
+        return "it has no config"
+    wrong = []
+    if not isinstance(saved["config"], dict):
+        wrong.append("its 'config' is not a mapping of config keys")
+    if saved.get("round") is not None and type(saved["round"]) is not int:
+        wrong.append("its 'round' is not a whole number")
+    model, classes = saved.get("model"), saved.get("classes")
+    if "model" in keys and not (isinstance(model, dict) and all(isinstance(v, torch.Tensor) for v in model.values())):
+        wrong.append("its 'model' is not a dict of weight tensors")
+    if "classes" in keys and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        wrong.append("its 'classes' is not a list of class names")
+    return "; ".join(wrong) or None
+
+
 def _load_torchscript(path: Path, extra: dict[str, Any]) -> nn.Module:
     if not path.is_file():
         raise CheckpointError(f"model not found: {path}")
@@ -122,7 +149,10 @@ def _load_torchscript(path: Path, extra: dict[str, Any]) -> nn.Module:
 def nifti_inputs(source: Path) -> list[Path]:
     """A NIfTI file, or every NIfTI file in a folder (sorted)."""
     if source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
+        try:
+            files = sorted(p for p in source.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
+        except OSError as err:
+            raise DatalistError(f"--input {source}: cannot list the folder ({err.strerror or err})") from err
         if not files:
             raise DatalistError(f"--input {source}: no .nii or .nii.gz files in this folder")
         return files
@@ -133,17 +163,37 @@ def nifti_inputs(source: Path) -> list[Path]:
     return [source]
 
 
+def output_files(source: Path, out_dir: Path, probabilities: bool) -> list[Path]:
+    """What `infer_file` writes for `source`: `<stem>.nii.gz`, and `<stem>_probabilities.nii.gz`."""
+    stem = nifti_stem(source)
+    return [out_dir / f"{stem}.nii.gz", *([out_dir / f"{stem}_probabilities.nii.gz"] if probabilities else [])]
+
+
+def check_output_names(inputs: list[Path], out_dir: Path, probabilities: bool) -> None:
+    """Refuse inputs whose outputs would overwrite each other (`a.nii` and `a.nii.gz`; with
+    probabilities, `a_probabilities.nii.gz` and `a`'s probability map), naming both inputs."""
+    claimed: dict[Path, Path] = {}
+    for source in inputs:
+        for target in output_files(source, out_dir, probabilities):
+            if target in claimed:
+                raise DatalistError(f"--input: {claimed[target]} and {source} would both be written to {target}; "
+                                    "rename one of them or infer them into separate folders")
+            claimed[target] = source
+
+
 @torch.no_grad()
 def infer_file(model: TrainedModel, source: Path, out_dir: Path, probabilities: bool = False) -> list[Path]:
     """Write `<stem>.nii.gz` (uint8 classes) and optionally `<stem>_probabilities.nii.gz` (float32,
-    one volume per class in class order) on the grid of `source`; returns the files written.
+    one volume per class in class order) on the grid of `source`; returns the files written. An
+    input that fails the input checks (`validation.check_image`: not NIfTI, not 3D, a degenerate
+    affine, NaN voxels) is refused before anything is written.
 
     The softmax probabilities are resampled to the input's grid (trilinear) and the classes are
     their argmax there, as nnU-Net does: smoother outlines than resampling the classes themselves,
     and the two files always agree."""
-    header = nib.load(source)
-    if len(header.shape) != 3:
-        raise DatalistError(f"{source}: expected a 3D volume, got shape {header.shape}")
+    header, problems, _ = check_image(source)
+    if problems:
+        raise DatalistError("; ".join(problems))  # each names the file
     transform = inference_transform(model.cfg.data)
     try:
         item = transform({"image": str(source)})
@@ -155,11 +205,11 @@ def infer_file(model: TrainedModel, source: Path, out_dir: Path, probabilities: 
     native = mt.Invertd("probabilities", transform, orig_keys="image", nearest_interp=False)(item)["probabilities"]
     if tuple(native.shape[1:]) != header.shape:  # the inverse must land on the input's grid exactly
         raise RuntimeError(f"{source}: the prediction came back as {tuple(native.shape[1:])}, not {header.shape}")
-    stem = nifti_stem(source)
-    written = [save_like(native.argmax(0).to(torch.uint8).cpu().numpy(), header, out_dir / f"{stem}.nii.gz")]
+    targets = output_files(source, out_dir, probabilities)
+    written = [save_like(native.argmax(0).to(torch.uint8).cpu().numpy(), header, targets[0])]
     if probabilities:
         channel_last = native.as_subclass(torch.Tensor).movedim(0, -1).float().cpu().numpy()  # as NIfTI stores vectors
-        written.append(save_like(channel_last, header, out_dir / f"{stem}_probabilities.nii.gz"))
+        written.append(save_like(channel_last, header, targets[1]))
     return written
 
 

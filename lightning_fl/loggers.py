@@ -60,7 +60,8 @@ class RunLogger:
 
     def __init__(self, output_dir: Path, cfg: DictConfig, resume: tuple[int, str | None] | None = None) -> None:
         """`resume` = (length of metrics.csv at the checkpoint, W&B run id): rows written after the
-        checkpoint are cut, new ones appended, and the same W&B run continues."""
+        checkpoint are cut, new ones appended, and the same W&B run continues. The file must hold
+        those bytes (`federation.check_same_run`): truncating a shorter one would pad it with NULs."""
         self.path = output_dir / "metrics.csv"
         if resume is None:
             self._file = self.path.open("w", newline="")

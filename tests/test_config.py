@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lightning_fl.config import CONFIG_DIR, ConfigError, load_config
-from lightning_fl.networks import build_network, check_size
+from lightning_fl.config import CONFIG_DIR, ConfigError, check_size, load_config
+from lightning_fl.networks import build_network
 
 
 @pytest.mark.parametrize("name", ["condistfl_synthetic", "condistfl_paper", "smoke"])
@@ -43,17 +43,25 @@ def test_overrides_reach_nested_keys_and_list_items():
         ("fl.roundz=3", "Key 'roundz' not in"),
         ("trainer.max_epochs=3", "Key 'trainer' not in"),
         ("fl.rounds=many", "could not be converted to Integer"),
-        ("fl.rounds=0", "fl.rounds and fl.local_steps must be ≥ 1"),
+        ("fl.rounds=0", "fl.rounds: expected a value ≥ 1, got 0"),
         ("method.ce=focal", "method.ce: expected one of"),
-        ("method.temperature=0", "temperature must be > 0"),
+        ("method.temperature=0", "method.temperature: expected a value > 0, got 0"),
         ("data.sites.0.classes=[liver,livr]", "site 'liver' .*unknown class 'livr'"),
         ("data.sites.2.classes=[]", "site 'pancreas' .*at least one class"),
         ("fl.rounds", "not of the form dotted.key=value"),
         ("fabric.devices=0", "fabric.devices: expected a whole number ≥ 1 or 'auto', got 0"),
         ("fabric.devices=two", "fabric.devices: expected a whole number ≥ 1 or 'auto', got 'two'"),
         ("data.synthetic.scanners.unenhanced.phase=arterial", "scanners.unenhanced.phase: expected one of"),
-        ("eval.every=0", "eval.every must be ≥ 1"),
+        ("eval.every=0", "eval.every: expected a value ≥ 1, got 0"),
         ("data.crop=random", "data.crop: expected one of"),
+        ("data.intensity.hu_min=300", r"data.intensity: expected hu_min < hu_max, got 300.0 and 258.0"),
+        ("data.pos_neg_ratio=[0,0]", r"data.pos_neg_ratio: expected at least one of the two weights > 0"),
+        ("data.synthetic.scanners.liver.train=0", r"data.synthetic.scanners.liver: train must be ≥ 1 for this site, got 0"),
+        ("model.filters=[8,16,32]", r"model.kernel_size, model.strides and model.filters need one entry per level, got 4, 4 and 3"),
+        ("model.deep_supervision_heads=3", r"model.deep_supervision_heads must lie in \[0, 2\] for 4 levels, got 3"),
+        ("model.strides=[[1,1,1],[2,2],[2,2,2],[2,2,2]]", r"expected 3 values \(x, y, z\) per level"),
+        ("data.augmentation.zoom_range=[1.4,0.7]", r"zoom_range: expected a range \[low, high\] with low ≤ high, got \[1.4, 0.7\]"),
+        ("eval.roi_size=[24,24]", r"eval.roi_size: expected 3 values, got 2: \[24, 24\]"),
     ],
 )
 def test_bad_overrides_are_clear_errors(override, message):
@@ -94,9 +102,15 @@ def test_patch_sizes_the_network_cannot_take_are_config_errors():
         check_size(model, [32, 32, 16], "eval.roi_size")
 
 
-@pytest.mark.parametrize("override", ["optim.lr=-0.1", "optim.lr=0", "optim.momentum=-1"])
-def test_impossible_optimizer_values_are_config_errors(override):
-    with pytest.raises(ConfigError, match="optim.lr must be > 0 and optim.momentum, optim.weight_decay ≥ 0"):
+@pytest.mark.parametrize("override,message", [
+    ("optim.lr=-0.1", r"optim.lr: expected a value > 0, got -0.1"),
+    ("optim.lr=0", r"optim.lr: expected a value > 0, got 0"),
+    ("optim.momentum=-1", r"optim.momentum: expected a value ≥ 0 and < 1, got -1"),
+    ("optim.lr=.nan", r"optim.lr: expected a value that is finite, got nan"),
+    ("optim.momentum=0", r"optim.nesterov=true needs optim.momentum > 0"),
+])
+def test_impossible_optimizer_values_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
         load_config(CONFIG_DIR / "smoke.yaml", [override])
 
 

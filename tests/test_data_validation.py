@@ -32,7 +32,7 @@ def broken_federation(data_home, smoke_run, tmp_path) -> Path:
     """The smoke federation with one problem of each kind, spread over the sites."""
     root = tmp_path / "federation"
     shutil.copytree(data_home / "synthetic-smoke", root)
-    lists = {site: json.loads((root / f"{site}.json").read_text()) for site in ("liver", "spleen", "pancreas", "kidney")}
+    lists = {site: json.loads((root / f"{site}.json").read_text()) for site in ("liver", "spleen", "pancreas", "kidney", "unenhanced")}
 
     liver = lists["liver"]
     (root / liver["training"][0]["image"]).unlink()  # missing file
@@ -44,6 +44,7 @@ def broken_federation(data_home, smoke_run, tmp_path) -> Path:
     _rewrite(root / spleen["training"][0]["label"], lambda v, a: (np.where(v > 0, 4, v).astype(np.uint8), a))  # pancreas id
     _rewrite(root / spleen["training"][1]["label"], lambda v, a: (v[:-1], a))  # shape mismatch
     spleen["validation"] = []  # empty split
+    _rewrite(root / spleen["testing"][0]["label"], lambda v, a: (v * np.float32(0.2), a))  # {0, 0.6}: fractional
 
     pancreas = lists["pancreas"]
     _rewrite(root / pancreas["training"][0]["label"], lambda v, a: (v, a @ np.diag([1.0, 1.0, 2.0, 1.0])))  # affine
@@ -51,9 +52,17 @@ def broken_federation(data_home, smoke_run, tmp_path) -> Path:
     copy = root / "pancreas" / "copy_of_training_0.nii.gz"  # a training case copied into the test split
     shutil.copy(root / pancreas["training"][0]["image"], copy)
     pancreas["testing"][0]["image"] = str(copy.relative_to(root))
+    flat = root / pancreas["validation"][0]["image"]  # zero voxel size along one axis, in the sform alone
+    image = nib.load(flat)
+    degenerate = nib.Nifti1Image(np.asanyarray(image.dataobj), None)
+    degenerate.header.set_sform(image.affine @ np.diag([1.0, 0.0, 1.0, 1.0]), code=1)
+    nib.save(degenerate, flat)
+
+    unenhanced = lists["unenhanced"]
+    unenhanced["testing"].append(dict(unenhanced["testing"][0]))  # the same case twice in one split
 
     (root / "kidney.json").unlink()  # a whole datalist missing
-    for site in ("liver", "spleen", "pancreas"):
+    for site in ("liver", "spleen", "pancreas", "unenhanced"):
         (root / f"{site}.json").write_text(json.dumps(lists[site]))
     return root
 
@@ -62,14 +71,18 @@ EXPECTED = [
     ("site 'liver', training[0] liver_000.nii.gz", "file not found"),
     ("site 'liver', training[1] liver_001.nii.gz", "unreadable"),
     ("site 'liver', validation[0]", "NaN or infinite voxels"),
-    ("site 'liver', testing[0]", "entry needs both 'image' and 'label'"),
-    ("site 'spleen', training[0]", "label values [4] are not among the site's classes [0, 3]"),
+    ("site 'liver', ", "liver.json testing[0]: 'label' is missing"),
+    ("site 'spleen', training[0]", "label values [4] are not among the classes [0, 3]"),
     ("site 'spleen', training[1]", "differs from label shape"),
-    ("site 'spleen'", "'validation' is missing or empty"),
+    ("site 'spleen'", "expected a non-empty 'validation' list"),
+    ("site 'spleen', testing[0]", "voxels of fractional values (e.g. [0.6]); expected whole class numbers"),
     ("site 'pancreas', training[0]", "affines differ"),
     ("site 'pancreas', training[1]", "image is not a 3D volume"),
     ("site 'pancreas', training[0] pancreas_000.nii.gz and testing[0] copy_of_training_0.nii.gz", "the same image is in several splits"),
+    ("site 'pancreas', validation[0]", "image has a degenerate affine (voxel sizes ["),
     ("site 'kidney'", "datalist not found"),
+    ("site 'unenhanced', testing[0] unenhanced_000.nii.gz and testing[1] unenhanced_000.nii.gz",
+     "the same image is listed more than once in one split"),
 ]
 
 

@@ -65,7 +65,7 @@ def test_training_stream_replays_a_round_and_shards_split_its_batches(data_home,
 def test_unsupported_strategy_is_a_config_error(smoke_config_path):
     with pytest.raises(ConfigError, match=r"fabric.strategy: expected one of \['auto', 'ddp', 'ddp_spawn'\], got 'fsdp'"):
         load_config(smoke_config_path, ["fabric.strategy=fsdp"])
-    with pytest.raises(ConfigError, match="cost must be > 0"):
+    with pytest.raises(ConfigError, match=r"data.sites.0.cost: expected a value > 0, got 0"):
         load_config(smoke_config_path, ["data.sites.0.cost=0"])
 
 

@@ -196,11 +196,62 @@ def test_infer_and_evaluate_errors_name_what_is_wrong(tmp_path, smoke_run, orien
                        "fabric.accelerator=gpu"], "PyTorch sees no CUDA GPU here"))
     four_d = tmp_path / "four_d.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 2), np.int16), np.eye(4)), four_d)
-    cases.append((["infer", "--checkpoint", ckpt, "--input", str(four_d), "--output", str(tmp_path / "o")], f"{four_d}: expected a 3D volume"))
+    cases.append((["infer", "--checkpoint", ckpt, "--input", str(four_d), "--output", str(tmp_path / "o")], f"image is not a 3D volume: shape (8, 8, 8, 2): {four_d}"))
     (tmp_path / "x.json").write_text(json.dumps({"testing": [{"image": "a.nii.gz", "label": "b.nii.gz"}]}))
     for args, message in cases:
         result = cli(*args)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-2000:])
+
+
+def _tiny_ct(path: Path, seed: int, nan: bool = False) -> Path:
+    voxels = np.random.default_rng(seed).normal(40, 80, (16, 16, 16)).astype(np.float32)
+    if nan:
+        voxels[2, 3, 4] = np.nan
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(voxels, np.diag([6.0, 6.0, 6.0, 1.0])), path)
+    return path
+
+
+def test_infer_refuses_inputs_whose_outputs_collide(tmp_path, smoke_run, capsys):
+    """`a.nii` and `a.nii.gz` would both become `a.nii.gz`; `a_probabilities.nii.gz`'s label map
+    would be `a`'s probability map: refused before anything is written, naming both inputs."""
+    from lightning_fl.cli import main
+
+    ckpt = str(smoke_run / "best.ckpt")
+    folder = tmp_path / "same_stem"
+    first, second = _tiny_ct(folder / "a.nii", 0), _tiny_ct(folder / "a.nii.gz", 1)
+    assert main(["infer", "--checkpoint", ckpt, "--input", str(folder), "--output", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert f"{first} and {second} would both be written to {tmp_path / 'out' / 'a.nii.gz'}" in error
+    folder = tmp_path / "probabilities"
+    first, second = _tiny_ct(folder / "b.nii.gz", 0), _tiny_ct(folder / "b_probabilities.nii.gz", 1)
+    assert main(["infer", "--checkpoint", ckpt, "--input", str(folder), "--output", str(tmp_path / "out"), "--probabilities"]) == 2
+    assert f"{first} and {second} would both be written to" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main(["infer", "--checkpoint", ckpt, "--input", str(folder), "--output", str(tmp_path / "out")]) == 0  # no clash
+    assert capsys.readouterr().out.strip() == f"wrote 2 label maps to {tmp_path / 'out'}"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.nii.gz", "b_probabilities.nii.gz"]
+
+
+def test_infer_skips_a_bad_input_goes_on_and_says_what_it_wrote(tmp_path, smoke_run, capsys):
+    from lightning_fl.cli import main
+
+    folder = tmp_path / "inputs"
+    good = [_tiny_ct(folder / "case_0.nii.gz", 0), _tiny_ct(folder / "case_2.nii.gz", 2)]
+    bad = _tiny_ct(folder / "case_1.nii.gz", 1, nan=True)
+    out = tmp_path / "out"
+    status = main(["infer", "--checkpoint", str(smoke_run / "best.ckpt"), "--input", str(folder), "--output", str(out),
+                   "--probabilities"])
+    captured = capsys.readouterr()
+    assert status == 2 and "Traceback" not in captured.err
+    assert captured.err.splitlines() == [
+        f"lightning-fl infer: skipped case_1.nii.gz: image has 1 NaN or infinite voxels: {bad}",
+        "lightning-fl infer: error: skipped 1 of 3 inputs: case_1.nii.gz",
+    ]
+    assert captured.out.strip() == f"wrote 2 label maps and 2 probability maps to {out}"
+    assert sorted(p.name for p in out.iterdir()) == sorted(n for p in good for n in (p.name, p.name.replace(".nii", "_probabilities.nii")))
+    for source in good:
+        assert nib.load(out / source.name).shape == (16, 16, 16)
 
 
 @needs_realdata

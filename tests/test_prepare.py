@@ -73,17 +73,25 @@ def test_existing_splits_are_reused(tmp_path, labels):
 
 
 @pytest.mark.parametrize("damage,message", [
-    ("label_value", r"has label values \[3\] that the task does not map"),
-    ("grid", "is not on the grid of"),
-    ("missing", "file not found"),
+    ("label_value", r"liver_2.nii.gz has label values \[3\] that the label map 'liver' does not list"),
+    ("grid", r"image shape \(16, 16, 8\) differs from label shape \(16, 16, 7\)"),
+    ("missing", "label file not found: .*liver_2.nii.gz"),
+    ("fractional", r"label has 1024 voxels of fractional values \(e.g. \[0.6\]\); expected whole class numbers"),
+    ("duplicate", r"case 'liver_[02]' and case 'liver_[02]': the same image is"),
 ])
 def test_bad_cases_name_the_file_and_leave_nothing_behind(tmp_path, labels, damage, message):
+    """Every source case is checked before anything is written: a label of {0, 0.6} is refused,
+    not rounded to an empty one, and an image copied under another name is found."""
     src = make_msd(tmp_path / "Task03_Liver", "liver", 4, [1, 2])
     label = src / "labelsTr" / "liver_2.nii.gz"
     if damage == "label_value":
         write_volume(label, np.full((16, 16, 8), 3), np.uint8)
     elif damage == "grid":
         write_volume(label, np.zeros((16, 16, 7)), np.uint8)
+    elif damage == "fractional":
+        write_volume(label, np.where(np.arange(16 * 16 * 8).reshape(16, 16, 8) % 2, 0.6, 0.0), np.float32)
+    elif damage == "duplicate":
+        shutil.copyfile(src / "imagesTr" / "liver_0.nii.gz", src / "imagesTr" / "liver_2.nii.gz")
     else:
         label.unlink()
     dst = tmp_path / "data"

@@ -1,5 +1,6 @@
 """Exact resume: a run killed with SIGKILL in the middle of a round and resumed ends with the same
-weights and metrics as the same run uninterrupted; config changes on resume are refused unless asked."""
+weights and metrics as the same run uninterrupted; config changes on resume are refused unless asked.
+The run holds its folder's lock while it runs; rank 0 alone moves an old folder aside (--overwrite)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from lightning_fl.checkpoint import RunFolderError, lock_run_folder
 
 RUN = ["--config", "configs/smoke.yaml", "logger.wandb.mode=disabled", "fl.rounds=3"]
 
@@ -29,7 +31,13 @@ def _cli(*args: str, env_home: Path) -> subprocess.CompletedProcess:
 def test_a_run_killed_mid_round_resumes_to_the_same_result(data_home, smoke_run, tmp_path, processes):
     run = RUN + ([f"fabric.devices={processes}", "fabric.accelerator=cpu", "fabric.precision=32-true"] if processes > 1 else [])
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert _cli("fit", *run, f"output_dir={whole}", env_home=data_home).returncode == 0
+    whole.mkdir()
+    (whole / "old.txt").write_text("an earlier run\n")  # moved aside by rank 0 alone, before the others start
+    result = _cli("fit", *run, f"output_dir={whole}", "--overwrite", env_home=data_home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    aside = next(tmp_path.glob("whole.replaced-*"))
+    assert f"moved the previous {whole} aside to {aside}\n" in result.stdout
+    assert sorted(p.name for p in aside.iterdir()) == ["old.txt", "run.lock"]
 
     process = subprocess.Popen([sys.executable, "-m", "lightning_fl", "fit", *run, f"output_dir={killed}"], cwd=REPO,
                                env=os.environ | {"LIGHTNING_FL_DATA": str(data_home)},
@@ -37,6 +45,8 @@ def test_a_run_killed_mid_round_resumes_to_the_same_result(data_home, smoke_run,
     deadline = time.monotonic() + 120
     while not (killed / "state.ckpt").exists() and time.monotonic() < deadline:
         time.sleep(0.02)
+    with pytest.raises(RunFolderError, match="is in use"):
+        lock_run_folder(killed)  # held by the running fit
     time.sleep(0.3)  # into round 2's local training
     os.killpg(process.pid, signal.SIGKILL)  # every rank at once
     process.wait()
@@ -49,6 +59,7 @@ def test_a_run_killed_mid_round_resumes_to_the_same_result(data_home, smoke_run,
     assert all(torch.equal(first[k], second[k]) for k in first)  # bitwise
     assert (whole / "metrics.csv").read_text() == (killed / "metrics.csv").read_text()
     assert "after_round: 1" in (killed / "resumes.yaml").read_text()
+    lock_run_folder(killed).release()  # the killed run's lock went with its processes, the resumed one's at its end
 
 
 def test_resume_refuses_a_changed_config_unless_asked(data_home, smoke_run, tmp_path):
@@ -60,9 +71,10 @@ def test_resume_refuses_a_changed_config_unless_asked(data_home, smoke_run, tmp_
     both = _cli("fit", "--resume", str(run), "--config", "configs/smoke.yaml", env_home=data_home)
     assert both.returncode == 2 and "--config cannot be given with it" in both.stderr
 
-    accepted = _cli("fit", "--resume", str(run), "--allow-config-change", "eval.overlap=0.5", env_home=data_home)
+    accepted = _cli("fit", "--resume", str(run), "--allow-config-change", "fl.rounds=3", env_home=data_home)
     assert accepted.returncode == 0, accepted.stderr[-3000:]
-    assert "changed:\n  - eval.overlap" in (run / "resumes.yaml").read_text()
-    # the finished run goes straight to the test; W&B continues the same (offline) run
+    assert "changed:\n  - fl.rounds" in (run / "resumes.yaml").read_text()
+    assert torch.load(run / "state.ckpt", weights_only=True)["round"] == 2
+    # the finished run trains its third round; W&B continues the same (offline) run
     runs = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and runs[0].rsplit("-", 1)[1] == runs[1].rsplit("-", 1)[1]

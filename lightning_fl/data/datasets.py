@@ -7,7 +7,6 @@ share it, so nothing here knows which one it reads.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,16 +14,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import RandomSampler
 import monai.transforms as mt
-from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, load_decathlon_datalist
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.data.utils import pickle_hashing
 from omegaconf import DictConfig
 
 from lightning_fl.config import all_sites
 from lightning_fl.errors import DatalistError
 from lightning_fl.data.transforms import evaluation_transform, training_transform
+from lightning_fl.data.validation import SPLITS, DataCheckError, check_datalist, is_file
 from lightning_fl.labels import LabelSpace
-
-SPLITS = ("training", "validation", "testing")
 
 
 @dataclass
@@ -47,26 +45,18 @@ def nifti_stem(path: str | Path) -> str:
 
 
 def read_datalist(path: Path, required: tuple[str, ...] = SPLITS) -> dict[str, list[dict[str, str]]]:
-    """Every split of a datalist, with image and label paths made absolute and checked to exist."""
-    if not path.is_file():
+    """Every split of a datalist, with image and label paths made absolute and checked to exist;
+    a malformed datalist is refused with all its problems (`validation.check_datalist`)."""
+    if not is_file(path):
         raise DatalistError(f"datalist not found: {path}")
-    try:
-        content = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DatalistError(f"{path}: not valid JSON: {err}") from err
-    for split in required:
-        if not isinstance(content.get(split), list) or not content[split]:
-            raise DatalistError(f"{path}: expected a non-empty '{split}' list of {{'image', 'label'}} entries")
-    splits = {}
-    for split in required:
-        for i, item in enumerate(content[split]):
-            missing = [key for key in ("image", "label") if not isinstance(item, dict) or key not in item]
-            if missing:
-                raise DatalistError(f"{path}: {split}[{i}] has no {' and no '.join(repr(k) for k in missing)}")
-        splits[split] = load_decathlon_datalist(path, is_segmentation=True, data_list_key=split)
-        for i, item in enumerate(splits[split]):
+    entries, problems = check_datalist(path, required)
+    if problems:
+        raise DataCheckError(problems)
+    splits: dict[str, list[dict[str, str]]] = {split: [item for item in entries[split] if item] for split in required}
+    for split, items in splits.items():
+        for i, item in enumerate(items):
             for key in ("image", "label"):
-                if not Path(item[key]).is_file():
+                if not is_file(Path(item[key])):
                     raise DatalistError(f"{path}: {split}[{i}] {key} file not found: {item[key]}")
     return splits
 
@@ -94,7 +84,7 @@ def prepare_data_root(cfg: DictConfig, labels: LabelSpace) -> Path:
     if not root.exists():
         write_federation(root, cfg.data.synthetic, sites, labels, progress=cfg.logger.progress)
     manifest = root / MANIFEST
-    if not manifest.is_file() or manifest.read_text() != manifest_text(cfg.data.synthetic, sites, labels):
+    if not manifest.is_file() or manifest.read_bytes() != manifest_text(cfg.data.synthetic, sites, labels).encode():
         raise DatalistError(
             f"data.root {root} holds data that was not generated from this config's synthetic settings "
             f"or by this version of the generator (see {manifest.name}); delete the folder to regenerate it, "

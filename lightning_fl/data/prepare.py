@@ -4,8 +4,10 @@
 published layout (MSD, KiTS19, AMOS22; `configs/prepare/tasks.yaml` says which task uses which and how
 its label values map to unified classes), copies the images unchanged, writes remapped uint8 labels
 on the same grid, and a datalist with training/validation/testing splits (seeded 60/20/20, or the
-splits of an existing datalist). Everything is built in a hidden folder and renamed into place, so
-a failed run never leaves a half-written destination.
+splits of an existing datalist). Every source case first passes the checks every command applies
+(`validation.check_cases`: a fractional label value is refused, never rounded), so one bad case
+stops the run before anything is written; everything is then built in a hidden folder and renamed
+into place, so a failed run never leaves a half-written destination.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -25,7 +28,8 @@ from tqdm.auto import tqdm
 
 from lightning_fl.config import CONFIG_DIR, ConfigError
 from lightning_fl.data.datasets import nifti_stem
-from lightning_fl.data.validation import grid_mismatch
+from lightning_fl.data.validation import (SPLITS, CaseFiles, DataCheckError, check_cases, check_datalist, entry_problem,
+                                          json_kind, read_json)
 from lightning_fl.errors import DatalistError
 from lightning_fl.labels import LabelMap, LabelSpace
 
@@ -85,14 +89,18 @@ def find_cases(src: Path, layout: str) -> list[Case]:
         manifest = src / "dataset.json"
         if not manifest.is_file():
             raise DatalistError(f"{manifest} not found: an {layout.upper()} dataset folder has a dataset.json")
-        content = json.loads(manifest.read_text())
-        lists = ["training"] + (["validation"] if layout == "amos" else [])
-        entries = [e for key in lists for e in content.get(key, []) if isinstance(e, dict) and "label" in e]
-        cases = [Case(nifti_stem(e["image"]), src / e["image"], src / e["label"]) for e in entries]
+        lists = ["training"] + (["validation"] if layout == "amos" else [])  # the labelled cases; not "test"
+        entries, problems = check_datalist(manifest, lists)
+        if problems:
+            raise DataCheckError(problems)
+        cases = [Case(nifti_stem(e["image"]), Path(e["image"]), Path(e["label"])) for items in entries.values() for e in items]
         if layout == "amos":  # CT only
             cases = [c for c in cases if int(re.sub(r"\D", "", c.name) or 0) <= AMOS_LAST_CT]
     if not cases:
         raise DatalistError(f"--src {src}: no labelled cases found in the {layout} layout")
+    twice = sorted(name for name, n in Counter(c.name for c in cases).items() if n > 1)
+    if twice:
+        raise DatalistError(f"--src {src}: cases whose images share a file name {twice[:5]}; each case needs its own name")
     return cases
 
 
@@ -101,39 +109,51 @@ def split_cases(names: list[str], seed: int, datalist: Path | None, external: bo
     if external:
         return {"testing": sorted(names)}
     if datalist is not None:
-        content = json.loads(datalist.read_text())
-        splits = {key: [nifti_stem(e["image"] if isinstance(e, dict) else e) for e in content.get(key, [])]
-                  for key in ("training", "validation", "testing")}
-        unknown = sorted(set(sum(splits.values(), [])) - set(names))
+        splits = _given_splits(datalist)
+        listed = sum(splits.values(), [])
+        unknown = sorted(set(listed) - set(names))
         if unknown:
             raise DatalistError(f"--datalist {datalist}: cases not in --src: {unknown[:5]}")
+        twice = sorted(name for name, n in Counter(listed).items() if n > 1)
+        if twice:
+            raise DatalistError(f"--datalist {datalist}: cases listed more than once {twice[:5]}; each case belongs in one split")
         return splits
     order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
     train, val = round(0.6 * len(order)), round(0.2 * len(order))
     return {"training": order[:train], "validation": order[train:train + val], "testing": order[train + val:]}
 
 
+def _given_splits(datalist: Path) -> dict[str, list[str]]:
+    """The case names of each split of an existing datalist: entries with an "image", or file or case names."""
+    content = read_json(datalist)
+    if not isinstance(content, dict):
+        raise DatalistError(f"--datalist {datalist}: expected a JSON object with {list(SPLITS)} lists, got {json_kind(content)}")
+    splits: dict[str, list[str]] = {}
+    for key in SPLITS:
+        items = content.get(key, [])
+        if not isinstance(items, list):
+            raise DatalistError(f"--datalist {datalist}: '{key}' must be a list of cases, got {json_kind(items)}")
+        for i, item in enumerate(items):
+            if not (isinstance(item, str) and item) and (problem := entry_problem(item, ("image",))):
+                raise DatalistError(f"--datalist {datalist}: {key}[{i}]: {problem}, or a case name")
+        splits[key] = [nifti_stem(item if isinstance(item, str) else item["image"]) for item in items]
+    return splits
+
+
 def remap_label(case: Case, mapping: LabelMap) -> nib.Nifti1Image:
-    """The case's label in unified classes, on the image's grid; unknown values and grids are errors."""
-    for path in (case.image, case.label):
-        if not path.is_file():
-            raise DatalistError(f"case '{case.name}': file not found: {path}")
-    image, label = nib.load(case.image), nib.load(case.label)
-    mismatch = grid_mismatch(image, label)
-    if mismatch:
-        raise DatalistError(f"case '{case.name}': {case.label} is not on the grid of {case.image} ({mismatch})")
-    values = np.asanyarray(label.dataobj).astype(np.int64)
-    unexpected = mapping.unexpected(values)
-    if unexpected:
-        raise DatalistError(f"case '{case.name}': {case.label} has label values {unexpected} that the task does not map")
-    remapped = nib.Nifti1Image(mapping.apply(values), label.affine, label.header)
+    """The case's label in unified classes; `check_cases` has made sure it holds whole numbers the
+    map lists, on the image's grid."""
+    label = nib.load(case.label)
+    remapped = nib.Nifti1Image(mapping.apply(np.asanyarray(label.dataobj).astype(np.int64)), label.affine, label.header)
     remapped.set_data_dtype(np.uint8)
+    remapped.header.set_slope_inter(1, 0)  # the classes are stored as they are, whatever the source's scaling
     return remapped
 
 
 def prepare_task(task: str, src: Path, dst: Path, labels: LabelSpace, seed: int = 0,
                  datalist: Path | None = None, tasks_file: Path = TASKS_FILE, progress: bool = False) -> Path:
-    """Write `dst/<task>/` and `dst/<task>.json`; returns the datalist path."""
+    """Write `dst/<task>/` and `dst/<task>.json`; returns the datalist path. Every source case is
+    checked first (`validation.check_cases`): one bad case and nothing is written."""
     cfg = load_task(task, tasks_file)
     if cfg.layout is None:
         raise ConfigError(f"{tasks_file}: task '{task}' is a label scheme for `evaluate --label-map`, not a dataset layout")
@@ -144,12 +164,17 @@ def prepare_task(task: str, src: Path, dst: Path, labels: LabelSpace, seed: int 
             raise FileExistsError(f"{path} already exists; delete it or choose another --dst")
     cases = {c.name: c for c in find_cases(src, cfg.layout)}
     splits = split_cases(sorted(cases), seed, datalist, cfg.external)
+    todo = [(key, name) for key, names in splits.items() for name in names]
+    bar = dict(unit="case", total=len(todo), disable=None if progress else True)
+    checked = (CaseFiles(f"case '{name}'", key, cases[name].image, cases[name].label) for key, name in todo)
+    problems = check_cases(f"task '{task}'", tqdm(checked, desc=f"check {task}", **bar), allowed=None, mapping=mapping)
+    if problems:
+        raise DataCheckError(problems)
     tmp = dst.parent / f".{dst.name}.{task}.prepare-tmp"  # beside dst: nothing appears in dst until the end
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         out: dict[str, list[dict[str, str]]] = {key: [] for key in splits}
-        todo = [(key, name) for key, names in splits.items() for name in names]
-        for key, name in tqdm(todo, desc=f"prepare {task}", unit="case", disable=None if progress else True):
+        for key, name in tqdm(todo, desc=f"prepare {task}", **bar):
             case = cases[name]
             label = remap_label(case, mapping)
             suffix = ".nii.gz" if case.image.name.endswith(".gz") else ".nii"

@@ -1,0 +1,184 @@
+"""A run folder belongs to one run: `fit` does not replace a run unless told (`--overwrite` moves it
+aside), one process at a time writes a folder (`run.lock`), and `fit --resume` refuses a folder
+whose config.yaml or metrics.csv are not those of the run that saved its state.ckpt."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from lightning_fl.checkpoint import RunFolderError, claim_run_folder, lock_run_folder
+from lightning_fl.cli import main
+from lightning_fl.config import load_config, to_yaml
+from lightning_fl.loggers import CSV_COLUMNS
+
+HOLD_LOCK = """import sys, time
+from pathlib import Path
+from lightning_fl.checkpoint import lock_run_folder
+lock = lock_run_folder(Path(sys.argv[1]))
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def run(smoke_run: Path, data_home: Path, tmp_path: Path) -> Path:
+    """A copy of the finished 2-round smoke run."""
+    return Path(shutil.copytree(smoke_run, tmp_path / "run"))
+
+
+def _snapshot(folder: Path) -> dict[Path, tuple[bytes, int]]:
+    """Every file's bytes and modification time."""
+    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _error(capsys: pytest.CaptureFixture) -> str:
+    """The one error line of a refused command."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("lightning-fl fit: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_fit_refuses_a_folder_that_holds_files(run, smoke_config_path, tmp_path, capsys):
+    before = _snapshot(run)
+    assert main(["fit", "--config", str(smoke_config_path), f"output_dir={run}"]) == 2
+    assert _error(capsys) == (
+        f"lightning-fl fit: error: output_dir {run} already holds files; pass --overwrite to move it aside (to "
+        f"{run}.replaced-<date-time>) and start a new run there, or fit --resume {run} to continue its run"
+    )
+    assert _snapshot(run) == before and [p.name for p in tmp_path.iterdir()] == ["run"]
+
+    other = tmp_path / "notes"  # not a run: refused all the same, and nothing is written into it
+    other.mkdir()
+    (other / "todo.txt").write_text("compare with the paper\n")
+    assert main(["fit", "--config", str(smoke_config_path), f"output_dir={other}"]) == 2
+    assert f"output_dir {other} already holds files" in _error(capsys)
+    assert [p.name for p in other.iterdir()] == ["todo.txt"]
+
+    assert main(["fit", "--resume", str(run), "--overwrite"]) == 2
+    assert "--overwrite starts a new run in place of the old one, --resume continues it" in _error(capsys)
+
+
+def test_overwrite_moves_the_old_folder_aside_and_deletes_nothing(run, smoke_run, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    lock, aside = claim_run_folder(empty, overwrite=False)  # an empty folder (or one a lock alone) is free
+    assert aside is None
+    lock.release()
+
+    lock, aside = claim_run_folder(run, overwrite=True)
+    assert re.fullmatch(r"run\.replaced-\d{8}-\d{6}", aside.name) and aside.parent == run.parent.absolute()
+    assert {p.name: p.read_bytes() for p in aside.iterdir() if p.is_file()} == \
+           {p.name: p.read_bytes() for p in smoke_run.iterdir() if p.is_file()}
+    assert [p.name for p in run.iterdir()] == ["run.lock"]
+    with pytest.raises(RunFolderError, match=f"{re.escape(str(run))} is in use"):
+        lock_run_folder(run)  # the new run's folder is held until the lock is released
+    lock.release()
+
+    (run / "config.yaml").write_text("a second run\n")
+    lock, second = claim_run_folder(run, overwrite=True)  # within the same second: another name
+    lock.release()
+    assert second != aside and (second / "config.yaml").read_text() == "a second run\n"
+    assert (aside / "state.ckpt").read_bytes() == (smoke_run / "state.ckpt").read_bytes()
+
+
+def test_a_folder_in_use_is_refused_at_once(run, smoke_config_path, tmp_path, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        assert main(["fit", "--resume", str(run)]) == 2
+        assert _error(capsys) == (
+            f"lightning-fl fit: error: {run} is in use: another lightning-fl fit is writing the run there (it holds "
+            f"{run / 'run.lock'}); wait for it to end, or choose another output_dir"
+        )
+        assert main(["fit", "--config", str(smoke_config_path), f"output_dir={run}", "--overwrite"]) == 2
+        assert f"{run.absolute()} is in use" in _error(capsys)
+        assert [p.name for p in tmp_path.iterdir()] == ["run"]  # not moved aside under the running process
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["fit", "--resume", str(run)]) == 0  # the lock went with its process
+    assert "holds a finished run" in capsys.readouterr().out
+
+
+def test_resume_refuses_a_metrics_file_shorter_than_the_checkpoint_records(run, capsys):
+    recorded = torch.load(run / "state.ckpt", weights_only=True)["metrics_bytes"]
+    cut = (run / "metrics.csv").read_bytes()[:recorded // 2]
+    (run / "metrics.csv").write_bytes(cut)
+    assert main(["fit", "--resume", str(run)]) == 2
+    assert (f"error: {run / 'metrics.csv'} has {len(cut)} bytes, {run / 'state.ckpt'} records {recorded}: "
+            "rows of the rounds the checkpoint holds are missing") in _error(capsys)
+    assert (run / "metrics.csv").read_bytes() == cut  # not padded with NUL bytes, not resumed
+    assert not (run / "resumes.yaml").exists()
+    lock_run_folder(run).release()  # a refused resume leaves the folder free
+
+
+def test_resume_refuses_a_folder_that_mixes_two_runs(run, smoke_run, smoke_config_path, capsys):
+    state = torch.load(run / "state.ckpt", weights_only=True)
+    # a new run started in the old run's folder and killed before its first round ended
+    (run / "config.yaml").write_text(to_yaml(load_config(smoke_config_path, [f"output_dir={run}", "fl.rounds=3"])))
+    (run / "metrics.csv").write_text(",".join(CSV_COLUMNS) + "\r\n")
+    assert main(["fit", "--resume", str(run)]) == 2
+    assert (f"error: {run / 'config.yaml'} is not the config of run {state['run_id']}, which saved "
+            f"{run / 'state.ckpt'} (their sha256 differ)") in _error(capsys)
+
+    shutil.copy(smoke_run / "config.yaml", run / "config.yaml")  # the same config run again: metrics.csv differs
+    assert main(["fit", "--resume", str(run)]) == 2
+    header = len(",".join(CSV_COLUMNS)) + 2
+    assert f"has {header} bytes, {run / 'state.ckpt'} records {state['metrics_bytes']}" in _error(capsys)
+
+    metrics = bytearray((smoke_run / "metrics.csv").read_bytes())
+    digit = re.search(rb"0\.\d", bytes(metrics)).start() + 2
+    metrics[digit] = ord("9") if metrics[digit] != ord("9") else ord("8")  # one Dice value edited
+    (run / "metrics.csv").write_bytes(bytes(metrics))
+    assert main(["fit", "--resume", str(run)]) == 2
+    assert (f"error: {run / 'metrics.csv'}: its first {state['metrics_bytes']} bytes are not the ones "
+            f"{run / 'state.ckpt'} records") in _error(capsys)
+    assert not (run / "resumes.yaml").exists()
+
+
+def test_checkpoints_carry_the_run_identity(smoke_run):
+    state, best, last = (torch.load(smoke_run / name, weights_only=True)
+                         for name in ("state.ckpt", "best.ckpt", "last.ckpt"))
+    assert re.fullmatch(r"[0-9a-f]{32}", state["run_id"])
+    config = (smoke_run / "config.yaml").read_bytes()
+    for checkpoint in (state, best, last):
+        assert checkpoint["run_id"] == state["run_id"]
+        assert checkpoint["config_sha256"] == _sha256(config)
+        assert checkpoint["seed"] == load_config(smoke_run / "config.yaml").seed
+    assert state["metrics_sha256"] == _sha256((smoke_run / "metrics.csv").read_bytes()[:state["metrics_bytes"]])
+
+
+def test_resume_refuses_a_checkpoint_without_a_run_identity(run, capsys):
+    state = torch.load(run / "state.ckpt", weights_only=True)
+    for key in ("run_id", "config_sha256", "seed", "metrics_sha256"):  # as written before runs had one
+        del state[key]
+    torch.save(state, run / "state.ckpt")
+    assert main(["fit", "--resume", str(run)]) == 2
+    assert (f"error: {run / 'state.ckpt'} was written by an older lightning-fl that did not record which run it "
+            "belongs to") in _error(capsys)
+
+
+def test_resuming_a_finished_run_changes_nothing(run, capsys):
+    before = _snapshot(run)
+    for extra in ([], ["--allow-config-change", "eval.overlap=0.5"]):
+        assert main(["fit", "--resume", str(run), *extra]) == 0
+        out = capsys.readouterr().out
+        assert out == (f"{run} holds a finished run (round 2 of 2 trained, then tested: summary.json); nothing to do. "
+                       f"To train more rounds: fit --resume {run} --allow-config-change fl.rounds=N\n")
+        assert _snapshot(run) == before
