@@ -18,7 +18,9 @@ import re
 import sys
 from pathlib import Path
 
-from lightning_fl.config import CONFIG_DIR, DEFAULT_CONFIG, ConfigError, all_sites, config_changes, load_config
+from lightning_fl.config import (
+    CONFIG_DIR, DEFAULT_CONFIG, ConfigError, all_sites, config_changes, load_config, with_overrides,
+)
 from lightning_fl.errors import DatalistError, RunStopped, UserInputError
 from lightning_fl.labels import label_space_from_config
 
@@ -48,8 +50,9 @@ def _fit(args: argparse.Namespace) -> None:
             "--overwrite starts a new run in place of the old one, --resume continues it: give one of them"
         )
     saved = args.resume / "config.yaml"
-    cfg = load_config(saved, args.overrides + [f"output_dir={args.resume}"])
-    changed = config_changes(load_config(saved), cfg, ignore=("output_dir",))
+    original = load_config(saved)
+    cfg = with_overrides(original, args.overrides + [f"output_dir={args.resume}"], str(saved))
+    changed = config_changes(original, cfg, ignore=("output_dir",))
     if changed and not args.allow_config_change:
         raise ConfigError(
             f"--resume {args.resume}: the overrides change the run's config ({', '.join(changed)}); "

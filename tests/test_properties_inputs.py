@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from layouts import make_msd
 from lightning_fl.cli import main
-from test_input_gate import SHAPE, site_args, write_site
+from test_input_gate import site_args, write_site
 
 # capsys is read before every example (see run), so sharing it between examples is safe
 EXAMPLES = settings(derandomize=True, max_examples=12, deadline=None, database=None,

@@ -52,7 +52,7 @@ def read_datalist(path: Path, required: tuple[str, ...] = SPLITS) -> dict[str, l
     entries, problems = check_datalist(path, required)
     if problems:
         raise DataCheckError(problems)
-    splits: dict[str, list[dict[str, str]]] = {split: [item for item in entries[split] if item] for split in required}
+    splits: dict[str, list[dict[str, str]]] = {split: entries[split] for split in required}  # no problems: no None
     for split, items in splits.items():
         for i, item in enumerate(items):
             for key in ("image", "label"):
