@@ -8,6 +8,7 @@
     lightning-fl evaluate --checkpoint CKPT [CKPT ...] (--datalist F [--label-map NAME] | --cross-site)   Dice tables
     lightning-fl infer    --checkpoint CKPT_OR_TS --input FILE_OR_DIR --output DIR [--probabilities]     label maps
     lightning-fl export   --checkpoint CKPT --output DIR                  TorchScript model.ts + metadata.json
+    lightning-fl sweep    FILE [--parallel N] [--rerun-changed] [--tables-only]   variants × seeds, then tables
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -155,6 +157,19 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote {ts_path} and {meta_path}")
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    if args.parallel < 1:
+        raise ConfigError(f"--parallel: expected how many runs train at once, a whole number ≥ 1, got {args.parallel}")
+    if args.tables_only and args.rerun_changed:
+        raise ConfigError("--tables-only trains nothing; --rerun-changed cannot be given with it")
+    from lightning_fl.sweep import load_sweep, run_sweep
+
+    flags = ([f"--parallel={args.parallel}"] if args.parallel != 1 else []) + \
+        (["--rerun-changed"] if args.rerun_changed else []) + (["--tables-only"] if args.tables_only else [])
+    run_sweep(load_sweep(args.file), parallel=args.parallel, rerun_changed=args.rerun_changed,
+              tables_only=args.tables_only, command=shlex.join(["lightning-fl", "sweep", str(args.file), *flags]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightning-fl", description="Federated ConDistFL segmentation")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", type=Path, required=True, help="folder for model.ts and metadata.json")
     export.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.roi_size=[96,96,64]")
     export.set_defaults(run=_export)
+    sweep = commands.add_parser("sweep", help="every variant × seed of a sweep file as a fit run (resumable), then tables")
+    sweep.add_argument("file", type=Path, help="sweep YAML: base, seeds, variants, overrides, comparisons, output_dir")
+    sweep.add_argument("--parallel", type=int, default=1, metavar="N",
+                       help="runs at once (default 1); with N > 1 each gets one process and cores/N threads")
+    sweep.add_argument("--rerun-changed", action="store_true",
+                       help="train again the runs whose config.yaml differs from what the sweep file now gives "
+                            "(their folders are moved aside)")
+    sweep.add_argument("--tables-only", action="store_true",
+                       help="rebuild results.csv and results.md from the finished runs, train nothing")
+    sweep.set_defaults(run=_sweep)
     return parser
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import operator
 from dataclasses import dataclass, field
@@ -199,11 +200,21 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
+    """What each site optimises and which model it trains: one file per method in configs/method/."""
+
+    # "federated": the sites train one global model; "standalone": each site its own, never
+    # aggregated; "centralized": one model on every site's training cases, each with its site's labels
+    training: str = ranged("federated", choices=("federated", "standalone", "centralized"))
     condist: bool = True  # False: marginal loss only (the FedAvg/FedOpt baselines)
     ce: str = ranged("official", choices=("official", "marginal"))  # spec §2
     temperature: float = ranged(2.0, gt=0)
-    condist_weight_start: float = ranged(0.01, ge=0)  # w_r at the first round
+    condist_weight_start: float = ranged(0.01, ge=0)  # w_r at the first round (= the end value: constant)
     condist_weight_end: float = ranged(1.0, ge=0)  # w_r at the last round
+    foreground_filter: bool = True  # ConDist leaves out the voxels the teacher calls a local foreground class
+    # ConDist's groups of the classes outside the site's: "organ" (background alone, each organ with
+    # its tumours, spec §2) or "class" (one group per class)
+    background_groups: str = ranged("organ", choices=("organ", "class"))
+    proximal_mu: float = ranged(0.0, ge=0)  # FedProx: μ/2·‖w − w_global‖² added to each site's loss
 
 
 @dataclass
@@ -258,6 +269,8 @@ class WandbConfig:
     project: str = "lightning-fl"
     entity: Optional[str] = None
     name: Optional[str] = None
+    group: Optional[str] = None  # runs compared together, e.g. a sweep
+    job_type: Optional[str] = None  # the run's role in its group, e.g. a sweep's variant
     tags: list[str] = field(default_factory=list)
 
 
@@ -294,8 +307,31 @@ def _read_yaml(path: Path) -> DictConfig:
     return node
 
 
-def _compose(path: Path, stack: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
-    """The file's `defaults:` (recursively, in order) followed by the file itself."""
+def config_groups() -> list[str]:
+    """Folders of configs/ that hold alternatives for one schema section (`method/`, `model/`, ...)."""
+    sections = {spec.name for spec in dataclasses.fields(RunConfig)}
+    return sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name in sections)
+
+
+def _group_choices(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
+    """`group=name` overrides (`method=fedprox`: configs/method/fedprox.yaml), apart from the
+    `dotted.key=value` ones."""
+    groups, choices, rest = config_groups(), {}, []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in groups:
+            rest.append(item)
+            continue
+        options = sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml"))
+        if value not in options:
+            raise ConfigError(f"override '{item}': {CONFIG_DIR / key} has no {value}.yaml; choose one of {options}")
+        choices[key] = value
+    return choices, rest
+
+
+def _compose(path: Path, choices: dict[str, str], stack: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
+    """The file's `defaults:` (recursively, in order) followed by the file itself; a group chosen on
+    the command line replaces that group's entries (as in Hydra)."""
     if path in stack:
         raise ConfigError(f"{path}: circular defaults through {[str(p) for p in stack]}")
     node = _read_yaml(path)
@@ -304,16 +340,26 @@ def _compose(path: Path, stack: tuple[Path, ...] = ()) -> list[tuple[Path, DictC
         raise ConfigError(f"{path}: 'defaults' must be a list of config files relative to {CONFIG_DIR}")
     parts: list[tuple[Path, DictConfig]] = []
     for name in defaults:
-        child = CONFIG_DIR / (name if str(name).endswith(".yaml") else f"{name}.yaml")
-        parts += _compose(child, stack + (path,))
+        name = str(name).removesuffix(".yaml")
+        group = name.split("/")[0] if name.count("/") == 1 else None
+        if group in choices:
+            name = f"{group}/{choices[group]}"
+        parts += _compose(CONFIG_DIR / f"{name}.yaml", choices, stack + (path,))
     return parts + [(path, node)]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
-    """Schema ← composed YAML ← `dotted.key=value` overrides; validated, with interpolations resolved."""
+    """Schema ← composed YAML ← `dotted.key=value` overrides; validated, with interpolations resolved.
+    `group=name` overrides choose a file of a config group (`method=fedprox`); a config whose
+    defaults have none of that group gets it after its defaults."""
     path = Path(path) if path is not None else CONFIG_DIR / DEFAULT_CONFIG
+    choices, overrides = _group_choices(list(overrides or []))
+    parts = _compose(path, choices)
+    used = {p.parent.name for p, _ in parts[:-1] if p.parent.parent == CONFIG_DIR}
+    parts[-1:-1] = [(CONFIG_DIR / group / f"{name}.yaml", _read_yaml(CONFIG_DIR / group / f"{name}.yaml"))
+                    for group, name in choices.items() if group not in used]
     cfg = OmegaConf.structured(RunConfig)
-    for source, node in _compose(path):
+    for source, node in parts:
         cfg = _merge(cfg, node, str(source))
     return _finish(cfg, overrides, str(path))
 
@@ -337,8 +383,18 @@ def _finish(cfg: DictConfig, overrides: list[str] | None, source: str) -> DictCo
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
-        try:  # `update` also reaches into lists (data.sites.0.classes=[liver])
-            OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=True)
+        if key in config_groups():
+            raise ConfigError(
+                f"override '{item}' chooses a config group, which only a config file's composition can do; this "
+                f"config ({source}) is already composed: override its keys instead ({key}.<key>=value)"
+            )
+        try:
+            parsed = yaml.safe_load(value) if value else None
+            if isinstance(parsed, dict) and not any(part.isdigit() for part in key.split(".")):
+                # a merge, not `update`, can add an entry to a typed mapping (data.synthetic.scanners.new={...})
+                cfg.merge_with(functools.reduce(lambda inner, part: {part: inner}, reversed(key.split(".")), parsed))
+            else:  # `update` also reaches into lists (data.sites.0.classes=[liver])
+                OmegaConf.update(cfg, key, parsed, merge=True)
         except (OmegaConfBaseException, yaml.YAMLError) as err:
             raise ConfigError(f"override '{item}': {_first_line(err)}") from err
     try:
@@ -411,6 +467,7 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"fl.min_sites must lie in [1, {len(cfg.data.sites)}] (the number of sites), got {cfg.fl.min_sites}")
     if cfg.optim.nesterov and cfg.optim.momentum == 0:
         raise ConfigError("optim.nesterov=true needs optim.momentum > 0 (Nesterov momentum of nothing); set one or the other")
+    _check_method(cfg)
     window = cfg.data.intensity
     if not window.hu_min < window.hu_max:
         raise ConfigError(f"data.intensity: expected hu_min < hu_max, got {window.hu_min} and {window.hu_max}")
@@ -429,6 +486,27 @@ def _validate(cfg: DictConfig) -> None:
         _check_scanners(cfg)
 
 
+def _check_method(cfg: DictConfig) -> None:
+    """ConDist and FedProx need a global model to pull towards, and a model that no other site's
+    update reaches must not be moved by a server optimizer."""
+    method = cfg.method
+    if method.training == "federated":
+        return
+    needs = [key for key, on in (("method.condist", method.condist), ("method.proximal_mu", method.proximal_mu > 0)) if on]
+    if needs:
+        raise ConfigError(
+            f"method.training={method.training} has no global model for {' and '.join(needs)} to use: set "
+            "method.condist=false and method.proximal_mu=0"
+        )
+    if method.training == "centralized" and cfg.fl.min_sites > 1:
+        raise ConfigError(f"method.training=centralized trains one pooled model: fl.min_sites must be 1, got {cfg.fl.min_sites}")
+    if cfg.fl.strategy != "fedavg":
+        raise ConfigError(
+            f"method.training={method.training}: each model takes its own trainer's update as it is, so fl.strategy "
+            f"must be fedavg, got {cfg.fl.strategy}"
+        )
+
+
 def _check_network(model: DictConfig) -> None:
     levels = len(model.strides)
     if not levels or len(model.kernel_size) != levels or len(model.filters) != levels:
@@ -439,6 +517,10 @@ def _check_network(model: DictConfig) -> None:
     dims = {len(k) for k in model.kernel_size} | {len(s) for s in model.strides}
     if dims != {3}:
         raise ConfigError(f"model.kernel_size and model.strides: expected 3 values (x, y, z) per level, got lengths {sorted(dims)}")
+    even = [list(k) for k in model.kernel_size if any(size % 2 == 0 for size in k)]
+    if even:
+        raise ConfigError(f"model.kernel_size: expected odd sizes (a convolution keeps its input's size only with an odd "
+                          f"kernel, which the U-Net's skip connections need), got {even}")
     if not model.deep_supervision_heads <= max(levels - 2, 0):
         raise ConfigError(
             f"model.deep_supervision_heads must lie in [0, {max(levels - 2, 0)}] for {levels} levels, got {model.deep_supervision_heads}"
@@ -459,11 +541,13 @@ def check_size(model: DictConfig, size: Any, key: str) -> None:
 
 
 def _check_scanners(cfg: DictConfig) -> None:
-    """One scanner per site, and enough generated cases for what each site is used for."""
+    """A scanner for every site (a scanner no site uses is left idle: a federation may take some of
+    them), and enough generated cases for what each site is used for."""
     names = [s.name for s in all_sites(cfg)]
-    unknown = set(cfg.data.synthetic.scanners) ^ set(names)
-    if unknown:
-        raise ConfigError(f"data.synthetic.scanners must have one entry per site {names}, mismatched: {sorted(unknown)}")
+    missing = [name for name in names if name not in cfg.data.synthetic.scanners]
+    if missing:
+        raise ConfigError(f"data.synthetic.scanners has no entry for the sites {missing}; it has "
+                          f"{sorted(cfg.data.synthetic.scanners)}")
     needs = {s.name: ("train", "validation", "test") for s in cfg.data.sites} | {s.name: ("test",) for s in cfg.data.external}
     for name, splits in needs.items():
         scanner = cfg.data.synthetic.scanners[name]

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import resource
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import lightning as L
@@ -232,6 +234,17 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         peaks["gpu"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return peaks
+
+
+def device_name(device: torch.device) -> str:
+    """What the run computed on, for its summary: the GPU's name, or the CPU's model and cores."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.is_file() else []
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{names[0] if names else platform.processor() or 'CPU'}, {cores} cores"
 
 
 def move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:

@@ -1,31 +1,35 @@
 """The federated round loop on one long-lived Lightning Fabric (spec §3; architecture.md, "One round").
 
-    global w_r ─▶ every site: student ← w_r, teacher ← w_r; `local_steps` steps; Δ_k = student − w_r
-              ─▶ strategy(w_r, {Δ_k}) = w_{r+1} ─▶ validate w_{r+1} on each site ─▶ log, select, save
+    send each client its model ─▶ every client trains `local_steps` steps, returns Δ_k
+        ─▶ each model's strategy(w, {Δ_k}) = w' ─▶ validate ─▶ select the best, save
 
-One network object per process serves as the global model, the frozen teacher its sites distil
-from, and the model that is validated: they are the same weights by definition. With several
-processes (`distributed.py`) each rank trains and validates its own sites; every site's update and
-scores are then broadcast from the rank that owns it, so every rank aggregates the same updates in
-the same order and holds the same global model; only rank 0 writes files, logs and prints.
+`method.training` says which models there are and who trains them (`Topology`): one global model
+trained by every site (federated), one model per site that never aggregates (standalone), or one
+model trained on every site's cases pooled (centralized). One network object per process serves as
+the model being scored and as the frozen teacher the sites distil from: at every moment it holds
+the weights a client received. With several processes (`distributed.py`) each rank trains and
+validates its own clients' sites; every update and score is then shared from the rank that owns it,
+so every rank aggregates the same updates in the same order and holds the same models; only rank 0
+writes files, logs and prints.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import sys
 import time
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import lightning as L
 from lightning.fabric.utilities.apply_func import move_data_to_device
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -33,272 +37,292 @@ from lightning_fl.checkpoint import (
     LOCK_FILE, STATE_FILE, CheckpointError, atomic_write_text, check_compatible, claim_run_folder, file_sha256, load_model,
     lock_run_folder, save_model, save_state,
 )
-from lightning_fl.config import ConfigError, to_yaml
-from lightning_fl.data.datasets import SiteData, TrainingStream, evaluation_loader, load_site, prepare_data_root
+from lightning_fl.client import ClientUpdate, SiteClient
+from lightning_fl.config import to_yaml
+from lightning_fl.data.datasets import SiteData, evaluation_loader, load_site, nifti_stem, prepare_data_root
 from lightning_fl.data.validation import DataCheckError, check_federation
 from lightning_fl.distributed import (
-    broadcast_states, build_fabric, checked_on_every_rank, leave_process_group, make_placement, merge_from_ranks,
-    move_optimizer_state, peak_memory_mb, site_seed,
+    broadcast_states, build_fabric, checked_on_every_rank, device_name, leave_process_group, make_placement,
+    merge_from_ranks, peak_memory_mb,
 )
 from lightning_fl.errors import RunStopped
 from lightning_fl.inference import Predictor
 from lightning_fl.evaluation import nanmean, score_cases
 from lightning_fl.labels import LabelSpace, label_space_from_config
-from lightning_fl.loggers import RunLogger, StepMeans, format_table
+from lightning_fl.loggers import RunLogger, format_table
 from lightning_fl.networks import build_network
-from lightning_fl.site import Site, StateDict, freeze
+from lightning_fl.site import StateDict, freeze
 from lightning_fl.strategies import build_strategy
 
 T = TypeVar("T")
 IDENTITY = ("run_id", "config_sha256", "seed")  # in state.ckpt, best.ckpt and last.ckpt: which run wrote them
+GLOBAL = "global"  # the model of federated and centralized training
+POOLED = "pooled"  # the one client of centralized training
+CASE_COLUMNS = ("phase", "model", "site", "case", "class", "dice")  # test_cases.csv
 
 
-class SiteFailure(RuntimeError):
-    """A site's round went wrong in a way that makes its update unusable (non-finite numbers)."""
+@dataclass(frozen=True)
+class Topology:
+    """Who trains what: each client's data sites and the model it trains."""
+
+    clients: dict[str, list[str]]  # client → the sites whose training cases it trains on
+    model_of: dict[str, str]  # client → the model it receives and updates
+
+    @staticmethod
+    def of(training: str, sites: list[str]) -> Topology:
+        if training == "centralized":
+            return Topology({POOLED: list(sites)}, {POOLED: GLOBAL})
+        return Topology({s: [s] for s in sites}, {s: s if training == "standalone" else GLOBAL for s in sites})
+
+    @property
+    def models(self) -> list[str]:
+        return list(dict.fromkeys(self.model_of.values()))
+
+    def validated_on(self, model: str) -> list[str]:
+        """The sites whose validation split chooses the model's best round: those it is trained on."""
+        return [s for client, sites in self.clients.items() if self.model_of[client] == model for s in sites]
 
 
 @dataclass
-class LocalSite:
-    """A site this rank trains: its module and optimizer (set up by Fabric) and its data."""
+class Best:
+    """A model's best validated round so far."""
 
-    module: Any  # the Site wrapped by Fabric
-    optimizer: Any
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    stream: TrainingStream
-    shard: tuple[int, int]  # (this rank's position, ranks) in the site's block
+    round: int = -1
+    score: float = -math.inf
+    state: StateDict | None = None
 
-    @property
-    def site(self) -> Site:
-        return self.module.module
+
+Scores = dict[tuple[str, str], dict[str, list[float]]]  # (model, site) → class → per-case Dice
+
+
+@dataclass
+class RoundRecord:
+    """What one round produced, for metrics.csv, W&B and the checkpoints."""
+
+    round: int
+    updates: dict[str, ClientUpdate]
+    validation: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)  # (model, site) → class → Dice
+    scores: dict[str, float] = field(default_factory=dict)  # validated model → mean Dice
+    improved: set[str] = field(default_factory=set)
+    seconds: float = 0.0
+
+
+def checkpoint_name(kind: str, model: str) -> str:
+    """`best.ckpt` / `last.ckpt` of the global model; `best_<site>.ckpt` of a standalone site's model."""
+    return f"{kind}.ckpt" if model == GLOBAL else f"{kind}_{model}.ckpt"
 
 
 class Federation:
+    """One run on this rank: its models, the clients that train them, each model's server strategy,
+    and the round loop (`fit`), whose phases are its methods: train the clients, drop the failed,
+    aggregate, validate, select, save; then test."""
+
     def __init__(self, cfg: DictConfig, fabric: L.Fabric, resume: dict[str, Any] | None = None) -> None:
         self.cfg, self.fabric, self.resume = cfg, fabric, resume
-        self.step_means: StepMeans = fabric.logger  # where the sites' `log_dict` goes (build_fabric)
-        self._loaders: dict[tuple[str, str], Any] = {}
+        self._loaders: dict[str, Any] = {}
         self.output_dir = Path(cfg.output_dir)
         self.labels: LabelSpace = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
-        fabric.seed_everything(cfg.seed, verbose=False)  # the same initial global model on every rank
+        fabric.seed_everything(cfg.seed, verbose=False)  # the same initial model on every rank
         if fabric.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
         root = prepare_data_root(cfg, self.labels)
-        self.global_model = freeze(self._network())  # reaches the device with the sites, in fabric.setup
-        self.predictor = Predictor(self.global_model, fabric, cfg.model.channels_last)
-        self.site_data = [load_site(root, s, self.labels) for s in cfg.data.sites]
-        self.external = [load_site(root, s, self.labels, required=("testing",)) for s in cfg.data.external]
-        self.placement = make_placement(fabric, [s.name for s in cfg.data.sites], [s.cost for s in cfg.data.sites])
-        student = self._network()  # one per process, shared by its sites (site.py)
-        self.local = checked_on_every_rank(
+        self.network = freeze(self._network())  # reaches the device with the sites, in fabric.setup
+        self.predictor = Predictor(self.network, fabric, cfg.model.channels_last)
+        self.site_data = {s.name: load_site(root, s, self.labels) for s in cfg.data.sites}
+        self.external = {s.name: load_site(root, s, self.labels, required=("testing",)) for s in cfg.data.external}
+        self.topology = Topology.of(cfg.method.training, list(self.site_data))
+        cost = {s.name: s.cost for s in cfg.data.sites}
+        self.placement = make_placement(fabric, list(self.topology.clients),
+                                        [sum(cost[s] for s in sites) for sites in self.topology.clients.values()])
+        student = self._network()  # one per process, shared by its clients (site.py)
+        self.clients: dict[str, SiteClient] = checked_on_every_rank(
             fabric, "setting up its sites",
-            lambda: {d.name: self._local_site(d, student) for d in self.site_data if self.placement.trains(d.name)},
+            lambda: {name: self._client(name, sites, student) for name, sites in self.topology.clients.items()
+                     if self.placement.trains(name)},
         )
-        for name, local in self.local.items():  # DDP's constructor is a collective of the site's ranks: after the check
-            if local.shard[1] > 1:
-                device = fabric.device
-                local.site.data_parallel(self.placement.groups[name], [device.index] if device.type == "cuda" else None)
-        self.strategy = build_strategy(cfg.fl, self._global_state())
-        if resume is not None:
-            self._load_state(resume)
         self.is_main = fabric.global_rank == 0
         self.hide_bars = True if not self.is_main else (None if cfg.logger.progress else True)  # None: terminals only
+        for name, client in self.clients.items():  # DDP's constructor is a collective of the client's ranks: after the check
+            client.hide_bars, client.shares_rank = self.hide_bars, len(self.clients) > 1
+            if client.shard[1] > 1:
+                client.data_parallel(self.placement.groups[name])
+        initial = self._network_state()
+        self.models: dict[str, StateDict] = {m: initial for m in self.topology.models}
+        self.strategies = {m: build_strategy(cfg.fl, initial) for m in self.topology.models}
+        self.best = {m: Best() for m in self.topology.models}
+        if resume is not None:
+            self._load_state(resume)
 
     def _network(self) -> torch.nn.Module:
         return build_network(self.cfg.model, in_channels=1, out_channels=self.labels.num_classes)
 
-    def _local_site(self, data: SiteData, student: torch.nn.Module) -> LocalSite:
-        site = Site(
-            data.name, data.foreground, self.labels.background_groups(data.foreground), self.labels.num_classes,
-            student=student, teacher=self.global_model, cfg=self.cfg,
-        )
-        opt = site.configure_optimizers()
-        module, optimizer = self.fabric.setup(site, opt["optimizer"])
-        shard = self.placement.shard(data.name)
-        if shard[1] > 1:
-            patches = self.cfg.data.batch_size * self.cfg.data.samples_per_volume
-            if patches % shard[1]:
-                raise ConfigError(
-                    f"site '{data.name}' is trained by {shard[1]} ranks, but its batch of data.batch_size × "
-                    f"data.samples_per_volume = {patches} patches does not split evenly across them"
-                )
-        return LocalSite(module, optimizer, opt["lr_scheduler"]["scheduler"], TrainingStream(data, self.cfg.data), shard)
+    def _network_state(self) -> StateDict:
+        return {k: v.detach().clone() for k, v in self.network.state_dict().items()}
+
+    def _client(self, name: str, sites: list[str], student: torch.nn.Module) -> SiteClient:
+        return SiteClient(name, [self.site_data[s] for s in sites], self.labels, student, self.network, self.cfg,
+                          self.fabric, self.placement.shard(name), self.predictor.prepare)
 
     # ---------------------------------------------------------------- resumable state
     def _load_state(self, state: dict[str, Any]) -> None:
-        """Continue after the round `state` was saved at: global model, server, each site's optimizer
-        and schedule. Data order, augmentation and dropout need nothing: they are seeded per round."""
-        check_compatible(self.output_dir / STATE_FILE, state["global"], state["classes"], self.global_model,
-                         list(self.labels.classes))
-        self.global_model.load_state_dict(state["global"])
-        self.strategy.load_state_dict(state["strategy"])
-        for name, local in self.local.items():
-            local.optimizer.optimizer.load_state_dict(state["sites"][name]["optimizer"])
-            local.scheduler.load_state_dict(state["sites"][name]["scheduler"])
+        """Continue after the round `state` was saved at: models, servers, best rounds, each client's
+        optimizer and schedule. Data order, augmentation and dropout need nothing: they are seeded per round."""
+        path = self.output_dir / STATE_FILE
+        if list(state["models"]) != self.topology.models:
+            raise CheckpointError(f"{path} holds the models {list(state['models'])}, but method.training="
+                                  f"{self.cfg.method.training} trains {self.topology.models}")
+        for model, saved in state["models"].items():
+            check_compatible(path, saved["state"], state["classes"], self.network, list(self.labels.classes))
+            self.models[model] = saved["state"]
+            self.strategies[model].load_state_dict(saved["strategy"])
+            self.best[model] = Best(**saved["best"])
+        for name, client in self.clients.items():
+            client.load_state_dict(state["sites"][name])
 
-    def _site_states(self) -> dict[str, dict[str, Any]]:
-        """Every site's optimizer and schedule state, gathered on rank 0 (which writes state.ckpt)
+    def _client_states(self) -> dict[str, dict[str, Any]]:
+        """Every client's optimizer and schedule state, gathered on rank 0 (which writes state.ckpt)
         from the ranks that own them."""
         rank = self.fabric.global_rank
-        mine = {
-            name: {"optimizer": local.optimizer.optimizer.state_dict(), "scheduler": local.scheduler.state_dict()}
-            for name, local in self.local.items() if self.placement.owner(name) == rank
-        }
+        mine = {name: client.state_dict() for name, client in self.clients.items() if self.placement.owner(name) == rank}
         if self.fabric.world_size > 1:  # pickled through the process group: host copies
             mine = move_data_to_device(mine, "cpu")
         return merge_from_ranks(self.fabric, mine, only_to=0)
 
-    def _global_state(self) -> StateDict:
-        return {k: v.detach().clone() for k, v in self.global_model.state_dict().items()}
-
-    # ---------------------------------------------------------------- one round
-    def train_site(self, local: LocalSite, global_state: StateDict, round_index: int) -> tuple[StateDict, dict[str, float]]:
-        """Local training of one site for one round: returns (Δ_k, mean step metrics)."""
-        site, module, device = local.site, local.module, self.fabric.device
-        seed = site_seed(self.cfg.seed, site.site_name, round_index)
-        torch.manual_seed(seed)  # dropout and anything else random in the step: the site's, not the process's
-        batches = local.stream.start_round(seed, self.cfg.fl.local_steps, local.shard)
-        site.receive(global_state, round_index)
-        move_optimizer_state(local.optimizer, device)
-        module.train()
-        clip = self.cfg.optim.grad_clip_norm
-        steps = tqdm(range(self.cfg.fl.local_steps), desc=f"  {site.site_name}", leave=False, disable=self.hide_bars)
-        for step in steps:
-            batch = next(batches)
-            batch = {"image": self.predictor.prepare(batch["image"].as_subclass(torch.Tensor)), "label": batch["label"].as_subclass(torch.Tensor).to(device)}
-            with self.fabric.autocast():  # Fabric applies its precision to forward(), not to training_step()
-                loss = module.training_step(batch, step)
-            finite = torch.isfinite(loss.detach()).to(torch.int32)
-            if local.shard[1] > 1:  # the ranks of a data-parallel site stop together, before DDP's all-reduce
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self.placement.groups[site.site_name])
-            if not finite:
-                raise SiteFailure(f"non-finite loss at local step {step + 1}")
-            self.fabric.backward(loss)
-            if clip > 0:
-                norm = self.fabric.clip_gradients(module, local.optimizer, max_norm=clip, error_if_nonfinite=False)
-                if not torch.isfinite(norm):
-                    raise SiteFailure(f"non-finite gradient norm at local step {step + 1}")
-            local.optimizer.step()
-            local.optimizer.zero_grad(set_to_none=True)
-            local.scheduler.step()
-            steps.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        if len(self.local) > 1:  # another site trains next on this rank: park this one's state on the host
-            move_optimizer_state(local.optimizer, torch.device("cpu"))
-        means = self.step_means.pop()
-        if local.shard[1] > 1:  # a data-parallel site reports the mean over its ranks' shares
-            values = torch.tensor(list(means.values()), dtype=torch.float64, device=device)
-            dist.all_reduce(values, group=self.placement.groups[site.site_name])
-            means = dict(zip(means, (values / local.shard[1]).tolist()))
-        update = site.update(global_state)
-        broken = [key for key, value in update.items() if value.is_floating_point() and not torch.isfinite(value).all()]
-        if broken:
-            raise SiteFailure(f"non-finite update in {len(broken)} tensors, e.g. '{broken[0]}'")
-        return update, means
-
-    def train_or_drop(self, local: LocalSite, global_state: StateDict, round_index: int) -> tuple[StateDict | None, dict[str, Any]]:
-        """One site's round; an exception or a non-finite loss or update drops the site's update
-        for this round (its metrics say why) and resets its optimizer state, which may hold the
-        same non-finite values."""
-        try:
-            return self.train_site(local, global_state, round_index)
-        except Exception as err:  # noqa: BLE001 - any failure of one site must not end the federation
-            local.optimizer.zero_grad(set_to_none=True)
-            local.optimizer.state.clear()
-            self.step_means.pop()
-            reason = str(err) if isinstance(err, SiteFailure) else f"{type(err).__name__}: {err}"
-            return None, {"dropped": reason}
-
-    def train_round(self, global_state: StateDict, round_index: int) -> tuple[dict[str, StateDict], dict[str, dict[str, Any]]]:
-        """The updates of the sites that did not fail, and every site's step metrics (or why it was
-        dropped), in config order, on every rank."""
+    # ---------------------------------------------------------------- the phases of a round
+    def train_clients(self, round_index: int) -> dict[str, ClientUpdate]:
+        """Send each client its model and train it; every client's update (or why it failed) on
+        every rank, in config order."""
         mine = checked_on_every_rank(
             self.fabric, f"training round {round_index + 1}",
-            lambda: {name: self.train_or_drop(local, global_state, round_index) for name, local in self.local.items()},
+            lambda: {name: client.train(self.models[self.topology.model_of[name]], round_index)
+                     for name, client in self.clients.items()},
         )
-        owners = {d.name: self.placement.owner(d.name) for d in self.site_data}
+        owners = {name: self.placement.owner(name) for name in self.topology.clients}
         rank = self.fabric.global_rank
-        means = merge_from_ranks(self.fabric, {n: m for n, (_, m) in mine.items() if owners[n] == rank})
-        means = {name: means[name] for name in owners}
-        kept = {name: owner for name, owner in owners.items() if "dropped" not in means[name]}
-        updates = broadcast_states({name: mine[name][0] if name in mine else None for name in kept}, kept, global_state)
-        return {name: updates[name] for name in kept}, means
+        reports = merge_from_ranks(self.fabric, {n: (u.num_steps, u.num_cases, u.metrics) for n, u in mine.items()
+                                                 if owners[n] == rank})
+        kept = {name: owner for name, owner in owners.items() if "dropped" not in reports[name][2]}
+        template = self.models[self.topology.models[0]]
+        deltas = broadcast_states({name: mine[name].delta if name in mine else None for name in kept}, kept, template)
+        return {name: ClientUpdate(deltas.get(name), *reports[name]) for name in owners}
 
-    def aggregation_weights(self, sites: list[str]) -> list[float]:
-        if self.cfg.fl.weighting == "cases":
-            cases = {d.name: d.num_training_cases for d in self.site_data}
-            return [float(cases[name]) for name in sites]
-        return [1.0] * len(sites)
+    def drop_failed(self, logger: RunLogger | None, round_index: int, updates: dict[str, ClientUpdate]) -> None:
+        """Record the clients whose round failed; stop when fewer than `fl.min_sites` updates are left."""
+        dropped = {name: u.metrics["dropped"] for name, u in updates.items() if u.delta is None}
+        if dropped:
+            self._on_main("recording dropped sites", lambda: self._record_dropped(logger, round_index, dropped))
+        sent = len(updates) - len(dropped)
+        if sent < self.cfg.fl.min_sites:
+            raise RunStopped(
+                f"round {round_index + 1}: {sent} of {len(updates)} sites sent an update, fewer than fl.min_sites="
+                f"{self.cfg.fl.min_sites}; dropped: {'; '.join(f'{k}: {v}' for k, v in dropped.items())}. "
+                f"The last good global model is {self.output_dir / 'last.ckpt'}"
+                + (f" (round {round_index})" if round_index else " (none yet: this was the first round)")
+            )
 
-    def evaluate_sites(self, split: str) -> dict[str, dict[str, float]]:
-        """Mean Dice per class of the current global model on each site's split (its own classes);
-        each rank scores the sites it owns, all at once, then the scores are shared."""
-        mine = checked_on_every_rank(
-            self.fabric, f"scoring the {split} split",
-            lambda: {d.name: self.score(d, split) for d in self.site_data if self.placement.owner(d.name) == self.fabric.global_rank},
-        )
-        scores = merge_from_ranks(self.fabric, mine)
-        return {d.name: scores[d.name] for d in self.site_data}
+    def aggregate(self, updates: dict[str, ClientUpdate]) -> None:
+        """Each model's strategy turns its clients' updates into its next weights; a model none of
+        whose clients sent one keeps its weights."""
+        for model in self.topology.models:
+            sent = [u for name, u in updates.items() if u.delta is not None and self.topology.model_of[name] == model]
+            if sent:
+                weights = [float(u.num_cases) if self.cfg.fl.weighting == "cases" else 1.0 for u in sent]
+                self.models[model] = self.strategies[model].aggregate(self.models[model], [u.delta for u in sent], weights)
 
-    def score(self, site: SiteData, split: str, organ_level: bool = False) -> dict[str, float]:
-        """Mean Dice per class of the global model on one site's split."""
-        loader = self._loaders.get((site.name, split)) if split == "validation" else None
-        if loader is None:
-            loader = evaluation_loader(site.splits[split], self.cfg.data)
-            if split == "validation":  # kept: the same cases every round
-                self._loaders[(site.name, split)] = loader
-        scores = score_cases(self.predictor, loader, site.foreground, self.labels, self.cfg.eval, self.predictor.prepare, organ_level)
-        return {c: nanmean(v) for c, v in scores.items()}
+    def validate(self, record: RoundRecord) -> None:
+        """On validation rounds, each model's Dice on the sites it is trained on, and its mean."""
+        r = record.round
+        if not ((r + 1) % self.cfg.eval.every == 0 or r == self.cfg.fl.rounds - 1):
+            return
+        pairs = [(m, site) for m in self.topology.models for site in self.topology.validated_on(m)]
+        scores = self.score(self.models, pairs, "validation")
+        record.validation = {pair: {c: nanmean(v) for c, v in dice.items()} for pair, dice in scores.items()}
+        for model in self.topology.models:
+            record.scores[model] = nanmean([d for (m, _), dice in record.validation.items() if m == model
+                                            for d in dice.values()])
+
+    def select(self, record: RoundRecord) -> None:
+        """A model's best round is its best validated one (the first validated round at least)."""
+        for model, score in record.scores.items():
+            best = self.best[model]
+            if score > best.score or best.state is None:
+                self.best[model] = Best(record.round, score, self.models[model])
+                record.improved.add(model)
+
+    def save(self, logger: RunLogger | None, record: RoundRecord) -> None:
+        """metrics.csv, W&B and the checkpoints, then state.ckpt."""
+        sites = self._client_states()
+        self._on_main(f"writing round {record.round + 1}", lambda: self._record_round(logger, record))
+        resumable = {
+            "round": record.round, "classes": list(self.labels.classes), "sites": sites,
+            "models": {m: {"state": self.models[m], "strategy": self.strategies[m].state_dict(),
+                           "best": vars(self.best[m])} for m in self.topology.models},
+        }
+        self._on_main(f"saving round {record.round + 1}", lambda: self._save_state(logger, resumable))
+
+    # ---------------------------------------------------------------- scoring
+    def score(self, states: dict[str, StateDict], pairs: list[tuple[str, str]], split: str) -> Scores:
+        """Per-case Dice per class of each (model, site) pair: a training site's `split` with its own
+        classes, an external site's test cases per organ. Each rank scores the sites it owns and
+        loads each volume once; the scores are then shared."""
+        rank = self.fabric.global_rank
+
+        def mine() -> Scores:
+            out, loaded = {}, None
+            for site in dict.fromkeys(s for _, s in pairs if self._scorer(s) == rank):
+                data = self.site_data.get(site) or self.external[site]
+                loader = self._loader(data, split)
+                for model in [m for m, s in pairs if s == site]:
+                    if loaded != model:
+                        self.network.load_state_dict(states[model])
+                        loaded = model
+                    out[(model, site)] = score_cases(self.predictor, loader, data.foreground, self.labels, self.cfg.eval,
+                                                     self.predictor.prepare, site in self.external)
+            return out
+
+        scores = merge_from_ranks(self.fabric, checked_on_every_rank(self.fabric, f"scoring the {split} split", mine))
+        return {pair: scores[pair] for pair in pairs}
+
+    def _scorer(self, site: str) -> int:
+        """The rank that scores a site: the owner of its own client, else the sites take turns."""
+        if site in self.placement.ranks:
+            return self.placement.owner(site)
+        return list(self.site_data | self.external).index(site) % self.fabric.world_size
+
+    def _loader(self, data: SiteData, split: str) -> Any:
+        """A split's whole volumes; validation's are kept, to be scored again every round."""
+        split = "testing" if data.name in self.external else split
+        key = f"{data.name}/{split}"
+        loader = self._loaders.get(key) or evaluation_loader(data.splits[split], self.cfg.data)
+        if split == "validation":
+            self._loaders[key] = loader
+        return loader
 
     # ---------------------------------------------------------------- the run
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         logger = self._on_main("creating the run folder", self._start_outputs)
-        best_score, best_round, best_state = -math.inf, -1, None
-        first_round = 0
-        if self.resume is not None:
-            best = self.resume["best"]
-            best_score, best_round, best_state = best["score"], best["round"], best["model"]
-            first_round = self.resume["round"] + 1
+        first_round = 0 if self.resume is None else self.resume["round"] + 1
         round_times: list[float] = []
         start = time.perf_counter()
         rounds = tqdm(range(first_round, cfg.fl.rounds), desc="rounds", disable=self.hide_bars,
                       initial=first_round, total=cfg.fl.rounds)
         for r in rounds:
             round_start = time.perf_counter()
-            global_state = self._global_state()
-            updates, means = self.train_round(global_state, r)
-            dropped = {name: m["dropped"] for name, m in means.items() if "dropped" in m}
-            if dropped:
-                self._on_main("recording dropped sites", lambda: self._record_dropped(logger, r, dropped))
-            if len(updates) < cfg.fl.min_sites:
-                raise RunStopped(
-                    f"round {r + 1}: {len(updates)} of {len(means)} sites sent an update, fewer than fl.min_sites="
-                    f"{cfg.fl.min_sites}; dropped: {'; '.join(f'{k}: {v}' for k, v in dropped.items())}. "
-                    f"The last good global model is {self.output_dir / 'last.ckpt'}"
-                    + (f" (round {r})" if r else " (none yet: this was the first round)")
-                )
-            aggregate = self.strategy.aggregate(global_state, list(updates.values()), self.aggregation_weights(list(updates)))
-            self.global_model.load_state_dict(aggregate)
-            state = self._global_state()
-            val, score, is_best = {}, math.nan, False  # the best model is chosen among the validated rounds
-            if (r + 1) % cfg.eval.every == 0 or r == cfg.fl.rounds - 1:
-                val = self.evaluate_sites("validation")
-                score = nanmean([d for dice in val.values() for d in dice.values()])
-                is_best = score > best_score or best_state is None
-            if is_best:
-                best_score, best_round, best_state = score, r, state
-            round_times.append(time.perf_counter() - round_start)
-            sites = self._site_states()
-            self._on_main(f"writing round {r + 1}",
-                          lambda: self._record_round(logger, r, means, val, state, score, is_best, round_times[-1]))
-            resumable = {
-                "round": r, "classes": list(self.labels.classes), "global": state,
-                "strategy": self.strategy.state_dict(), "sites": sites,
-                "best": {"round": best_round, "score": best_score, "model": best_state},
-            }
-            self._on_main(f"saving round {r + 1}", lambda: self._save_state(logger, resumable))
-            rounds.set_postfix(val_dice=f"{score:.3f}", best=f"{best_score:.3f}@{best_round + 1}")
+            record = RoundRecord(r, self.train_clients(r))
+            self.drop_failed(logger, r, record.updates)
+            self.aggregate(record.updates)
+            self.validate(record)
+            self.select(record)
+            record.seconds = time.perf_counter() - round_start
+            round_times.append(record.seconds)
+            self.save(logger, record)
+            score, best = nanmean(list(record.scores.values())), nanmean([b.score for b in self.best.values()])
+            rounds.set_postfix(val_dice=f"{score:.3f}", best=f"{best:.3f}")
 
-        summary = self._test(best_state, best_round, best_score, logger)
+        summary = self._test(logger)
+        summary["device"] = device_name(self.fabric.device)
+        summary["precision"] = self.cfg.fabric.precision
         summary["wall_time_s"] = round(time.perf_counter() - start, 1)
         summary["round_time_s"] = [round(t, 2) for t in round_times]
         memory = merge_from_ranks(self.fabric, {self.fabric.global_rank: peak_memory_mb(self.fabric.device)})
@@ -332,22 +356,24 @@ class Federation:
             "wandb_id": logger.wandb_id,
         })
 
-    def _record_round(
-        self, logger: RunLogger, r: int, means: dict[str, dict[str, float]], val: dict[str, dict[str, float]],
-        state: StateDict, score: float, is_best: bool, seconds: float,
-    ) -> None:
+    def _record_round(self, logger: RunLogger, record: RoundRecord) -> None:
         """metrics.csv, W&B and the checkpoints of one round."""
-        for name, site_means in means.items():
-            if "dropped" not in site_means:
-                logger.train(r, name, site_means)
-        for name, dice in val.items():
-            logger.dice(r, "validation", name, "global", dice)
+        r = record.round
+        for name, update in record.updates.items():
+            if update.delta is not None:
+                logger.train(r, name, update.metrics)
+        for (model, site), dice in record.validation.items():
+            logger.dice(r, "validation", site, model, dice)
         meta = {"classes": list(self.labels.classes), "config": OmegaConf.to_container(self.cfg, resolve=True),
                 **self.identity}
-        if is_best:
-            save_model(self.output_dir / "best.ckpt", state, round=r, score=score, **meta)
-        save_model(self.output_dir / "last.ckpt", state, round=r, score=score, **meta)
-        logger.scalars({"time/round_s": seconds} | ({} if math.isnan(score) else {"validation/mean_dice": score}))
+        for model in self.topology.models:
+            score = record.scores.get(model, math.nan)
+            if model in record.improved:
+                save_model(self.output_dir / checkpoint_name("best", model), self.models[model], round=r, score=score, **meta)
+            save_model(self.output_dir / checkpoint_name("last", model), self.models[model], round=r, score=score, **meta)
+        logger.scalars({"time/round_s": record.seconds} | {
+            ("validation/mean_dice" if model == GLOBAL else f"validation/{model}/mean_dice"): score
+            for model, score in record.scores.items() if not math.isnan(score)})
         logger.commit(r)
 
     def _record_dropped(self, logger: RunLogger, r: int, dropped: dict[str, str]) -> None:
@@ -360,36 +386,68 @@ class Federation:
         logger.finish({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
         print(summary_table(summary))
 
-    def _test(self, best_state: StateDict, best_round: int, best_score: float, logger: RunLogger | None) -> dict[str, Any]:
-        """The best global model on every site's test split (its own classes) and on each external
-        site (per organ; external sites are shared out over the ranks)."""
-        self.global_model.load_state_dict(best_state)
-        test = self.evaluate_sites("testing")
-        rank, ranks = self.fabric.global_rank, self.fabric.world_size
-        scored = merge_from_ranks(self.fabric, checked_on_every_rank(
-            self.fabric, "scoring the external sites",
-            lambda: {e.name: self.score(e, "testing", organ_level=True) for i, e in enumerate(self.external) if i % ranks == rank},
-        ))
-        external_dice = {e.name: scored[e.name] for e in self.external}
-        test_dice = {name: value for dice in test.values() for name, value in dice.items()}
-        ordered = {c: test_dice[c] for c in self.labels.classes if c in test_dice}
+    def _test(self, logger: RunLogger | None) -> dict[str, Any]:
+        """Each model's best round on every site's test split (that site's classes) and on each
+        external site (per organ): per case in test_cases.csv, summarised in the summary."""
+        sites = list(self.site_data) + list(self.external)
+        pairs = [(m, site) for m in self.topology.models for site in sites]
+        scores = self.score({m: self.best[m].state for m in self.topology.models}, pairs, "testing")
 
         def record() -> None:
-            for name, dice in test.items():
-                logger.dice(best_round, "test", name, "best", dice)
-            for name, dice in external_dice.items():
-                logger.dice(best_round, "external", name, "best", dice)
+            for (model, site), dice in scores.items():
+                phase = "external" if site in self.external else "test"
+                logger.dice(self.best[model].round, phase, site, model, {c: nanmean(v) for c, v in dice.items()})
             logger.commit(self.cfg.fl.rounds)
+            atomic_write_text(self.output_dir / "test_cases.csv", self._case_table(scores))
 
         self._on_main("writing the test scores", record)
-        return {
+        return self._summary(scores)
+
+    def _case_table(self, scores: Scores) -> str:
+        """test_cases.csv: one row per model, site, case and class (the numbers paired comparisons need)."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(CASE_COLUMNS)
+        for (model, site), dice in scores.items():
+            data = self.site_data.get(site) or self.external[site]
+            phase, split = ("external", "testing") if site in self.external else ("test", "testing")
+            cases = [nifti_stem(item["image"]) for item in data.splits[split]]
+            for name, values in dice.items():
+                for case, value in zip(cases, values, strict=True):
+                    writer.writerow([phase, model, site, case, name, "" if math.isnan(value) else f"{value:.8g}"])
+        return out.getvalue()
+
+    def _own(self, model: str, site: str, name: str) -> bool:
+        """Whether a score speaks for `model`: the global model always; a standalone site's model on
+        its own test split, and on an external site for the organs its site labels."""
+        if model == GLOBAL:
+            return True
+        return model == site or (site in self.external and name in self.site_data[model].classes)
+
+    def _summary(self, scores: Scores) -> dict[str, Any]:
+        """Each class's test Dice over the cases of the sites that label it, each organ's on every
+        external site; a standalone run adds every site's model on every site (`cross_site`)."""
+        pooled: dict[str, dict[str, list[float]]] = {}
+        for (model, site), dice in scores.items():
+            for name, values in dice.items():
+                if self._own(model, site, name):
+                    where = site if site in self.external else "test"
+                    pooled.setdefault(where, {}).setdefault(name, []).extend(values)
+        test = pooled.get("test", {})
+        test_dice = {c: nanmean(test[c]) for c in self.labels.classes if c in test}
+        single = self.topology.models == [GLOBAL]
+        summary: dict[str, Any] = {
             "rounds": self.cfg.fl.rounds,
-            "best_round": best_round,
-            "best_validation_dice": best_score,
-            "test_dice": ordered,
-            "test_mean_dice": nanmean(list(ordered.values())),
-            "external_dice": external_dice,
+            "best_round": self.best[GLOBAL].round if single else {m: b.round for m, b in self.best.items()},
+            "best_validation_dice": self.best[GLOBAL].score if single else {m: b.score for m, b in self.best.items()},
+            "test_dice": test_dice,
+            "test_mean_dice": nanmean(list(test_dice.values())),
+            "external_dice": {e: {c: nanmean(v) for c, v in pooled.get(e, {}).items()} for e in self.external},
         }
+        if not single:
+            summary["cross_site"] = {m: {s: {c: nanmean(v) for c, v in scores[(m, s)].items()}
+                                         for s in list(self.site_data) + list(self.external)} for m in self.topology.models}
+        return summary
 
 
 def _json_safe(value: Any) -> Any:
@@ -401,7 +459,7 @@ def _json_safe(value: Any) -> Any:
 
 def summary_table(summary: dict[str, Any]) -> str:
     """The end-of-run table: each class's test Dice at the sites that label it, and per organ on
-    each external site (a column each)."""
+    each external site (a column each); a standalone run adds each site's model on every site."""
 
     def fmt(value: float | None) -> str:
         return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
@@ -410,9 +468,20 @@ def summary_table(summary: dict[str, Any]) -> str:
     rows = [[name, fmt(dice), *(fmt(organs.get(name)) for organs in external.values())]
             for name, dice in summary["test_dice"].items()]
     rows.append(["mean", fmt(summary["test_mean_dice"]), *(fmt(nanmean(list(o.values()))) for o in external.values())])
-    title = (f"Best global model: after round {summary['best_round'] + 1} of {summary['rounds']}, "
-             f"validation Dice {summary['best_validation_dice']:.4f}")
-    return f"\n{title}\n" + format_table(rows, ["class", "test Dice", *(f"{name} Dice" for name in external)])
+    header = ["class", "test Dice", *(f"{name} Dice" for name in external)]
+    if "cross_site" not in summary:
+        title = (f"Best global model: after round {summary['best_round'] + 1} of {summary['rounds']}, "
+                 f"validation Dice {summary['best_validation_dice']:.4f}")
+        return f"\n{title}\n" + format_table(rows, header)
+    title = "Each site's own best model on its own test split; on an external site, the models of the sites labelling the organ"
+    cross = summary["cross_site"]
+    sites = list(next(iter(cross.values())))
+    cross_rows = [[f"{model} (round {summary['best_round'][model] + 1})",
+                   *(fmt(nanmean([v for v in dice[s].values() if v is not None])) for s in sites)]
+                  for model, dice in cross.items()]
+    return (f"\n{title}\n" + format_table(rows, header)
+            + "\n\nEvery site's model on every site (mean Dice over the classes each site labels)\n"
+            + format_table(cross_rows, ["model", *sites]))
 
 
 def record_resume(run_dir: Path, round_index: int, changed: list[str], overrides: list[str]) -> None:
@@ -484,7 +553,7 @@ def run_fit(cfg: DictConfig, resume: Resume | None = None, overwrite: bool = Fal
         state = None
         if resume is not None:
             state = load_model(out / STATE_FILE)
-            if not isinstance(state, dict) or not {"round", "global", "metrics_bytes"} <= state.keys():
+            if not isinstance(state, dict) or not {"round", "models", "metrics_bytes"} <= state.keys():
                 raise CheckpointError(f"{out / STATE_FILE} is not a run state written by lightning-fl fit (expected its "
                                       "round, global model and metrics length)")
             if is_main:

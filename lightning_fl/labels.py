@@ -82,8 +82,11 @@ class LabelSpace:
         name = self.classes[index]
         return self.classes.index(self.tumor_of[name]) if name in self.tumor_of else index
 
-    def background_groups(self, foreground: Sequence[int]) -> list[list[int]]:
-        """ConDist groups of the classes outside F_k: true background alone, each organ with its tumours."""
+    def background_groups(self, foreground: Sequence[int], by: str = "organ") -> list[list[int]]:
+        """ConDist groups of the classes outside F_k: by "organ", true background alone and each organ
+        with its tumours; by "class", one group per class."""
+        if by == "class":
+            return [[c] for c in range(self.num_classes) if c not in foreground]
         groups: dict[int, list[int]] = {}
         for c in range(self.num_classes):
             if c not in foreground:

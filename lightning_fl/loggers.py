@@ -84,8 +84,8 @@ class RunLogger:
         os.environ.setdefault("WANDB_SILENT", "true")
         settings = cfg.logger.wandb
         return wandb.init(
-            project=settings.project, entity=settings.entity, name=settings.name, tags=list(settings.tags),
-            mode=settings.mode, dir=str(output_dir), config=OmegaConf.to_container(cfg, resolve=True),
+            project=settings.project, entity=settings.entity, name=settings.name, group=settings.group,
+            job_type=settings.job_type, tags=list(settings.tags), mode=settings.mode, dir=str(output_dir), config=OmegaConf.to_container(cfg, resolve=True),
             reinit="finish_previous", id=run_id, resume="allow" if run_id else None,
         )
 
@@ -112,8 +112,8 @@ class RunLogger:
         for name, value in dice.items():
             self._write({"round": round_index, "phase": phase, "site": site, "model": model, "class": name,
                          "dice": value})
-            if not math.isnan(value):
-                self._pending[f"{phase}/{site}/{name}"] = value
+            if not math.isnan(value):  # a standalone site's model: its name in the key
+                self._pending[f"{phase}/{site}/{name}" if model == "global" else f"{phase}/{model}/{site}/{name}"] = value
 
     def dropped(self, round_index: int, site: str, reason: str) -> None:
         """A site whose update this round was not aggregated, and why."""

@@ -169,7 +169,7 @@ class _ConDistDice(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, student: Tensor, teacher: Tensor, target: Tensor, is_fg: Tensor, membership: Tensor,
-        class_slot: list[int], temperature: float, smooth_dr: float,
+        class_slot: list[int], temperature: float, smooth_dr: float, foreground_filter: bool,
     ) -> Tensor:
         def conditional(logits: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             q = torch.softmax(logits * (1.0 / temperature), dim=1)
@@ -181,7 +181,7 @@ class _ConDistDice(torch.autograd.Function):
         q_s, r_s, fg_s, denom_s = conditional(student)
         _, r_t, _, _ = conditional(teacher)
         # torch.max gives the first maximal index like argmax, several times faster over dim 1 on CPU
-        keep = ~(is_fg[teacher.max(1).indices] | is_fg[target])
+        keep = ~(is_fg[teacher.max(1).indices] | is_fg[target]) if foreground_filter else ~is_fg[target]
         mask = keep.unsqueeze(1).to(r_s.dtype)
         r_t = r_t * mask
         intersection = torch.einsum("bgn,bgn->g", r_s, r_t)  # r_t carries the mask (mask^2 = mask)
@@ -206,7 +206,7 @@ class _ConDistDice(torch.autograd.Function):
         grad_student = torch.empty_like(q_s)
         for c, slot in enumerate(ctx.class_slot):  # one fused multiply per class, no [B, C, N] gather
             torch.mul(q_s[:, c], shift[:, slot], out=grad_student[:, c])
-        return grad_student, None, None, None, None, None, None, None
+        return grad_student, None, None, None, None, None, None, None, None
 
 
 class ConDistDiceLoss(nn.Module):
@@ -214,12 +214,13 @@ class ConDistDiceLoss(nn.Module):
 
     Student and teacher probabilities are conditioned on "not a local foreground class" and summed
     over the `background` groups (each item a class index or a list of class indices); Dice compares
-    them where neither the label nor the teacher's argmax is a local foreground class.
+    them where neither the label nor the teacher's argmax is a local foreground class (without
+    `foreground_filter`: wherever the label is background).
     """
 
     def __init__(
         self, num_classes: int, foreground: Sequence[int], background: Sequence[int | Sequence[int]],
-        temperature: float = 2.0, smooth_dr: float = 1e-5,
+        temperature: float = 2.0, smooth_dr: float = 1e-5, foreground_filter: bool = True,
     ) -> None:
         super().__init__()
         if temperature <= 0:
@@ -237,6 +238,7 @@ class ConDistDiceLoss(nn.Module):
         self.num_groups = len(groups)
         self.temperature = temperature
         self.smooth_dr = smooth_dr
+        self.foreground_filter = foreground_filter
         is_fg = torch.zeros(num_classes, dtype=torch.bool)
         is_fg[list(foreground)] = True
         # slot of each class in the backward's per-slot gradient: its group, then "foreground", then "none"
@@ -265,5 +267,5 @@ class ConDistDiceLoss(nn.Module):
         with torch.autocast(student.device.type, enabled=False):  # sums over many voxels stay in float32
             return _ConDistDice.apply(
                 student, teacher, target, self.is_fg, self.membership.to(student.dtype), self.class_slot,
-                self.temperature, self.smooth_dr,
+                self.temperature, self.smooth_dr, self.foreground_filter,
             )

@@ -22,7 +22,6 @@ from lightning_fl.losses import ConDistDiceLoss, MarginalDiceCELoss, deep_superv
 from lightning_fl.strategies import StateDict
 
 
-
 def condist_weight(method: DictConfig, round_index: int, rounds: int) -> float:
     """w_r rises linearly from `condist_weight_start` (first round) to `condist_weight_end` (last)."""
     if rounds == 1:
@@ -38,20 +37,26 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 class Site(L.LightningModule):
+    """A site's losses around a student network and the frozen global model as its teacher.
+
+    `tasks` holds the foreground classes of each data source the site trains on: one for a site,
+    every site's for the pooled trainer of centralized training, where a batch's `source` says
+    whose labels it carries and so which marginal loss supervises it."""
+
     def __init__(
-        self, name: str, foreground: list[int], background_groups: list[list[int]], num_classes: int,
-        student: nn.Module, teacher: nn.Module, cfg: DictConfig,
+        self, name: str, tasks: list[list[int]], background_groups: list[list[int]], num_classes: int,
+        student: nn.Module, teacher: nn.Module, cfg: DictConfig, steps_per_round: int,
     ) -> None:
         super().__init__()
         self.site_name = name
-        self.foreground = foreground
         self.student = student
         self.teacher = freeze(teacher)
         self.method, self.optim, self.rounds = cfg.method, cfg.optim, cfg.fl.rounds
-        self.total_steps = cfg.fl.rounds * cfg.fl.local_steps
-        self.supervised_loss = MarginalDiceCELoss(foreground, ce=cfg.method.ce)
+        self.total_steps = cfg.fl.rounds * steps_per_round
+        self.supervised_losses = nn.ModuleList(MarginalDiceCELoss(task, ce=cfg.method.ce) for task in tasks)
         self.condist_loss = (
-            ConDistDiceLoss(num_classes, foreground, background_groups, cfg.method.temperature)
+            ConDistDiceLoss(num_classes, tasks[0], background_groups, cfg.method.temperature,
+                            foreground_filter=cfg.method.foreground_filter)
             if cfg.method.condist else None
         )
         self.register_buffer(
@@ -92,12 +97,13 @@ class Site(L.LightningModule):
     def forward(self, image: Tensor) -> Tensor:
         return self.student(image)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         image, label = batch["image"], batch["label"]
         heads = self.student(image)
         if heads.dim() == image.dim():  # no deep supervision: a single head
             heads = heads.unsqueeze(1)
-        supervised = (self.head_weights * self.supervised_loss.per_head(heads, label)).sum()
+        marginal = self.supervised_losses[batch.get("source", 0)]
+        supervised = (self.head_weights * marginal.per_head(heads, label)).sum()
         metrics = {"supervised": supervised.detach()}
         loss = supervised
         if self.condist_loss is not None:
@@ -105,8 +111,12 @@ class Site(L.LightningModule):
                 teacher_logits = self.teacher(image)
             condist = self.condist_loss(heads[:, 0], teacher_logits, label)
             weight = condist_weight(self.method, self.round_index, self.rounds)
-            loss = supervised + weight * condist
+            loss = loss + weight * condist
             metrics |= {"condist": condist.detach(), "condist_weight": weight}
+        if self.method.proximal_mu > 0:  # FedProx: the teacher holds the global weights w_global
+            proximal = sum(((w - g) ** 2).sum() for w, g in zip(self.network.parameters(), self.teacher.parameters()))
+            loss = loss + 0.5 * self.method.proximal_mu * proximal
+            metrics["proximal"] = proximal.detach()
         metrics |= {"loss": loss.detach(), "lr": self.optimizers().param_groups[0]["lr"]}
         self.log_dict(metrics)
         return loss

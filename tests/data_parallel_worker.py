@@ -21,7 +21,7 @@ from lightning_fl.federation import Federation
 
 
 def gradients(federation: Federation, batch: dict, sync: bool) -> list[torch.Tensor]:
-    local = federation.local["liver"]
+    local = federation.clients["liver"]
     student = local.site.student  # the DDP wrapper
     local.optimizer.zero_grad(set_to_none=True)
     context = student.no_sync() if not sync else torch.enable_grad()
@@ -41,9 +41,9 @@ def one_site_config(root: str, out: str):
 
 def main(fabric, cfg) -> None:
     federation = Federation(cfg, fabric)
-    local = federation.local["liver"]
-    local.site.receive(federation._global_state(), 0)
-    batch = next(local.stream.start_round(site_seed(cfg.seed, "liver", 0), 1, local.shard))
+    local = federation.clients["liver"]
+    local.site.receive(federation.models["global"], 0)
+    batch = next(local.sources[0][1].start_round(site_seed(cfg.seed, "liver", 0), 1, local.shard))
     batch = {key: value.as_tensor() for key, value in batch.items()}
     own = gradients(federation, batch, sync=False)
     synced = gradients(federation, batch, sync=True)

@@ -22,7 +22,7 @@ def _federation(smoke_config_path, out, *overrides: str) -> Federation:
 
 
 def _break(federation: Federation, site: str, how: str, from_round: int = 0) -> None:
-    local = federation.local[site]
+    local = federation.clients[site]
     step = local.site.training_step
 
     def broken_step(batch, batch_idx):
@@ -57,7 +57,7 @@ def test_failed_sites_are_dropped_and_the_global_model_stays_finite(data_home, s
     assert {r["site"] for r in _rows(tmp_path, "train")} == {"liver"}
     model = torch.load(tmp_path / "last.ckpt", weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())
-    assert all(torch.isfinite(v).all() for v in federation.global_model.state_dict().values())
+    assert all(torch.isfinite(v).all() for v in federation.network.state_dict().values())
     validation = _rows(tmp_path, "validation")
     means = [statistics.mean(float(r["dice"]) for r in validation if r["round"] == str(k) and r["dice"] != "nan") for k in range(2)]
     assert summary["best_round"] == means.index(max(means))  # the best round is the one with the best validation mean

@@ -27,6 +27,7 @@ from lightning_fl.labels import label_space_from_config
 from lightning_fl.networks import build_network
 from lightning_fl.site import Site
 from lightning_fl.strategies import build_strategy
+from lightning_fl.sweep import load_sweep, plan_runs
 
 SMOKE = CONFIG_DIR / "smoke.yaml"
 BASE = load_config(SMOKE)  # composed once; each example overrides one key of it
@@ -144,9 +145,10 @@ def _exercise(cfg: Any, key: str, case: dict[str, str]) -> str:
     elif key.startswith(("model.", "optim.", "method.")):
         fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
         foreground = labels.foreground(cfg.data.sites[0].classes)
-        site = Site("liver", foreground, labels.background_groups(foreground), labels.num_classes,
-                    student=build_network(cfg.model, 1, labels.num_classes),
-                    teacher=build_network(cfg.model, 1, labels.num_classes), cfg=cfg)
+        site = Site("liver", [foreground], labels.background_groups(foreground, cfg.method.background_groups),
+                    labels.num_classes, student=build_network(cfg.model, 1, labels.num_classes),
+                    teacher=build_network(cfg.model, 1, labels.num_classes), cfg=cfg,
+                    steps_per_round=cfg.fl.local_steps)
         optimizers = site.configure_optimizers()
         module, optimizer = fabric.setup(site, optimizers["optimizer"])
         batch = {"image": torch.randn(1, 1, *cfg.data.patch_size),
@@ -183,7 +185,8 @@ def test_any_value_of_any_key_loads_and_runs_or_is_refused_naming_the_key(drawn,
 
 CROSS_KEY_RULES = ("must be a multiple", "leaves one voxel", "one entry per level", "3 values (x, y, z)",
                    "deep_supervision_heads must lie", "min_sites must lie", "nesterov", "hu_min < hu_max",
-                   "pos_neg_ratio: expected at least one", "must be ≥ 1 for this site")
+                   "pos_neg_ratio: expected at least one", "must be ≥ 1 for this site", "expected odd sizes",
+                   "has no global model for", "fl.strategy must be fedavg", "trains one pooled model")
 
 
 def _of_type(value: Any, kind: Any) -> bool:
@@ -248,5 +251,10 @@ def test_every_schema_key_with_a_range_declares_it_beside_the_key():
 
 
 def test_the_shipped_configs_satisfy_every_rule():
+    """Every config file, and every variant of every sweep file of experiments/ (one seed each)."""
     for path in sorted(Path(CONFIG_DIR).glob("*.yaml")) + sorted((CONFIG_DIR.parent / "experiments").glob("*.yaml")):
-        load_config(path)
+        if "base" in yaml.safe_load(path.read_text()):
+            sweep = load_sweep(path)
+            assert len(plan_runs(dataclasses.replace(sweep, seeds=sweep.seeds[:1]))) == len(sweep.variants)
+        else:
+            load_config(path)

@@ -28,10 +28,12 @@ def federation(data_home, smoke_config_path, tmp_path_factory) -> Federation:
 
 
 def test_teacher_is_frozen_and_unchanged_while_the_student_learns(federation):
-    runtime = federation.local["liver"]
+    runtime = federation.clients["liver"]
     site = runtime.site
-    global_state = federation._global_state()
-    update, metrics = federation.train_site(runtime, global_state, round_index=0)
+    global_state = federation.models["global"]
+    result = runtime.train(global_state, round_index=0)
+    update, metrics = result.delta, result.metrics
+    assert (result.num_steps, result.num_cases) == (3, 2)
 
     assert not site.teacher.training and site.student.training
     assert not any(p.requires_grad for p in site.teacher.parameters())
@@ -50,25 +52,25 @@ def test_teacher_is_frozen_and_unchanged_while_the_student_learns(federation):
 
 
 def test_optimizer_and_schedule_persist_across_rounds(federation):
-    runtime = federation.local["spleen"]
-    global_state = federation._global_state()
-    federation.train_site(runtime, global_state, round_index=0)
+    runtime = federation.clients["spleen"]
+    global_state = federation.models["global"]
+    runtime.train(global_state, round_index=0)
     momentum = {id(p): runtime.optimizer.state[p]["momentum_buffer"].clone() for p in runtime.site.student.parameters()}
     steps_done = runtime.scheduler.last_epoch
     # a new round: new global weights arrive; the momentum and the schedule carry on
     runtime.site.receive(global_state, round_index=1)
     for p in runtime.site.student.parameters():
         torch.testing.assert_close(runtime.optimizer.state[p]["momentum_buffer"], momentum[id(p)])
-    federation.train_site(runtime, global_state, round_index=1)
+    runtime.train(global_state, round_index=1)
     assert runtime.scheduler.last_epoch == steps_done + federation.cfg.fl.local_steps
     assert runtime.optimizer.param_groups[0]["lr"] < federation.cfg.optim.lr
 
 
 def test_sites_of_a_process_share_one_student_and_one_teacher(federation):
     """Only the optimizer state is per site: a process's memory grows by that, not by a model, per site."""
-    sites = [local.site for local in federation.local.values()]
+    sites = [local.site for local in federation.clients.values()]
     assert len(sites) == 4
-    assert all(s.teacher is federation.global_model for s in sites)
+    assert all(s.teacher is federation.network for s in sites)
     assert all(s.network is sites[0].network for s in sites)
-    optimizers = [local.optimizer for local in federation.local.values()]
+    optimizers = [local.optimizer for local in federation.clients.values()]
     assert len({id(o.optimizer) for o in optimizers}) == 4  # each site its own SGD (own momentum buffers)

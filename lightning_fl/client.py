@@ -1,0 +1,163 @@
+"""A site as a federated client: receive the global weights, train N local steps, return Δ.
+
+`SiteClient.train(global_state, round) → ClientUpdate(Δ, steps, cases, metrics)` is the shape of
+MONAI's `ClientAlgo`, NVFlare's Client API and Flower's `ClientApp`, so an FL engine can drive a
+site as the simulation in `federation.py` does. One optimizer step lives in `SiteClient._step`.
+
+A client trains on one site's data, or, for centralized training, on every site's: its sources
+then take turns batch by batch, each supervised by its own site's labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from lightning_fl.config import ConfigError
+from lightning_fl.data.datasets import SiteData, TrainingStream
+from lightning_fl.distributed import move_optimizer_state, site_seed
+from lightning_fl.labels import LabelSpace
+from lightning_fl.loggers import StepMeans
+from lightning_fl.site import Site, StateDict
+
+
+class SiteFailure(RuntimeError):
+    """A site's round went wrong in a way that makes its update unusable (non-finite numbers)."""
+
+
+@dataclass
+class ClientUpdate:
+    """What a client returns after a round."""
+
+    delta: StateDict | None  # Δ = trained − received weights; None: the round failed (metrics["dropped"] says why)
+    num_steps: int
+    num_cases: int  # training cases, the weight of `fl.weighting=cases`
+    metrics: dict[str, Any]  # mean of each step metric over the round
+
+
+class SiteClient:
+    """A client on this rank: its Site module and optimizer (set up by Fabric) and its data sources.
+
+    `shard` = (this rank's position, ranks) in the client's block: a client trained by several ranks
+    is data-parallel, each rank taking its share of every batch."""
+
+    def __init__(
+        self, name: str, sources: list[SiteData], labels: LabelSpace, student: torch.nn.Module,
+        teacher: torch.nn.Module, cfg: DictConfig, fabric: L.Fabric, shard: tuple[int, int], prepare: Any,
+    ) -> None:
+        self.name, self.cfg, self.fabric, self.shard, self.prepare = name, cfg, fabric, shard, prepare
+        self.steps_per_source = cfg.fl.local_steps
+        self.num_steps = cfg.fl.local_steps * len(sources)
+        self.num_cases = sum(d.num_training_cases for d in sources)
+        tasks = [d.foreground for d in sources]
+        site = Site(name, tasks, labels.background_groups(tasks[0], cfg.method.background_groups), labels.num_classes,
+                    student=student, teacher=teacher, cfg=cfg, steps_per_round=self.num_steps)
+        opt = site.configure_optimizers()
+        self.module, self.optimizer = fabric.setup(site, opt["optimizer"])
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler = opt["lr_scheduler"]["scheduler"]
+        self.sources = [(d.name, TrainingStream(d, cfg.data)) for d in sources]
+        self.step_means: StepMeans = fabric.logger  # where the Site's `log_dict` goes (build_fabric)
+        self.group: Any = None  # the process group of a data-parallel client
+        self.shares_rank = False  # another client trains on this rank: park the optimizer state between turns
+        self.hide_bars: bool | None = True
+        if shard[1] > 1:
+            patches = cfg.data.batch_size * cfg.data.samples_per_volume
+            if patches % shard[1]:
+                raise ConfigError(
+                    f"site '{name}' is trained by {shard[1]} ranks, but its batch of data.batch_size × "
+                    f"data.samples_per_volume = {patches} patches does not split evenly across them"
+                )
+
+    @property
+    def site(self) -> Site:
+        return self.module.module
+
+    def data_parallel(self, group: Any) -> None:
+        device = self.fabric.device
+        self.group = group
+        self.site.data_parallel(group, [device.index] if device.type == "cuda" else None)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer and schedule: what carries over from round to round (and into state.ckpt)."""
+        return {"optimizer": self.optimizer.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def train(self, global_state: StateDict, round_index: int) -> ClientUpdate:
+        """One round; an exception or a non-finite loss or update drops this round's update (its
+        metrics say why) and resets the optimizer state, which may hold the same non-finite values."""
+        try:
+            delta, metrics = self._train(global_state, round_index)
+        except Exception as err:  # noqa: BLE001 - any failure of one site must not end the federation
+            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.state.clear()
+            self.step_means.pop()
+            reason = str(err) if isinstance(err, SiteFailure) else f"{type(err).__name__}: {err}"
+            return ClientUpdate(None, 0, self.num_cases, {"dropped": reason})
+        return ClientUpdate(delta, self.num_steps, self.num_cases, metrics)
+
+    def _train(self, global_state: StateDict, round_index: int) -> tuple[StateDict, dict[str, float]]:
+        site, device = self.site, self.fabric.device
+        torch.manual_seed(site_seed(self.cfg.seed, self.name, round_index))  # dropout: the site's, not the process's
+        batches = self._batches(round_index)
+        site.receive(global_state, round_index)
+        move_optimizer_state(self.optimizer, device)
+        self.module.train()
+        steps = tqdm(range(self.num_steps), desc=f"  {self.name}", leave=False, disable=self.hide_bars)
+        for step in steps:
+            loss = self._step(next(batches), step)
+            steps.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if self.shares_rank:
+            move_optimizer_state(self.optimizer, torch.device("cpu"))
+        means = self.step_means.pop()
+        if self.shard[1] > 1:  # a data-parallel client reports the mean over its ranks' shares
+            values = torch.tensor(list(means.values()), dtype=torch.float64, device=device)
+            dist.all_reduce(values, group=self.group)
+            means = dict(zip(means, (values / self.shard[1]).tolist()))
+        update = site.update(global_state)
+        broken = [key for key, value in update.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+        if broken:
+            raise SiteFailure(f"non-finite update in {len(broken)} tensors, e.g. '{broken[0]}'")
+        return update, means
+
+    def _batches(self, round_index: int) -> Iterator[dict[str, Any]]:
+        """The round's batches on the device: each source's stream is seeded by (run, its site, round)
+        alone; several sources take turns, one batch each."""
+        streams = [stream.start_round(site_seed(self.cfg.seed, name, round_index), self.steps_per_source, self.shard)
+                   for name, stream in self.sources]
+        device = self.fabric.device
+        for step in range(self.num_steps):
+            source = step % len(streams)
+            batch = next(streams[source])
+            yield {"image": self.prepare(batch["image"].as_subclass(torch.Tensor)),
+                   "label": batch["label"].as_subclass(torch.Tensor).to(device), "source": source}
+
+    def _step(self, batch: dict[str, Any], step: int) -> torch.Tensor:
+        """One optimizer step: forward and loss under Fabric's precision, a finiteness check that the
+        ranks of a data-parallel client agree on, backward, clipping, step, schedule."""
+        with self.fabric.autocast():  # Fabric applies its precision to forward(), not to training_step()
+            loss = self.module.training_step(batch, step)
+        finite = torch.isfinite(loss.detach()).to(torch.int32)
+        if self.shard[1] > 1:  # the ranks of a data-parallel site stop together, before DDP's all-reduce
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self.group)
+        if not finite:
+            raise SiteFailure(f"non-finite loss at local step {step + 1}")
+        self.fabric.backward(loss)
+        clip = self.cfg.optim.grad_clip_norm
+        if clip > 0:
+            norm = self.fabric.clip_gradients(self.module, self.optimizer, max_norm=clip, error_if_nonfinite=False)
+            if not torch.isfinite(norm):
+                raise SiteFailure(f"non-finite gradient norm at local step {step + 1}")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss
