@@ -270,7 +270,7 @@ class Federation:
         def mine() -> Scores:
             out, loaded = {}, None
             for site in dict.fromkeys(s for _, s in pairs if self._scorer(s) == rank):
-                data = self.site_data.get(site) or self.external[site]
+                data = self.site_data[site] if site in self.site_data else self.external[site]
                 loader = self._loader(data, split)
                 for model in [m for m, s in pairs if s == site]:
                     if loaded != model:
@@ -293,7 +293,9 @@ class Federation:
         """A split's whole volumes; validation's are kept, to be scored again every round."""
         split = "testing" if data.name in self.external else split
         key = f"{data.name}/{split}"
-        loader = self._loaders.get(key) or evaluation_loader(data.splits[split], self.cfg.data)
+        loader = self._loaders.get(key)
+        if loader is None:
+            loader = evaluation_loader(data.splits[split], self.cfg.data)
         if split == "validation":
             self._loaders[key] = loader
         return loader
@@ -409,9 +411,9 @@ class Federation:
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(CASE_COLUMNS)
         for (model, site), dice in scores.items():
-            data = self.site_data.get(site) or self.external[site]
-            phase, split = ("external", "testing") if site in self.external else ("test", "testing")
-            cases = [nifti_stem(item["image"]) for item in data.splits[split]]
+            data = self.site_data[site] if site in self.site_data else self.external[site]
+            phase = "external" if site in self.external else "test"
+            cases = [nifti_stem(item["image"]) for item in data.splits["testing"]]
             for name, values in dice.items():
                 for case, value in zip(cases, values, strict=True):
                     writer.writerow([phase, model, site, case, name, "" if math.isnan(value) else f"{value:.8g}"])
