@@ -8,6 +8,8 @@ optimizer state. Floating-point entries (parameters and buffers) are aggregated;
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Protocol
+
 import torch
 from omegaconf import DictConfig
 from torch import Tensor
@@ -32,6 +34,17 @@ def weighted_mean(updates: Sequence[StateDict], weights: Sequence[float]) -> Sta
         else:
             mean[key] = first.clone()
     return mean
+
+
+class Strategy(Protocol):
+    """What the round loop asks of a server: the next weights from the sent ones and the updates,
+    and the server's own state for `state.ckpt`."""
+
+    def aggregate(self, global_state: StateDict, updates: Sequence[StateDict], weights: Sequence[float]) -> StateDict: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class FedAvg:
@@ -89,5 +102,5 @@ class FedOpt:
         }
 
 
-def build_strategy(fl: DictConfig, global_state: StateDict) -> FedAvg | FedOpt:
+def build_strategy(fl: DictConfig, global_state: StateDict) -> Strategy:
     return FedOpt(global_state, fl) if fl.strategy == "fedopt" else FedAvg()
