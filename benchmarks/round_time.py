@@ -62,28 +62,28 @@ def instrument(federation: Federation, times: PhaseTimes) -> None:
     """Timers around the loop's phases, the parts of an optimizer step, the teacher's forward
     inside a step, and batch drawing."""
     f = federation
-    train_round = f.train_round
+    train_clients = f.train_clients
 
-    def counted_round(global_state: Any, round_index: int) -> Any:
+    def counted_round(round_index: int) -> Any:
         times.round = round_index
-        return times.wrap("local training", train_round)(global_state, round_index)
+        return times.wrap("local training", train_clients)(round_index)
 
-    f.train_round = counted_round
-    f.strategy.aggregate = times.wrap("aggregation", f.strategy.aggregate)
-    evaluate_sites = f.evaluate_sites
-    f.evaluate_sites = lambda split: times.wrap(split, evaluate_sites)(split)  # validation, or the final testing
+    f.train_clients = counted_round
+    f.aggregate = times.wrap("aggregation", f.aggregate)
+    score = f.score
+    f.score = lambda states, pairs, split: times.wrap(split, score)(states, pairs, split)  # validation, or testing
     f._save_state = times.wrap("state file", f._save_state)
     fed_module.save_model = times.wrap("model files", fed_module.save_model)
     f._record_round = times.wrap("model files + logging", f._record_round)
     f.fabric.backward = times.wrap("step", f.fabric.backward)
     f.fabric.clip_gradients = times.wrap("step", f.fabric.clip_gradients)
-    teacher_forward = f.global_model.forward
+    teacher_forward = f.network.forward
     in_step = {"on": False}
 
     def teacher(*args: Any) -> Any:
         return times.wrap("teacher", teacher_forward)(*args) if in_step["on"] else teacher_forward(*args)
 
-    f.global_model.forward = teacher
+    f.network.forward = teacher
     step = times.wrap("step", Site.training_step)
 
     def training_step(self: Site, *args: Any) -> Any:
@@ -94,17 +94,16 @@ def instrument(federation: Federation, times: PhaseTimes) -> None:
             in_step["on"] = False
 
     Site.training_step = training_step
-    for local in f.local.values():
+    for client in f.clients.values():
         # the scheduler's step (microseconds) stays unwrapped: its state_dict would pickle the wrapper
-        local.optimizer.step = times.wrap("step", local.optimizer.step)
-        local.optimizer.zero_grad = times.wrap("step", local.optimizer.zero_grad)
-        stream = local.stream
+        client.optimizer.step = times.wrap("step", client.optimizer.step)
+        client.optimizer.zero_grad = times.wrap("step", client.optimizer.zero_grad)
+        for _, stream in client.sources:
+            def start_round(*args: Any, _start=stream.start_round) -> Any:
+                batches = _start(*args)
+                return iter(lambda: times.wrap("data", next)(batches, None), None)
 
-        def start_round(*args: Any, _start=stream.start_round) -> Any:
-            batches = _start(*args)
-            return iter(lambda: times.wrap("data", next)(batches, None), None)
-
-        stream.start_round = start_round
+            stream.start_round = start_round
 
 
 def main() -> None:

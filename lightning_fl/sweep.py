@@ -653,12 +653,19 @@ def _signed(value: float) -> str:
     return f"{round(value, 3) + 0.0:+.3f}"
 
 
+def _shown(path: Path) -> Path:
+    """A path as the tables show it: relative to the repository where it lies inside, so committed
+    tables do not name one machine's folders."""
+    resolved = path.resolve()
+    return resolved.relative_to(CONFIG_DIR.parent) if resolved.is_relative_to(CONFIG_DIR.parent) else path
+
+
 def results_markdown(sweep: Sweep, results: Results, missing: list[str], command: str,
                      costs: dict[tuple[str, int], dict[str, Any]] | None = None) -> str:
     headline = {key: headline_rows(rows) for key, rows in results.items()}
     lines = [
         f"# Sweep `{sweep.name}`", "",
-        f"- sweep file: `{sweep.path}`", f"- base config: `{sweep.base}`",
+        f"- sweep file: `{_shown(sweep.path)}`", f"- base config: `{_shown(sweep.base)}`",
         f"- seeds: {', '.join(map(str, sweep.seeds))}",
         f"- overrides of every variant: {' '.join(sweep.overrides) or 'none'}",
         *(f"- variant `{name}`: {' '.join(own) or '(the base config)'}" for name, own in sweep.variants.items()),
