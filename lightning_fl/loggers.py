@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_fl.checkpoint import OutputError
 
-LOSS_COLUMNS = ("loss", "supervised", "condist", "condist_weight", "lr")
+LOSS_COLUMNS = ("loss", "supervised", "condist", "condist_weight", "proximal", "lr")
 CSV_COLUMNS = ("round", "phase", "site", "model", "class", "dice") + LOSS_COLUMNS + ("note",)
 
 
