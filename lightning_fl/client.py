@@ -46,13 +46,16 @@ class SiteClient:
     """A client on this rank: its Site module and optimizer (set up by Fabric) and its data sources.
 
     `shard` = (this rank's position, ranks) in the client's block: a client trained by several ranks
-    is data-parallel, each rank taking its share of every batch."""
+    is data-parallel, each rank taking its share of every batch. `shares_rank`: another client
+    trains on this rank, so the optimizer state is parked on the host between turns."""
 
     def __init__(
         self, name: str, sources: list[SiteData], labels: LabelSpace, student: torch.nn.Module,
         teacher: torch.nn.Module, cfg: DictConfig, fabric: L.Fabric, shard: tuple[int, int], prepare: Any,
+        shares_rank: bool = False, hide_bars: bool | None = True,
     ) -> None:
         self.name, self.cfg, self.fabric, self.shard, self.prepare = name, cfg, fabric, shard, prepare
+        self.shares_rank, self.hide_bars = shares_rank, hide_bars
         self.steps_per_source = cfg.fl.local_steps
         self.num_steps = cfg.fl.local_steps * len(sources)
         self.num_cases = sum(d.num_training_cases for d in sources)
@@ -65,8 +68,6 @@ class SiteClient:
         self.sources = [(d.name, TrainingStream(d, cfg.data)) for d in sources]
         self.step_means: StepMeans = fabric.logger  # where the Site's `log_dict` goes (build_fabric)
         self.group: Any = None  # the process group of a data-parallel client
-        self.shares_rank = False  # another client trains on this rank: park the optimizer state between turns
-        self.hide_bars: bool | None = True
         if shard[1] > 1:
             patches = cfg.data.batch_size * cfg.data.samples_per_volume
             if patches % shard[1]:

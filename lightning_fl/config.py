@@ -307,10 +307,12 @@ def _read_yaml(path: Path) -> DictConfig:
     return node
 
 
-def config_groups() -> list[str]:
-    """Folders of configs/ that hold alternatives for one schema section (`method/`, `model/`, ...)."""
+@functools.cache
+def config_groups() -> tuple[str, ...]:
+    """Folders of configs/ that hold alternatives for one schema section (`method/`, `model/`, ...);
+    read once per process, as every override is checked against them."""
     sections = {spec.name for spec in dataclasses.fields(RunConfig)}
-    return sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name in sections)
+    return tuple(sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name in sections))
 
 
 def _group_choices(overrides: list[str]) -> tuple[dict[str, str], list[str]]:

@@ -15,8 +15,6 @@ writes files, logs and prints.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import sys
@@ -51,14 +49,13 @@ from lightning_fl.evaluation import nanmean, score_cases
 from lightning_fl.labels import LabelSpace, label_space_from_config
 from lightning_fl.loggers import RunLogger, format_table
 from lightning_fl.networks import build_network
+from lightning_fl.scores import CASES_FILE, EXTERNAL, GLOBAL, TEST, CaseRow, case_table, headline_rows, pooled
 from lightning_fl.site import StateDict, freeze
 from lightning_fl.strategies import build_strategy
 
 T = TypeVar("T")
 IDENTITY = ("run_id", "config_sha256", "seed")  # in state.ckpt, best.ckpt and last.ckpt: which run wrote them
-GLOBAL = "global"  # the model of federated and centralized training
 POOLED = "pooled"  # the one client of centralized training
-CASE_COLUMNS = ("phase", "model", "site", "case", "class", "dice")  # test_cases.csv
 
 
 @dataclass(frozen=True)
@@ -130,20 +127,19 @@ class Federation:
         self.predictor = Predictor(self.network, fabric, cfg.model.channels_last)
         self.site_data = {s.name: load_site(root, s, self.labels) for s in cfg.data.sites}
         self.external = {s.name: load_site(root, s, self.labels, required=("testing",)) for s in cfg.data.external}
+        self.scored_sites = self.site_data | self.external  # tested in this order
         self.topology = Topology.of(cfg.method.training, list(self.site_data))
         cost = {s.name: s.cost for s in cfg.data.sites}
         self.placement = make_placement(fabric, list(self.topology.clients),
                                         [sum(cost[s] for s in sites) for sites in self.topology.clients.values()])
-        student = self._network()  # one per process, shared by its clients (site.py)
-        self.clients: dict[str, SiteClient] = checked_on_every_rank(
-            fabric, "setting up its sites",
-            lambda: {name: self._client(name, sites, student) for name, sites in self.topology.clients.items()
-                     if self.placement.trains(name)},
-        )
         self.is_main = fabric.global_rank == 0
         self.hide_bars = True if not self.is_main else (None if cfg.logger.progress else True)  # None: terminals only
+        student = self._network()  # one per process, shared by its clients (site.py)
+        mine = [name for name in self.topology.clients if self.placement.trains(name)]
+        self.clients: dict[str, SiteClient] = checked_on_every_rank(
+            fabric, "setting up its sites", lambda: {name: self._client(name, student, len(mine) > 1) for name in mine},
+        )
         for name, client in self.clients.items():  # DDP's constructor is a collective of the client's ranks: after the check
-            client.hide_bars, client.shares_rank = self.hide_bars, len(self.clients) > 1
             if client.shard[1] > 1:
                 client.data_parallel(self.placement.groups[name])
         initial = self._network_state()
@@ -159,9 +155,10 @@ class Federation:
     def _network_state(self) -> StateDict:
         return {k: v.detach().clone() for k, v in self.network.state_dict().items()}
 
-    def _client(self, name: str, sites: list[str], student: torch.nn.Module) -> SiteClient:
-        return SiteClient(name, [self.site_data[s] for s in sites], self.labels, student, self.network, self.cfg,
-                          self.fabric, self.placement.shard(name), self.predictor.prepare)
+    def _client(self, name: str, student: torch.nn.Module, shares_rank: bool) -> SiteClient:
+        return SiteClient(name, [self.site_data[s] for s in self.topology.clients[name]], self.labels, student,
+                          self.network, self.cfg, self.fabric, self.placement.shard(name), self.predictor.prepare,
+                          shares_rank, self.hide_bars)
 
     # ---------------------------------------------------------------- resumable state
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -270,7 +267,7 @@ class Federation:
         def mine() -> Scores:
             out, loaded = {}, None
             for site in dict.fromkeys(s for _, s in pairs if self._scorer(s) == rank):
-                data = self.site_data[site] if site in self.site_data else self.external[site]
+                data = self.scored_sites[site]
                 loader = self._loader(data, split)
                 for model in [m for m, s in pairs if s == site]:
                     if loaded != model:
@@ -287,7 +284,7 @@ class Federation:
         """The rank that scores a site: the owner of its own client, else the sites take turns."""
         if site in self.placement.ranks:
             return self.placement.owner(site)
-        return list(self.site_data | self.external).index(site) % self.fabric.world_size
+        return list(self.scored_sites).index(site) % self.fabric.world_size
 
     def _loader(self, data: SiteData, split: str) -> Any:
         """A split's whole volumes; validation's are kept, to be scored again every round."""
@@ -391,51 +388,30 @@ class Federation:
     def _test(self, logger: RunLogger | None) -> dict[str, Any]:
         """Each model's best round on every site's test split (that site's classes) and on each
         external site (per organ): per case in test_cases.csv, summarised in the summary."""
-        sites = list(self.site_data) + list(self.external)
-        pairs = [(m, site) for m in self.topology.models for site in sites]
+        pairs = [(m, site) for m in self.topology.models for site in self.scored_sites]
         scores = self.score({m: self.best[m].state for m in self.topology.models}, pairs, "testing")
+        means = {pair: {c: nanmean(v) for c, v in dice.items()} for pair, dice in scores.items()}
+        rows = [CaseRow(self._phase(site), model, site, nifti_stem(item["image"]), name, None if math.isnan(v) else v)
+                for (model, site), dice in scores.items() for name, values in dice.items()
+                for item, v in zip(self.scored_sites[site].splits["testing"], values, strict=True)]
 
         def record() -> None:
-            for (model, site), dice in scores.items():
-                phase = "external" if site in self.external else "test"
-                logger.dice(self.best[model].round, phase, site, model, {c: nanmean(v) for c, v in dice.items()})
+            for (model, site), dice in means.items():
+                logger.dice(self.best[model].round, self._phase(site), site, model, dice)
             logger.commit(self.cfg.fl.rounds)
-            atomic_write_text(self.output_dir / "test_cases.csv", self._case_table(scores))
+            atomic_write_text(self.output_dir / CASES_FILE, case_table(rows))
 
         self._on_main("writing the test scores", record)
-        return self._summary(scores)
+        return self._summary(headline_rows(rows), means)
 
-    def _case_table(self, scores: Scores) -> str:
-        """test_cases.csv: one row per model, site, case and class (the numbers paired comparisons need)."""
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(CASE_COLUMNS)
-        for (model, site), dice in scores.items():
-            data = self.site_data[site] if site in self.site_data else self.external[site]
-            phase = "external" if site in self.external else "test"
-            cases = [nifti_stem(item["image"]) for item in data.splits["testing"]]
-            for name, values in dice.items():
-                for case, value in zip(cases, values, strict=True):
-                    writer.writerow([phase, model, site, case, name, "" if math.isnan(value) else f"{value:.8g}"])
-        return out.getvalue()
+    def _phase(self, site: str) -> str:
+        return EXTERNAL if site in self.external else TEST
 
-    def _own(self, model: str, site: str, name: str) -> bool:
-        """Whether a score speaks for `model`: the global model always; a standalone site's model on
-        its own test split, and on an external site for the organs its site labels."""
-        if model == GLOBAL:
-            return True
-        return model == site or (site in self.external and name in self.site_data[model].classes)
-
-    def _summary(self, scores: Scores) -> dict[str, Any]:
+    def _summary(self, headline: list[CaseRow], means: dict[tuple[str, str], dict[str, float]]) -> dict[str, Any]:
         """Each class's test Dice over the cases of the sites that label it, each organ's on every
-        external site; a standalone run adds every site's model on every site (`cross_site`)."""
-        pooled: dict[str, dict[str, list[float]]] = {}
-        for (model, site), dice in scores.items():
-            for name, values in dice.items():
-                if self._own(model, site, name):
-                    where = site if site in self.external else "test"
-                    pooled.setdefault(where, {}).setdefault(name, []).extend(values)
-        test = pooled.get("test", {})
+        external site (`scores.headline_rows`: a standalone site's own model); a standalone run adds
+        every site's model on every site (`cross_site`)."""
+        test = pooled(headline, TEST)
         test_dice = {c: nanmean(test[c]) for c in self.labels.classes if c in test}
         single = self.topology.models == [GLOBAL]
         summary: dict[str, Any] = {
@@ -444,11 +420,10 @@ class Federation:
             "best_validation_dice": self.best[GLOBAL].score if single else {m: b.score for m, b in self.best.items()},
             "test_dice": test_dice,
             "test_mean_dice": nanmean(list(test_dice.values())),
-            "external_dice": {e: {c: nanmean(v) for c, v in pooled.get(e, {}).items()} for e in self.external},
+            "external_dice": {e: {c: nanmean(v) for c, v in pooled(headline, EXTERNAL, e).items()} for e in self.external},
         }
         if not single:
-            summary["cross_site"] = {m: {s: {c: nanmean(v) for c, v in scores[(m, s)].items()}
-                                         for s in list(self.site_data) + list(self.external)} for m in self.topology.models}
+            summary["cross_site"] = {m: {s: means[(m, s)] for s in self.scored_sites} for m in self.topology.models}
         return summary
 
 

@@ -85,8 +85,9 @@ class RunLogger:
         settings = cfg.logger.wandb
         return wandb.init(
             project=settings.project, entity=settings.entity, name=settings.name, group=settings.group,
-            job_type=settings.job_type, tags=list(settings.tags), mode=settings.mode, dir=str(output_dir), config=OmegaConf.to_container(cfg, resolve=True),
-            reinit="finish_previous", id=run_id, resume="allow" if run_id else None,
+            job_type=settings.job_type, tags=list(settings.tags), mode=settings.mode, dir=str(output_dir),
+            config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous", id=run_id,
+            resume="allow" if run_id else None,
         )
 
     @property

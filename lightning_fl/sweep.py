@@ -36,8 +36,11 @@ from tqdm.auto import tqdm
 
 from lightning_fl.checkpoint import STATE_FILE, atomic_write_text
 from lightning_fl.config import CONFIG_DIR, ConfigError, config_changes, load_config
-from lightning_fl.errors import RunStopped, UserInputError
+from lightning_fl.errors import RunStopped
 from lightning_fl.loggers import format_table
+from lightning_fl.scores import (  # noqa: F401 - ResultsError: what reading the runs raises
+    CASES_FILE, EXTERNAL, GLOBAL, TEST, CaseRow, ResultsError, headline_rows, pooled, read_test_cases,
+)
 
 # `shared` is not read: it holds lists of overrides that variants share through YAML anchors
 KEYS = ("base", "seeds", "variants", "overrides", "comparisons", "output_dir", "shared")
@@ -46,18 +49,11 @@ NAME = re.compile(r"[A-Za-z0-9_-]+")
 # set by the sweep for each run; a sweep file that set them would be silently overruled
 SET_BY_SWEEP = ("seed", "output_dir", "logger.wandb.group", "logger.wandb.job_type", "logger.wandb.name")
 SUMMARY_FILE = "summary.json"  # written by fit as its last step: the run is finished
-CASES_FILE = "test_cases.csv"  # written by fit: one Dice per phase, model, site, case and class
-CASE_COLUMNS = ("phase", "model", "site", "case", "class", "dice")
 RESULT_COLUMNS = ("variant", "seed", "phase", "model", "site", "class", "dice", "cases")
-TEST, EXTERNAL, GLOBAL = "test", "external", "global"
 ALL_CLASSES = "all classes"
 RESAMPLES, BOOTSTRAP_SEED = 10_000, 0
 POLL_S = 0.2
 STOP_WAIT_S = 30.0  # how long stopped runs get to exit before SIGKILL
-
-
-class ResultsError(UserInputError):
-    """A finished run's test_cases.csv that cannot be read into the tables; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -418,34 +414,7 @@ def run_sweep(sweep: Sweep, parallel: int = 1, rerun_changed: bool = False, tabl
 
 
 # ---------------------------------------------------------------- the tables
-class CaseRow(NamedTuple):
-    """One row of a run's test_cases.csv; dice is None where the class is absent from the case."""
-
-    phase: str
-    model: str
-    site: str
-    case: str
-    cls: str
-    dice: float | None
-
-
 Results = dict[tuple[str, int], list[CaseRow]]  # (variant, seed) -> its test cases
-
-
-def read_test_cases(path: Path) -> list[CaseRow]:
-    """A run's test_cases.csv, checked: the tables must not silently drop or misread a row."""
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not set(CASE_COLUMNS) <= set(reader.fieldnames):
-            raise ResultsError(f"{path}: expected the columns {','.join(CASE_COLUMNS)}, got {reader.fieldnames}")
-        rows = []
-        for line, row in enumerate(reader, start=2):
-            try:
-                dice = float(row["dice"]) if row["dice"] else None
-            except ValueError:
-                raise ResultsError(f"{path}: line {line}: dice {row['dice']!r} is not a number") from None
-            rows.append(CaseRow(row["phase"], row["model"], row["site"], row["case"], row["class"], dice))
-    return rows
 
 
 def collect_results(runs: list[Run]) -> tuple[Results, list[str]]:
@@ -510,30 +479,13 @@ def results_csv(results: Results) -> str:
     return out.getvalue()
 
 
-def headline_rows(rows: list[CaseRow]) -> list[CaseRow]:
-    """The rows a run's headline numbers come from: the global model's (federated and centralized
-    runs), or, where each site has its own model (standalone), each site's model on its own test
-    split and, on the external sites, on the classes its site labels."""
-    if any(row.model == GLOBAL for row in rows):
-        return [row for row in rows if row.model == GLOBAL]
-    own = [row for row in rows if row.phase == TEST and row.model == row.site]
-    learnt = {(row.model, row.cls) for row in own}
-    return own + [row for row in rows if row.phase == EXTERNAL and (row.model, row.cls) in learnt]
-
-
 def _ordered(items: Iterable[Any]) -> list[Any]:
     return list(dict.fromkeys(items))
 
 
 def _class_means(rows: list[CaseRow], phase: str, site: str | None = None) -> dict[str, float]:
     """Mean Dice over the cases per class (pooled over the sites that label it)."""
-    values: dict[str, list[float]] = {}
-    for row in rows:
-        if row.phase == phase and site in (None, row.site):
-            values.setdefault(row.cls, [])
-            if row.dice is not None:
-                values[row.cls].append(row.dice)
-    return {cls: _mean(v) for cls, v in values.items()}
+    return {cls: _mean(v) for cls, v in pooled(rows, phase, site).items()}
 
 
 def mean_std(values: Iterable[float]) -> str:
