@@ -9,8 +9,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 
-def median_times(fns: Sequence[Callable[[], object]], repeats: int, warmup: int = 1,
-                 setup: Callable[[], object] = lambda: None) -> list[float]:
+def median_times(
+    fns: Sequence[Callable[[], object]], repeats: int, warmup: int = 1, setup: Callable[[], object] = lambda: None
+) -> list[float]:
     """Median wall time of each function after `warmup` untimed calls, timed in alternation so that
     a slow spell of a shared machine falls on all of them alike; `setup` runs untimed before every
     call, and a GPU finishes its queued work before the clock starts and stops."""

@@ -41,9 +41,13 @@ def step_timer(cfg, fabric: L.Fabric, condist: bool, batch: dict[str, torch.Tens
     foreground = labels.foreground(cfg.data.sites[0].classes)
     torch.manual_seed(0)
     site = Site(
-        cfg.data.sites[0].name, foreground, labels.background_groups(foreground), labels.num_classes,
-        student=build_network(cfg.model, 1, labels.num_classes), teacher=build_network(cfg.model, 1, labels.num_classes),
+        [foreground],
+        labels.background_groups(foreground),
+        labels.num_classes,
+        student=build_network(cfg.model, 1, labels.num_classes),
+        teacher=build_network(cfg.model, 1, labels.num_classes),
         cfg=cfg,
+        steps_per_round=cfg.fl.local_steps,
     )
     module, optimizer = fabric.setup(site, site.configure_optimizers()["optimizer"])
     module.train()
@@ -75,10 +79,12 @@ def main() -> None:
     batch_size = cfg.data.batch_size * cfg.data.samples_per_volume
     heads = 1 + cfg.model.deep_supervision_heads
     spatial = tuple(cfg.data.patch_size)
-    print(f"config {args.config.name}: site '{site.name}' {foreground}, batch {batch_size}, patch {list(spatial)}, "
-          f"{heads} heads, {labels.num_classes} classes, device {fabric.device} "
-          f"({torch.cuda.get_device_name() if fabric.device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"precision {cfg.fabric.precision}")
+    print(
+        f"config {args.config.name}: site '{site.name}' {foreground}, batch {batch_size}, patch {list(spatial)}, "
+        f"{heads} heads, {labels.num_classes} classes, device {fabric.device} "
+        f"({torch.cuda.get_device_name() if fabric.device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+        f"precision {cfg.fabric.precision}"
+    )
 
     g = torch.Generator().manual_seed(0)
     image = torch.randn(batch_size, 1, *spatial, generator=g).to(fabric.device)
@@ -104,7 +110,9 @@ def main() -> None:
 
     def loop() -> None:
         x = logits.detach().requires_grad_(True)
-        supervised = sum(weights[h] * marginal_loss_loop(x[:, h], label, foreground, cfg.method.ce) for h in range(heads))
+        supervised = sum(
+            weights[h] * marginal_loss_loop(x[:, h], label, foreground, cfg.method.ce) for h in range(heads)
+        )
         (supervised + condist_loss_loop(x[:, 0], teacher, label, foreground, groups, cfg.method.temperature)).backward()
 
     fast_time, loop_time = median_times([fast, loop], args.repeats, warmup=3)

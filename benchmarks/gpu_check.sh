@@ -3,7 +3,8 @@
 # a 2-round federated run; evaluate (cross-site), infer and export on the GPU; the paper-size
 # training step (time, peak memory); paper-size inference on the real CT volumes; and the CPU
 # cost of the paper's data pipeline per loader worker (one thread).
-# Usage: benchmarks/gpu_check.sh OUT_DIR [REALDATA_DIR]   (the package importable, e.g. pip install -e .)
+# Usage: benchmarks/gpu_check.sh OUT_DIR [REALDATA_DIR]   (REALDATA_DIR: the real CT volumes folder;
+# the package importable, e.g. pip install -e .)
 set -uo pipefail
 out="${1:?usage: benchmarks/gpu_check.sh OUT_DIR [REALDATA_DIR]}"
 realdata="${2:-../shared/realdata}"

@@ -1,7 +1,7 @@
 """How long the paper's network takes on a real CT volume, the unit of validation and of `infer`.
 
 Times `lightning_fl.inference.infer_file` (preprocess, Gaussian sliding window, resample the class
-probabilities back, write) on the real CT volumes of ../shared/realdata (read in place), with a
+probabilities back, write) on the real CT volumes (the folder --realdata names, read in place), with a
 model from --checkpoint or, by default, the config's network with seeded random weights (the time
 does not depend on the weights). Prints seconds per volume (median of --repeats after one warm-up)
 and the peak GPU memory; with --torchscript also exports the model and reports how many voxels the
@@ -21,9 +21,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from omegaconf import OmegaConf
-
 from _timing import median_times
+from omegaconf import OmegaConf
 
 from lightning_fl.checkpoint import save_model
 from lightning_fl.config import load_config
@@ -40,32 +39,49 @@ def seeded_checkpoint(config: Path, overrides: list[str], folder: Path) -> Path:
     torch.manual_seed(cfg.seed)
     network = build_network(cfg.model, in_channels=1, out_channels=len(cfg.labels.classes))
     path = folder / "random.ckpt"
-    save_model(path, network.state_dict(), round=None, score=None, classes=list(cfg.labels.classes),
-               config=OmegaConf.to_container(cfg, resolve=True))
+    save_model(
+        path,
+        network.state_dict(),
+        round=None,
+        score=None,
+        classes=list(cfg.labels.classes),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
     return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "condistfl_paper.yaml")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="default: the config's network, seeded random weights")
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None, help="default: the config's network, seeded random weights"
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--torchscript", action="store_true", help="also export model.ts and compare its labels")
-    parser.add_argument("--realdata", type=Path, default=REPO.parent / "shared" / "realdata")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. fabric.accelerator=cpu eval.sw_batch_size=2")
+    parser.add_argument(
+        "--realdata",
+        type=Path,
+        default=REPO.parent / "shared" / "realdata",
+        help="the real CT volumes folder (default: %(default)s)",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. fabric.accelerator=cpu eval.sw_batch_size=2"
+    )
     args = parser.parse_args()
     missing = [name for name in VOLUMES if not (args.realdata / name).is_file()]
     if missing:
-        sys.exit(f"error: {args.realdata} lacks {missing}; pass --realdata DIR (the folder of ../shared/realdata)")
+        sys.exit(f"error: {args.realdata} lacks {missing}; pass --realdata DIR (the real CT volumes folder)")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         checkpoint = args.checkpoint or seeded_checkpoint(args.config, args.overrides, folder)
         model = load_trained(checkpoint, args.overrides)
         device = model.predictor.fabric.device
         ev = model.cfg.eval
-        print(f"{model.name} on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
-              f"precision {model.precision}, spacing {list(model.cfg.data.spacing_mm)} mm, roi {list(ev.roi_size)}, "
-              f"overlap {ev.overlap}, sw_batch_size {ev.sw_batch_size}; median of {args.repeats} after a warm-up\n")
+        print(
+            f"{model.name} on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
+            f"precision {model.precision}, spacing {list(model.cfg.data.spacing_mm)} mm, roi {list(ev.roi_size)}, "
+            f"overlap {ev.overlap}, sw_batch_size {ev.sw_batch_size}; median of {args.repeats} after a warm-up\n"
+        )
         print(f"{'volume':<24}{'shape':>16}{'s/volume':>10}{'peak GPU GiB':>14}")
         for name in VOLUMES:
             source = args.realdata / name

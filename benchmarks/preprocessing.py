@@ -1,6 +1,6 @@
 """How fast the paper's data pipeline turns real CT volumes into training patches, on CPU.
 
-Runs `lightning_fl.data.transforms` on the two real cases of ../shared/realdata (read in place)
+Runs `lightning_fl.data.transforms` on the two real cases of the real CT volumes folder (read in place)
 and prints, per case and in total, seconds per case and cases per second (median of --repeats
 runs after one warm-up) for
   1. the deterministic preprocessing (evaluation_transform: load, RAS, resample, HU window), what a
@@ -31,9 +31,8 @@ from pathlib import Path
 
 import monai.transforms as mt
 import torch
-from monai.data import PersistentDataset
-
 from _timing import median_times
+from monai.data import PersistentDataset
 
 from lightning_fl.config import load_config
 from lightning_fl.data.transforms import evaluation_transform, training_transform
@@ -64,7 +63,12 @@ def shape(sizes: Iterable[int]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "condistfl_paper.yaml")
-    parser.add_argument("--realdata", type=Path, default=REPO.parent / "shared" / "realdata")
+    parser.add_argument(
+        "--realdata",
+        type=Path,
+        default=REPO.parent / "shared" / "realdata",
+        help="the real CT volumes folder (default: %(default)s)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--draws", type=int, default=16, help="training sample draws averaged per repeat")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
@@ -75,17 +79,20 @@ def main() -> None:
     files = {name: [args.realdata / f for f in pair] for name, pair in CASES.items()}
     missing = [str(p) for pair in files.values() for p in pair if not p.is_file()]
     if missing:
-        sys.exit(f"real CT data not found in {args.realdata.resolve()} (missing {', '.join(missing)}); "
-                 "pass --realdata DIR")
+        sys.exit(
+            f"real CT data not found in {args.realdata.resolve()} (missing {', '.join(missing)}); pass --realdata DIR"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     data = load_config(args.config, args.overrides).data
     spleen = [0, 3]  # the spleen site's classes: the label values of spleen_8
     head, tail = split_at_first_random(training_transform(data, spleen))
     evaluation, full = evaluation_transform(data), training_transform(data, spleen)
-    print(f"config {args.config.name}: spacing {list(data.spacing_mm)} mm, patch {list(data.patch_size)}, "
-          f"{data.samples_per_volume} samples per volume, batch {data.batch_size} volumes; "
-          f"{torch.get_num_threads()} torch threads; median of {args.repeats} after 1 warm-up")
+    print(
+        f"config {args.config.name}: spacing {list(data.spacing_mm)} mm, patch {list(data.patch_size)}, "
+        f"{data.samples_per_volume} samples per volume, batch {data.batch_size} volumes; "
+        f"{torch.get_num_threads()} torch threads; median of {args.repeats} after 1 warm-up"
+    )
 
     rows: list[tuple[str, str, str, float]] = []
     draw_seconds: list[float] = []
@@ -109,9 +116,11 @@ def main() -> None:
         draw = median_time(draws, args.repeats) / args.draws
         draw_seconds.append(draw)
         patches = f"→{data.samples_per_volume}×{shape(data.patch_size)}"
-        rows += [(name, size, "preprocess (evaluation_transform)", median_time(lambda: evaluation(item), args.repeats)),
-                 (name, patches, f"sample draw (random part, mean of {args.draws})", draw),
-                 (name, patches, "full training_transform (one seeded draw)", median_time(full_draw, args.repeats))]
+        rows += [
+            (name, size, "preprocess (evaluation_transform)", median_time(lambda: evaluation(item), args.repeats)),
+            (name, patches, f"sample draw (random part, mean of {args.draws})", draw),
+            (name, patches, "full training_transform (one seeded draw)", median_time(full_draw, args.repeats)),
+        ]
 
         with tempfile.TemporaryDirectory() as tmp:
             cache = Path(tmp)
@@ -120,23 +129,33 @@ def main() -> None:
             second = median_time(lambda: dataset[0], args.repeats)
             read_seconds.append(second)
             cache_mb += sum(f.stat().st_size for f in cache.iterdir()) / 2**20
-        rows += [(name, size, "PersistentDataset 1st pass (cached part + write)", first),
-                 (name, size, "PersistentDataset 2nd pass (read)", second)]
+        rows += [
+            (name, size, "PersistentDataset 1st pass (cached part + write)", first),
+            (name, size, "PersistentDataset 2nd pass (read)", second),
+        ]
 
     stages = list(dict.fromkeys(stage for _, _, stage, _ in rows))
-    rows += [("total", f"{len(files)} cases", stage, statistics.mean(s for _, _, st, s in rows if st == stage))
-             for stage in stages]
+    rows += [
+        ("total", f"{len(files)} cases", stage, statistics.mean(s for _, _, st, s in rows if st == stage))
+        for stage in stages
+    ]
     print(f"\n{'case':<12}{'shape in→out':<28}{'stage':<50}{'s/case':>8}{'cases/s':>9}")
     for case, size, stage, seconds in rows:
         print(f"{case:<12}{size:<28}{stage:<50}{seconds:>8.3f}{1 / seconds:>9.2f}")
-    print(f"\nPersistentDataset cache on disk: {cache_mb:.0f} MB for {len(files)} cases "
-          "(volumes + foreground/background indices)")
-    per_volume = statistics.mean(draw_seconds) + statistics.mean(read_seconds)  # a worker reads the cached case, then draws
+    print(
+        f"\nPersistentDataset cache on disk: {cache_mb:.0f} MB for {len(files)} cases "
+        "(volumes + foreground/background indices)"
+    )
+    per_volume = statistics.mean(draw_seconds) + statistics.mean(
+        read_seconds
+    )  # a worker reads the cached case, then draws
     workers = math.ceil(per_volume * data.batch_size / args.step_seconds)
     threads = torch.get_num_threads()
-    print(f"data-loader workers to keep up with a {args.step_seconds} s step of {data.batch_size} volumes "
-          f"({data.batch_size * data.samples_per_volume} patches): ceil(({statistics.mean(draw_seconds):.3f} s draw + "
-          f"{statistics.mean(read_seconds):.3f} s read) × {data.batch_size} / {args.step_seconds} s) = {workers}")
+    print(
+        f"data-loader workers to keep up with a {args.step_seconds} s step of {data.batch_size} volumes "
+        f"({data.batch_size * data.samples_per_volume} patches): ceil(({statistics.mean(draw_seconds):.3f} s draw + "
+        f"{statistics.mean(read_seconds):.3f} s read) × {data.batch_size} / {args.step_seconds} s) = {workers}"
+    )
     if threads != 1:  # torch's DataLoader sets 1 thread in each worker process
         print(f"(draws timed at {threads} torch threads; a DataLoader worker runs 1: --threads 1 times it as such)")
 

@@ -1,6 +1,6 @@
 """Time and memory of the paper's setting on real CT, measured end to end through `fit`.
 
-One real case (../shared/realdata/spleen_8, read in place) is copied five times into an MSD Task09
+One real case (spleen_8 of the real CT volumes folder, read in place) is copied five times into an MSD Task09
 layout and goes through `prepare-data`; then `fit` runs the paper config on that one site for one
 round, twice, with two local step counts, after a 1-step run has filled the disk cache (else the
 first timed run would also pay for preprocessing). The difference of the two round times over the
@@ -50,11 +50,24 @@ def task09_layout(realdata: Path, folder: Path, copies: int = 5) -> Path:
 
 def round_summary(data: Path, out: Path, steps: int, overrides: list[str]) -> dict:
     """One round of `fit` on the spleen site alone; its summary.json."""
-    command = [sys.executable, "-m", "lightning_fl", "fit", "--config", str(REPO / "configs" / "condistfl_paper.yaml"),
-               f"output_dir={out}", f"data.root={data}", "data.sites=[{name: spleen, datalist: spleen.json, classes: [spleen]}]",
-               "data.external=[]", "fl.rounds=1", f"fl.local_steps={steps}", "logger.wandb.mode=disabled",
-               "data.check_before_fit=false",  # the copies of one case are a leak by design
-               "logger.progress=false", *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_fl",
+        "fit",
+        "--config",
+        str(REPO / "configs" / "condistfl_paper.yaml"),
+        f"output_dir={out}",
+        f"data.root={data}",
+        "data.sites=[{name: spleen, datalist: spleen.json, classes: [spleen]}]",
+        "data.external=[]",
+        "fl.rounds=1",
+        f"fl.local_steps={steps}",
+        "logger.wandb.mode=disabled",
+        "data.check_before_fit=false",  # the copies of one case are a leak by design
+        "logger.progress=false",
+        *overrides,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=os.environ)
     if result.returncode != 0:
         sys.exit(f"fit failed:\n{result.stderr[-3000:]}")
@@ -64,11 +77,18 @@ def round_summary(data: Path, out: Path, steps: int, overrides: list[str]) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs=2, default=[10, 40], metavar=("FEW", "MANY"))
-    parser.add_argument("--realdata", type=Path, default=REPO.parent / "shared" / "realdata")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.num_workers=8 fabric.accelerator=gpu")
+    parser.add_argument(
+        "--realdata",
+        type=Path,
+        default=REPO.parent / "shared" / "realdata",
+        help="the real CT volumes folder (default: %(default)s)",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. data.num_workers=8 fabric.accelerator=gpu"
+    )
     args = parser.parse_args()
     if not (args.realdata / "spleen_8_ct.nii.gz").is_file():
-        sys.exit(f"error: {args.realdata} has no spleen_8_ct.nii.gz; pass --realdata DIR (the folder of ../shared/realdata)")
+        sys.exit(f"error: {args.realdata} has no spleen_8_ct.nii.gz; pass --realdata DIR (the real CT volumes folder)")
     few, many = args.steps
     if not 0 < few < many:
         sys.exit("error: --steps FEW MANY needs 0 < FEW < MANY")
@@ -77,25 +97,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         prepare_task("spleen", task09_layout(args.realdata, folder / "Task09_Spleen"), folder / "data", labels)
-        round_summary(folder / "data", folder / "warm-up", 1, args.overrides)  # fills the disk cache both timed runs read
-        runs = {steps: round_summary(folder / "data", folder / f"run{steps}", steps, args.overrides) for steps in (few, many)}
+        round_summary(
+            folder / "data", folder / "warm-up", 1, args.overrides
+        )  # fills the disk cache both timed runs read
+        runs = {
+            steps: round_summary(folder / "data", folder / f"run{steps}", steps, args.overrides)
+            for steps in (few, many)
+        }
     times = {steps: summary["round_time_s"][0] for steps, summary in runs.items()}
     step = (times[many] - times[few]) / (many - few)
     rest = times[few] - few * step  # validation of the one validation case, and the round's overhead
     summary = runs[many]
     gpu = summary.get("peak_gpu_memory_mb")
-    print(f"paper config, one real site (spleen_8 ×5: 3 training, 1 validation, 1 test cases), "
-          f"data.num_workers={cfg.data.num_workers}, precision {resolve_precision(cfg.fabric)}\n")
+    print(
+        f"paper config, one real site (spleen_8 ×5: 3 training, 1 validation, 1 test cases), "
+        f"data.num_workers={cfg.data.num_workers}, precision {resolve_precision(cfg.fabric)}\n"
+    )
     print(f"{'local steps':<14}{'round s':>10}")
     for steps in (few, many):
         print(f"{steps:<14}{times[steps]:>10.1f}")
     print(f"\none training step, data loading included: {step:.3f} s")
     print(f"validation of one case and the round's overhead: {rest:.1f} s")
-    print(f"peak memory: host {max(summary['peak_host_memory_mb']) / 1024:.1f} GiB"
-          + (f", GPU {max(gpu) / 1024:.1f} GiB" if gpu else ""))
-    print(f"training part of a paper round on one device ({PAPER_SITES} sites × {PAPER_STEPS} steps): "
-          f"{PAPER_SITES * PAPER_STEPS * step / 60:.0f} min, plus validating {PAPER_VALIDATION_CASES} cases "
-          f"(at most benchmarks/inference_time.py's seconds per case)")
+    print(
+        f"peak memory: host {max(summary['peak_host_memory_mb']) / 1024:.1f} GiB"
+        + (f", GPU {max(gpu) / 1024:.1f} GiB" if gpu else "")
+    )
+    print(
+        f"training part of a paper round on one device ({PAPER_SITES} sites × {PAPER_STEPS} steps): "
+        f"{PAPER_SITES * PAPER_STEPS * step / 60:.0f} min, plus validating {PAPER_VALIDATION_CASES} cases "
+        f"(at most benchmarks/inference_time.py's seconds per case)"
+    )
 
 
 if __name__ == "__main__":

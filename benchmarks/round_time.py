@@ -99,6 +99,7 @@ def instrument(federation: Federation, times: PhaseTimes) -> None:
         client.optimizer.step = times.wrap("step", client.optimizer.step)
         client.optimizer.zero_grad = times.wrap("step", client.optimizer.zero_grad)
         for _, stream in client.sources:
+
             def start_round(*args: Any, _start=stream.start_round) -> Any:
                 batches = _start(*args)
                 return iter(lambda: times.wrap("data", next)(batches, None), None)
@@ -130,13 +131,21 @@ def main() -> None:
     overhead = local - steps - data
     validation, aggregation = got.get("validation", 0.0), got["aggregation"]
     round_total = local + aggregation + validation + checkpoint + logging
-    print(f"config {args.config.name}: {len(cfg.data.sites)} sites × {cfg.fl.local_steps} local steps, "
-          f"{torch.get_num_threads()} threads, precision {cfg.fabric.precision}; round {last + 1} of {args.rounds} "
-          f"(whole run {wall:.1f} s incl. the final test)\n")
+    print(
+        f"config {args.config.name}: {len(cfg.data.sites)} sites × {cfg.fl.local_steps} local steps, "
+        f"{torch.get_num_threads()} threads, precision {cfg.fabric.precision}; round {last + 1} of {args.rounds} "
+        f"(whole run {wall:.1f} s incl. the final test)\n"
+    )
     rows = [
-        ("local steps", steps), ("  of which teacher forwards", teacher), ("data (crops, augmentation)", data),
-        ("loop overhead", overhead), ("aggregation", aggregation), ("validation", validation),
-        ("checkpoint", checkpoint), ("logging", logging), ("round", round_total),
+        ("local steps", steps),
+        ("  of which teacher forwards", teacher),
+        ("data (crops, augmentation)", data),
+        ("loop overhead", overhead),
+        ("aggregation", aggregation),
+        ("validation", validation),
+        ("checkpoint", checkpoint),
+        ("logging", logging),
+        ("round", round_total),
     ]
     print(f"{'phase':<32}{'s':>9}{'share':>9}")
     for name, seconds in rows:

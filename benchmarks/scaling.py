@@ -40,8 +40,18 @@ fabric: {precision: 32-true}  # PyTorch's bf16 CPU convolution returns garbage w
 
 def fit(config: Path, out: Path, devices: int, *overrides: str) -> dict:
     """One run in a fresh process tree, one thread per process; returns its summary."""
-    args = [sys.executable, "-m", "lightning_fl", "fit", "--config", str(config), f"output_dir={out}",
-            f"fabric.devices={devices}", *QUIET, *overrides]
+    args = [
+        sys.executable,
+        "-m",
+        "lightning_fl",
+        "fit",
+        "--config",
+        str(config),
+        f"output_dir={out}",
+        f"fabric.devices={devices}",
+        *QUIET,
+        *overrides,
+    ]
     result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
     if result.returncode != 0:
         sys.exit(f"run failed: {' '.join(args)}\n{result.stderr[-3000:]}")
@@ -87,17 +97,22 @@ def main() -> None:
         paper = tmp / "paper_net.yaml"
         paper.write_text(PAPER_NET)
         weights = model_megabytes(paper)
-        print(f"\npeak host memory per process, paper network ({weights:.0f} MB of weights; "
-              f"model + SGD momentum = {2 * weights:.0f} MB)")
+        print(
+            f"\npeak host memory per process, paper network ({weights:.0f} MB of weights; "
+            f"model + SGD momentum = {2 * weights:.0f} MB)"
+        )
         peaks = {}
         for devices in (4, 2, 1):
             summary = fit(paper, tmp / f"memory{devices}", devices, "fl.rounds=1", "fl.local_steps=2")
             peaks[4 // devices] = max(summary["peak_host_memory_mb"])
-            label = f"{4 // devices} site{'s' if devices < 4 else ''} per rank ({devices} process{'es' if devices > 1 else ''})"
+            sites, processes = f"site{'s' if devices < 4 else ''}", f"process{'es' if devices > 1 else ''}"
+            label = f"{4 // devices} {sites} per rank ({devices} {processes})"
             print(f"  {label:<32} {peaks[4 // devices]:7.0f} MB")
         growth = (peaks[4] - peaks[1]) / 3
-        print(f"growth per extra site on a rank = {growth:.0f} MB   (must stay below a full model + optimizer, "
-              f"{2 * weights:.0f} MB)")
+        print(
+            f"growth per extra site on a rank = {growth:.0f} MB   (must stay below a full model + optimizer, "
+            f"{2 * weights:.0f} MB)"
+        )
 
 
 if __name__ == "__main__":

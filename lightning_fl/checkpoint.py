@@ -37,9 +37,7 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
     try:
         _atomic_write(path, write)
     except OSError as err:
-        raise OutputError(
-            f"cannot write {path}: {err.strerror or err}; any previous version of it is intact"
-        ) from err
+        raise OutputError(f"cannot write {path}: {err.strerror or err}; any previous version of it is intact") from err
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -71,6 +69,7 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_model(path: Path) -> dict[str, Any]:
+    """A checkpoint file's contents on the CPU (tensors only); a missing or damaged file is a `CheckpointError`."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -81,24 +80,32 @@ def load_model(path: Path) -> dict[str, Any]:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` in one step: readers see the old file or the new one, never half of it."""
     atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
-def check_compatible(path: Path, saved: dict[str, torch.Tensor], saved_classes: list[str],
-                     model: nn.Module, classes: list[str]) -> None:
+def check_compatible(
+    path: Path, saved: dict[str, torch.Tensor], saved_classes: list[str], model: nn.Module, classes: list[str]
+) -> None:
     """Refuse, saying what differs, a checkpoint whose classes or network do not match this run."""
     if list(saved_classes) != list(classes):
         raise CheckpointError(f"{path} was made for the classes {list(saved_classes)}, this run has {list(classes)}")
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
-    reshaped = [f"{k} {tuple(saved[k].shape)} ≠ {tuple(v.shape)}" for k, v in expected.items()
-                if k in saved and saved[k].shape != v.shape]
+    reshaped = [
+        f"{k} {tuple(saved[k].shape)} ≠ {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in saved and saved[k].shape != v.shape
+    ]
     if missing or unexpected or reshaped:
-        details = [f"{len(missing)} tensors missing (e.g. {missing[0]})" if missing else "",
-                   f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
-                   f"{len(reshaped)} of another shape (e.g. {reshaped[0]})" if reshaped else ""]
-        raise CheckpointError(f"{path} holds another network than this run's model config: "
-                                      + "; ".join(d for d in details if d))
+        details = [
+            f"{len(missing)} tensors missing (e.g. {missing[0]})" if missing else "",
+            f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+            f"{len(reshaped)} of another shape (e.g. {reshaped[0]})" if reshaped else "",
+        ]
+        raise CheckpointError(
+            f"{path} holds another network than this run's model config: " + "; ".join(d for d in details if d)
+        )
 
 
 def file_sha256(path: Path, size: int | None = None) -> str:

@@ -1,14 +1,14 @@
 """`lightning-fl` (also `python -m lightning_fl`): the project's commands.
 
-    lightning-fl fit   [--config FILE] [--overwrite] [dotted.key=value ...]   train a federation (default: the demo)
-    lightning-fl fit   --resume RUN_DIR [--allow-config-change] [key=value ...]   continue a run
-    lightning-fl synth --out DIR [--config FILE] [key=value ...] write the synthetic federation
-    lightning-fl check-data [--config FILE] [key=value ...]      check every site's data, list all problems
-    lightning-fl prepare-data --task T --src DIR --dst DIR [--datalist F] [--seed N]   a published dataset → a site
-    lightning-fl evaluate --checkpoint CKPT [CKPT ...] (--datalist F [--label-map NAME] | --cross-site)   Dice tables
-    lightning-fl infer    --checkpoint CKPT_OR_TS --input FILE_OR_DIR --output DIR [--probabilities]     label maps
-    lightning-fl export   --checkpoint CKPT --output DIR                  TorchScript model.ts + metadata.json
-    lightning-fl sweep    FILE [--parallel N] [--rerun-changed] [--tables-only]   variants × seeds, then tables
+lightning-fl fit   [--config FILE] [--overwrite] [dotted.key=value ...]   train a federation (default: the demo)
+lightning-fl fit   --resume RUN_DIR [--allow-config-change] [key=value ...]   continue a run
+lightning-fl synth --out DIR [--config FILE] [key=value ...] write the synthetic federation
+lightning-fl check-data [--config FILE] [key=value ...]      check every site's data, list all problems
+lightning-fl prepare-data --task T --src DIR --dst DIR [--datalist F] [--seed N]   a published dataset → a site
+lightning-fl evaluate --checkpoint CKPT [CKPT ...] (--datalist F [--label-map NAME] | --cross-site)   Dice tables
+lightning-fl infer    --checkpoint CKPT_OR_TS --input FILE_OR_DIR --output DIR [--probabilities]     label maps
+lightning-fl export   --checkpoint CKPT --output DIR                  TorchScript model.ts + metadata.json
+lightning-fl sweep    FILE [--parallel N] [--rerun-changed] [--tables-only]   variants × seeds, then tables
 """
 
 from __future__ import annotations
@@ -21,7 +21,13 @@ import sys
 from pathlib import Path
 
 from lightning_fl.config import (
-    CONFIG_DIR, DEFAULT_CONFIG, ConfigError, all_sites, config_changes, load_config, with_overrides,
+    CONFIG_DIR,
+    DEFAULT_CONFIG,
+    ConfigError,
+    all_sites,
+    config_changes,
+    load_config,
+    with_overrides,
 )
 from lightning_fl.errors import DatalistError, RunStopped, UserInputError
 from lightning_fl.labels import label_space_from_config
@@ -32,7 +38,9 @@ OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # dotted.key=value
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", type=Path, default=None,
+        "--config",
+        type=Path,
+        default=None,
         help=f"experiment config (default: {CONFIG_DIR / DEFAULT_CONFIG})",
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. fl.rounds=4")
@@ -95,8 +103,9 @@ def _prepare_data(args: argparse.Namespace) -> None:
     from lightning_fl.data.prepare import prepare_task
 
     labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
-    listing = prepare_task(args.task, args.src, args.dst, labels, seed=args.seed, datalist=args.datalist,
-                           progress=cfg.logger.progress)
+    listing = prepare_task(
+        args.task, args.src, args.dst, labels, seed=args.seed, datalist=args.datalist, progress=cfg.logger.progress
+    )
     splits = {key: len(value) for key, value in json.loads(listing.read_text()).items() if isinstance(value, list)}
     print(f"wrote {listing} ({', '.join(f'{k} {n}' for k, n in splits.items())})")
 
@@ -109,13 +118,24 @@ def _evaluate(args: argparse.Namespace) -> None:
     if not args.checkpoint:
         raise ConfigError("--checkpoint needs at least one model file (best.ckpt, last.ckpt or model.ts)")
     if args.cross_site == (args.datalist is not None):
-        raise ConfigError("give either --datalist FILE (one test set) or --cross-site (every site of the model's config)")
+        raise ConfigError(
+            "give either --datalist FILE (one test set) or --cross-site (every site of the model's config)"
+        )
     if args.label_map is not None and args.cross_site:
-        raise ConfigError("--label-map reads a --datalist in another label scheme; --cross-site uses the sites' own labels")
+        raise ConfigError(
+            "--label-map reads a --datalist in another label scheme; --cross-site uses the sites' own labels"
+        )
     from lightning_fl.evaluation import evaluate_models
 
-    evaluate_models(args.checkpoint, args.overrides, args.output, split=args.split, datalist=args.datalist,
-                    label_map_name=args.label_map, cross_site=args.cross_site)
+    evaluate_models(
+        args.checkpoint,
+        args.overrides,
+        args.output,
+        split=args.split,
+        datalist=args.datalist,
+        label_map_name=args.label_map,
+        cross_site=args.cross_site,
+    )
 
 
 def _infer(args: argparse.Namespace) -> None:
@@ -164,24 +184,44 @@ def _sweep(args: argparse.Namespace) -> None:
         raise ConfigError("--tables-only trains nothing; --rerun-changed cannot be given with it")
     from lightning_fl.sweep import load_sweep, run_sweep
 
-    flags = ([f"--parallel={args.parallel}"] if args.parallel != 1 else []) + \
-        (["--rerun-changed"] if args.rerun_changed else []) + (["--tables-only"] if args.tables_only else [])
-    run_sweep(load_sweep(args.file), parallel=args.parallel, rerun_changed=args.rerun_changed,
-              tables_only=args.tables_only, command=shlex.join(["lightning-fl", "sweep", str(args.file), *flags]))
+    flags = (
+        ([f"--parallel={args.parallel}"] if args.parallel != 1 else [])
+        + (["--rerun-changed"] if args.rerun_changed else [])
+        + (["--tables-only"] if args.tables_only else [])
+    )
+    run_sweep(
+        load_sweep(args.file),
+        parallel=args.parallel,
+        rerun_changed=args.rerun_changed,
+        tables_only=args.tables_only,
+        command=shlex.join(["lightning-fl", "sweep", str(args.file), *flags]),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `lightning-fl` argument parser: one subcommand per command, each bound to the function it runs."""
     parser = argparse.ArgumentParser(prog="lightning-fl", description="Federated ConDistFL segmentation")
     commands = parser.add_subparsers(dest="command", required=True)
     fit = commands.add_parser("fit", help="train a federation from a config")
     _config_args(fit)
-    fit.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                     help="continue a run from its last complete round (state.ckpt), with its config")
-    fit.add_argument("--allow-config-change", action="store_true",
-                     help="with --resume: accept overrides that change the config (recorded in resumes.yaml)")
-    fit.add_argument("--overwrite", action="store_true",
-                     help="start a new run in an output_dir that holds files: the old folder is moved aside to "
-                          "<output_dir>.replaced-<date-time> (nothing is deleted)")
+    fit.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue a run from its last complete round (state.ckpt), with its config",
+    )
+    fit.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: accept overrides that change the config (recorded in resumes.yaml)",
+    )
+    fit.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an output_dir that holds files: the old folder is moved aside to "
+        "<output_dir>.replaced-<date-time> (nothing is deleted)",
+    )
     fit.set_defaults(run=_fit)
     synth = commands.add_parser("synth", help="write the synthetic federation (NIfTI + datalists)")
     synth.add_argument("--out", type=Path, required=True, help="folder to create")
@@ -190,46 +230,89 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-data", help="check every site's datalist, images and labels")
     _config_args(check)
     check.set_defaults(run=_check_data)
-    prepare = commands.add_parser("prepare-data", help="a published dataset (MSD, KiTS19, AMOS22) → a site folder and datalist")
-    prepare.add_argument("--task", required=True, help="a task of configs/prepare/tasks.yaml: liver, spleen, pancreas, kidney, amos")
+    prepare = commands.add_parser(
+        "prepare-data", help="a published dataset (MSD, KiTS19, AMOS22) → a site folder and datalist"
+    )
+    prepare.add_argument(
+        "--task", required=True, help="a task of configs/prepare/tasks.yaml: liver, spleen, pancreas, kidney, amos"
+    )
     prepare.add_argument("--src", type=Path, required=True, help="the dataset in its published layout")
     prepare.add_argument("--dst", type=Path, required=True, help="the data root: DST/<task>/ and DST/<task>.json")
     prepare.add_argument("--datalist", type=Path, default=None, help="reuse the splits of an existing datalist")
     prepare.add_argument("--seed", type=int, default=0, help="seed of the 60/20/20 split")
-    prepare.add_argument("--config", type=Path, default=None, help="config whose label space to map onto (default: the demo's)")
+    prepare.add_argument(
+        "--config", type=Path, default=None, help="config whose label space to map onto (default: the demo's)"
+    )
     prepare.set_defaults(run=_prepare_data)
-    evaluate = commands.add_parser("evaluate", help="per-class Dice of one or more models on a test set, or across sites")
-    evaluate.add_argument("--checkpoint", type=Path, nargs="+", required=True, help="best.ckpt / last.ckpt / model.ts files")
+    evaluate = commands.add_parser(
+        "evaluate", help="per-class Dice of one or more models on a test set, or across sites"
+    )
+    evaluate.add_argument(
+        "--checkpoint", type=Path, nargs="+", required=True, help="best.ckpt / last.ckpt / model.ts files"
+    )
     evaluate.add_argument("--datalist", type=Path, default=None, help="datalist JSON of the test set (MSD layout)")
-    evaluate.add_argument("--split", default="testing", choices=("training", "validation", "testing"), help="default: testing")
-    evaluate.add_argument("--label-map", default=None, metavar="NAME",
-                          help="labels in another scheme: a task of configs/prepare/tasks.yaml, e.g. totalsegmentator")
-    evaluate.add_argument("--cross-site", action="store_true",
-                          help="every model on every site of the (first) model's config: CSV matrix and heatmap")
-    evaluate.add_argument("--output", type=Path, default=Path("evaluation"), help="folder for the JSON, CSV and PNG (default: ./evaluation)")
+    evaluate.add_argument(
+        "--split", default="testing", choices=("training", "validation", "testing"), help="default: testing"
+    )
+    evaluate.add_argument(
+        "--label-map",
+        default=None,
+        metavar="NAME",
+        help="labels in another scheme: a task of configs/prepare/tasks.yaml, e.g. totalsegmentator",
+    )
+    evaluate.add_argument(
+        "--cross-site",
+        action="store_true",
+        help="every model on every site of the (first) model's config: CSV matrix and heatmap",
+    )
+    evaluate.add_argument(
+        "--output",
+        type=Path,
+        default=Path("evaluation"),
+        help="folder for the JSON, CSV and PNG (default: ./evaluation)",
+    )
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=DIR eval.sw_batch_size=2")
     evaluate.set_defaults(run=_evaluate)
     infer = commands.add_parser("infer", help="label maps on each input's own grid")
     infer.add_argument("--checkpoint", type=Path, required=True, help="best.ckpt / last.ckpt, or model.ts from export")
     infer.add_argument("--input", type=Path, required=True, help="a NIfTI file or a folder of them")
-    infer.add_argument("--output", type=Path, required=True, help="folder for <name>.nii.gz (and <name>_probabilities.nii.gz)")
+    infer.add_argument(
+        "--output", type=Path, required=True, help="folder for <name>.nii.gz (and <name>_probabilities.nii.gz)"
+    )
     infer.add_argument("--probabilities", action="store_true", help="also write per-class softmax probabilities")
-    infer.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. fabric.accelerator=cpu eval.overlap=0.25")
+    infer.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. fabric.accelerator=cpu eval.overlap=0.25"
+    )
     infer.set_defaults(run=_infer)
     export = commands.add_parser("export", help="TorchScript model.ts with a MONAI-bundle-style metadata.json")
     export.add_argument("--checkpoint", type=Path, required=True, help="best.ckpt or last.ckpt of a run")
     export.add_argument("--output", type=Path, required=True, help="folder for model.ts and metadata.json")
-    export.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.roi_size=[96,96,64]")
+    export.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.roi_size=[96,96,64]"
+    )
     export.set_defaults(run=_export)
-    sweep = commands.add_parser("sweep", help="every variant × seed of a sweep file as a fit run (resumable), then tables")
+    sweep = commands.add_parser(
+        "sweep", help="every variant × seed of a sweep file as a fit run (resumable), then tables"
+    )
     sweep.add_argument("file", type=Path, help="sweep YAML: base, seeds, variants, overrides, comparisons, output_dir")
-    sweep.add_argument("--parallel", type=int, default=1, metavar="N",
-                       help="runs at once (default 1); with N > 1 each gets one process and cores/N threads")
-    sweep.add_argument("--rerun-changed", action="store_true",
-                       help="train again the runs whose config.yaml differs from what the sweep file now gives "
-                            "(their folders are moved aside)")
-    sweep.add_argument("--tables-only", action="store_true",
-                       help="rebuild results.csv and results.md from the finished runs, train nothing")
+    sweep.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="runs at once (default 1); with N > 1 each gets one process and cores/N threads",
+    )
+    sweep.add_argument(
+        "--rerun-changed",
+        action="store_true",
+        help="train again the runs whose config.yaml differs from what the sweep file now gives "
+        "(their folders are moved aside)",
+    )
+    sweep.add_argument(
+        "--tables-only",
+        action="store_true",
+        help="rebuild results.csv and results.md from the finished runs, train nothing",
+    )
     sweep.set_defaults(run=_sweep)
     return parser
 
@@ -249,6 +332,7 @@ def _one_message(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `lightning-fl` command; exit status 0 done, 1 stopped, 2 a user error (one line, no traceback)."""
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

@@ -43,16 +43,31 @@ class ClientUpdate:
 
 
 class SiteClient:
-    """A client on this rank: its Site module and optimizer (set up by Fabric) and its data sources.
+    """A federated client on this rank: what turns the weights it receives into the update it sends.
+
+    It exists so that the round loop (or an FL engine) can drive a site through one call,
+    `train(global_state, round) -> ClientUpdate`, without knowing about Fabric, optimizers or data
+    loaders. It holds its `Site` module and SGD optimizer (set up by Fabric), the cosine schedule,
+    which both persist across rounds (`state_dict` is what `state.ckpt` keeps of it), and one
+    training stream per data source.
 
     `shard` = (this rank's position, ranks) in the client's block: a client trained by several ranks
     is data-parallel, each rank taking its share of every batch. `shares_rank`: another client
     trains on this rank, so the optimizer state is parked on the host between turns."""
 
     def __init__(
-        self, name: str, sources: list[SiteData], labels: LabelSpace, student: torch.nn.Module,
-        teacher: torch.nn.Module, cfg: DictConfig, fabric: L.Fabric, shard: tuple[int, int], prepare: Any,
-        shares_rank: bool = False, hide_bars: bool | None = True,
+        self,
+        name: str,
+        sources: list[SiteData],
+        labels: LabelSpace,
+        student: torch.nn.Module,
+        teacher: torch.nn.Module,
+        cfg: DictConfig,
+        fabric: L.Fabric,
+        shard: tuple[int, int],
+        prepare: Any,
+        shares_rank: bool = False,
+        hide_bars: bool | None = True,
     ) -> None:
         self.name, self.cfg, self.fabric, self.shard, self.prepare = name, cfg, fabric, shard, prepare
         self.shares_rank, self.hide_bars = shares_rank, hide_bars
@@ -60,8 +75,15 @@ class SiteClient:
         self.num_steps = cfg.fl.local_steps * len(sources)
         self.num_cases = sum(d.num_training_cases for d in sources)
         tasks = [d.foreground for d in sources]
-        site = Site(name, tasks, labels.background_groups(tasks[0], cfg.method.background_groups), labels.num_classes,
-                    student=student, teacher=teacher, cfg=cfg, steps_per_round=self.num_steps)
+        site = Site(
+            tasks,
+            labels.background_groups(tasks[0], cfg.method.background_groups),
+            labels.num_classes,
+            student=student,
+            teacher=teacher,
+            cfg=cfg,
+            steps_per_round=self.num_steps,
+        )
         opt = site.configure_optimizers()
         self.module, self.optimizer = fabric.setup(site, opt["optimizer"])
         self.scheduler: torch.optim.lr_scheduler.LRScheduler = opt["lr_scheduler"]["scheduler"]
@@ -78,9 +100,11 @@ class SiteClient:
 
     @property
     def site(self) -> Site:
+        """The `Site` module, unwrapped from Fabric's wrapper."""
         return self.module.module
 
     def data_parallel(self, group: Any) -> None:
+        """Train with the ranks of `group`, each taking its share of every batch (`Site.data_parallel`)."""
         device = self.fabric.device
         self.group = group
         self.site.data_parallel(group, [device.index] if device.type == "cuda" else None)
@@ -90,6 +114,7 @@ class SiteClient:
         return {"optimizer": self.optimizer.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the optimizer and schedule saved by `state_dict` (a resumed run)."""
         self.optimizer.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -133,14 +158,19 @@ class SiteClient:
     def _batches(self, round_index: int) -> Iterator[dict[str, Any]]:
         """The round's batches on the device: each source's stream is seeded by (run, its site, round)
         alone; several sources take turns, one batch each."""
-        streams = [stream.start_round(site_seed(self.cfg.seed, name, round_index), self.steps_per_source, self.shard)
-                   for name, stream in self.sources]
+        streams = [
+            stream.start_round(site_seed(self.cfg.seed, name, round_index), self.steps_per_source, self.shard)
+            for name, stream in self.sources
+        ]
         device = self.fabric.device
         for step in range(self.num_steps):
             source = step % len(streams)
             batch = next(streams[source])
-            yield {"image": self.prepare(batch["image"].as_subclass(torch.Tensor)),
-                   "label": batch["label"].as_subclass(torch.Tensor).to(device), "source": source}
+            yield {
+                "image": self.prepare(batch["image"].as_subclass(torch.Tensor)),
+                "label": batch["label"].as_subclass(torch.Tensor).to(device),
+                "source": source,
+            }
 
     def _step(self, batch: dict[str, Any], step: int) -> torch.Tensor:
         """One optimizer step: forward and loss under Fabric's precision, a finiteness check that the

@@ -3,7 +3,18 @@
 Every hyper-parameter lives here with its type; a YAML file or override that names a key the
 schema does not know, or gives a value of the wrong type, is an error. Experiment files compose
 smaller files through a `defaults:` list (paths relative to `configs/`, merged in order, the
-file's own keys last), so `configs/` mirrors the code.
+file's own keys last), so `configs/` mirrors the code: one folder (config group) per section of
+`RunConfig` that has alternatives, `configs/<section>/<name>.yaml`, one file of each group per run.
+
+Where a value lives, stated once (configs/README.md):
+  - the schema below holds the paper's values, and where the paper says nothing, the
+    neutral choice (W&B offline, one process, `auto` accelerator and precision);
+  - a group file holds only its named departures from the schema (the CPU demo's optimizer, the
+    small network): no key of a group file equals its schema default, so the file of the paper's
+    setting of a group is empty (configs/optim/paper.yaml) and a value is changed in one place;
+  - a top-level config or experiment file holds its `defaults:` list, its run identity (seed,
+    output_dir, W&B name) and its departures from what it composes, each with its reason.
+tests/test_shipped_configs.py holds every shipped file to this.
 """
 
 from __future__ import annotations
@@ -15,7 +26,7 @@ import math
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -68,7 +79,12 @@ class Rule:
             return None  # strings and booleans: the schema's types already checked them
         if not math.isfinite(value):
             return "that are finite" if plural else "that is finite"
-        tests = ((self.ge, operator.ge, "≥"), (self.gt, operator.gt, ">"), (self.le, operator.le, "≤"), (self.lt, operator.lt, "<"))
+        tests = (
+            (self.ge, operator.ge, "≥"),
+            (self.gt, operator.gt, ">"),
+            (self.le, operator.le, "≤"),
+            (self.lt, operator.lt, "<"),
+        )
         if all(bound is None or holds(value, bound) for bound, holds, _ in tests):
             return None
         return " and ".join(f"{sign} {bound:g}" for bound, _, sign in tests if bound is not None)
@@ -83,7 +99,9 @@ def ranged(default: Any, **rule: Any) -> Any:
     """A schema field with its `Rule`: `rounds: int = ranged(120, ge=1)`."""
     metadata = {"rule": Rule(**rule)}
     if isinstance(default, list):
-        return field(default_factory=lambda: [list(v) if isinstance(v, list) else v for v in default], metadata=metadata)
+        return field(
+            default_factory=lambda: [list(v) if isinstance(v, list) else v for v in default], metadata=metadata
+        )
     return field(default=default, metadata=metadata)
 
 
@@ -142,7 +160,7 @@ class IntensityConfig:
 
 @dataclass
 class AugmentationConfig:
-    """Probabilities and ranges of the spatial and intensity augmentations (spec §3)."""
+    """Probabilities and ranges of the spatial and intensity augmentations."""
 
     rotate_prob: float = ranged(0.2, **PROBABILITY)
     rotate_degrees: float = ranged(30.0, ge=0, le=180)
@@ -169,7 +187,7 @@ class DataConfig:
     root: str = "???"  # folder holding the datalists
     sites: list[SiteConfig] = field(default_factory=list)
     external: list[SiteConfig] = field(default_factory=list)  # test-only sites, labelled per organ
-    synthetic: Optional[SyntheticConfig] = None  # generate the phantom federation into root if missing
+    synthetic: SyntheticConfig | None = None  # generate the phantom federation into root if missing
     spacing_mm: list[float] = ranged([1.44423774, 1.44423774, 2.87368553], gt=0, length=3)
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
     patch_size: list[int] = ranged([224, 224, 64], ge=1, length=3)
@@ -179,8 +197,10 @@ class DataConfig:
     samples_per_volume: int = ranged(2, ge=1)
     batch_size: int = ranged(2, ge=1)  # volumes per step; each gives samples_per_volume patches
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
-    cache_rate: float = ranged(1.0, **PROBABILITY)  # share of the cases kept in memory after preprocessing (CacheDataset)
-    cache_dir: Optional[str] = None  # set: preprocessed cases are kept on disk there instead (PersistentDataset)
+    cache_rate: float = ranged(
+        1.0, **PROBABILITY
+    )  # share of the cases kept in memory after preprocessing (CacheDataset)
+    cache_dir: str | None = None  # set: preprocessed cases are kept on disk there instead (PersistentDataset)
     num_workers: int = ranged(0, ge=0)  # data-loader processes per site; part of the random stream, so of the results
     check_before_fit: bool = True  # read every file once and list all data problems before training
 
@@ -206,13 +226,13 @@ class MethodConfig:
     # aggregated; "centralized": one model on every site's training cases, each with its site's labels
     training: str = ranged("federated", choices=("federated", "standalone", "centralized"))
     condist: bool = True  # False: marginal loss only (the FedAvg/FedOpt baselines)
-    ce: str = ranged("official", choices=("official", "marginal"))  # spec §2
+    ce: str = ranged("official", choices=("official", "marginal"))  # the paper's
     temperature: float = ranged(2.0, gt=0)
     condist_weight_start: float = ranged(0.01, ge=0)  # w_r at the first round (= the end value: constant)
     condist_weight_end: float = ranged(1.0, ge=0)  # w_r at the last round
     foreground_filter: bool = True  # ConDist leaves out the voxels the teacher calls a local foreground class
     # ConDist's groups of the classes outside the site's: "organ" (background alone, each organ with
-    # its tumours, spec §2) or "class" (one group per class)
+    # its tumours, as in the paper) or "class" (one group per class)
     background_groups: str = ranged("organ", choices=("organ", "class"))
     proximal_mu: float = ranged(0.0, ge=0)  # FedProx: μ/2·‖w − w_global‖² added to each site's loss
 
@@ -245,7 +265,9 @@ class EvalConfig:
     overlap: float = ranged(0.5, ge=0, lt=1)  # of neighbouring sliding windows
     sw_batch_size: int = ranged(4, ge=1)
     blend_mode: str = ranged("gaussian", choices=("gaussian", "constant"))
-    every: int = ranged(1, ge=1)  # validate the global model every this many rounds, and after the last; the best is chosen among those
+    every: int = ranged(
+        1, ge=1
+    )  # validate the global model every this many rounds, and after the last; the best is chosen among those
 
 
 @dataclass
@@ -257,7 +279,9 @@ class FabricConfig:
     # parallel, a thread each), on GPUs one per GPU
     devices: Any = 1
     num_nodes: int = ranged(1, ge=1)
-    strategy: str = ranged("auto", choices=("auto", "ddp", "ddp_spawn"))  # with several processes: launched as scripts, or spawned
+    strategy: str = ranged(
+        "auto", choices=("auto", "ddp", "ddp_spawn")
+    )  # with several processes: launched as scripts, or spawned
     # "auto": bf16-mixed where the hardware has bf16, else 32-true (16-mixed on GPUs without bf16)
     precision: str = ranged("auto", choices=("auto", "32-true", "bf16-mixed", "16-mixed"))
 
@@ -267,10 +291,10 @@ class WandbConfig:
     # "offline" (sync later with `wandb sync`), "online" or "disabled"
     mode: str = ranged("offline", choices=("offline", "online", "disabled"))
     project: str = "lightning-fl"
-    entity: Optional[str] = None
-    name: Optional[str] = None
-    group: Optional[str] = None  # runs compared together, e.g. a sweep
-    job_type: Optional[str] = None  # the run's role in its group, e.g. a sweep's variant
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None  # runs compared together, e.g. a sweep
+    job_type: str | None = None  # the run's role in its group, e.g. a sweep's variant
     tags: list[str] = field(default_factory=list)
 
 
@@ -331,19 +355,32 @@ def _group_choices(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
     return choices, rest
 
 
+def _group(name: str) -> str | None:
+    """The config group a `defaults:` entry names (`method/fedprox` -> `method`), or None."""
+    group = name.split("/")[0] if name.count("/") == 1 else None
+    return group if group in config_groups() else None
+
+
 def _compose(path: Path, choices: dict[str, str], stack: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
-    """The file's `defaults:` (recursively, in order) followed by the file itself; a group chosen on
-    the command line replaces that group's entries (as in Hydra)."""
+    """The file's `defaults:` (recursively, in order) followed by the file itself. A run has one
+    file per config group (as in Hydra): a group chosen on the command line, or named in the
+    `defaults:` of a file that composes another, replaces that group's entry in the files composed
+    under it, in its place (the outer choice wins), so a group file needs to state only its
+    departures from the schema, never undo another file's."""
     if path in stack:
         raise ConfigError(f"{path}: circular defaults through {[str(p) for p in stack]}")
     node = _read_yaml(path)
     defaults = node.pop("defaults", [])
     if not isinstance(defaults, (list, ListConfig)):
         raise ConfigError(f"{path}: 'defaults' must be a list of config files relative to {CONFIG_DIR}")
+    names = [str(name).removesuffix(".yaml") for name in defaults]
+    own = {group: name.split("/")[1] for name in names if (group := _group(name))}
+    choices = own | choices  # this file chooses for the files it composes; the command line for all
     parts: list[tuple[Path, DictConfig]] = []
-    for name in defaults:
-        name = str(name).removesuffix(".yaml")
-        group = name.split("/")[0] if name.count("/") == 1 else None
+    for name in names:
+        group = _group(name)
+        if group and any(p.parent == CONFIG_DIR / group for p, _ in parts):
+            continue  # a file composed above already took this group's (chosen) file
         if group in choices:
             name = f"{group}/{choices[group]}"
         parts += _compose(CONFIG_DIR / f"{name}.yaml", choices, stack + (path,))
@@ -358,11 +395,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     choices, overrides = _group_choices(list(overrides or []))
     parts = _compose(path, choices)
     used = {p.parent.name for p, _ in parts[:-1] if p.parent.parent == CONFIG_DIR}
-    parts[-1:-1] = [(CONFIG_DIR / group / f"{name}.yaml", _read_yaml(CONFIG_DIR / group / f"{name}.yaml"))
-                    for group, name in choices.items() if group not in used]
-    cfg = OmegaConf.structured(RunConfig)
-    for source, node in parts:
-        cfg = _merge(cfg, node, str(source))
+    parts[-1:-1] = [
+        (CONFIG_DIR / group / f"{name}.yaml", _read_yaml(CONFIG_DIR / group / f"{name}.yaml"))
+        for group, name in choices.items()
+        if group not in used
+    ]
+    schema = OmegaConf.structured(RunConfig)
+    try:  # one merge copies the config once, not once per file
+        cfg = OmegaConf.merge(schema, *(node for _, node in parts))
+    except OmegaConfBaseException as err:
+        cfg = schema
+        for source, node in parts:  # again file by file, to name the one at fault
+            cfg = _merge(cfg, node, str(source))
+        raise ConfigError(f"{path}: {_first_line(err)}") from err  # pragma: no cover - named above
     return _finish(cfg, overrides, str(path))
 
 
@@ -443,6 +488,7 @@ def rule_problems(node: DictConfig, prefix: str = "") -> list[str]:
 
 def _structured_children(value: Any, key: str) -> list[tuple[str, DictConfig]] | None:
     """The schema sections inside a value (itself, a list's items, a mapping's values), or None for a leaf."""
+
     def structured(node: Any) -> bool:
         return isinstance(node, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(node))
 
@@ -466,9 +512,13 @@ def _validate(cfg: DictConfig) -> None:
     if not cfg.data.sites:
         raise ConfigError("data.sites: at least one site is needed")
     if not cfg.fl.min_sites <= len(cfg.data.sites):
-        raise ConfigError(f"fl.min_sites must lie in [1, {len(cfg.data.sites)}] (the number of sites), got {cfg.fl.min_sites}")
+        raise ConfigError(
+            f"fl.min_sites must lie in [1, {len(cfg.data.sites)}] (the number of sites), got {cfg.fl.min_sites}"
+        )
     if cfg.optim.nesterov and cfg.optim.momentum == 0:
-        raise ConfigError("optim.nesterov=true needs optim.momentum > 0 (Nesterov momentum of nothing); set one or the other")
+        raise ConfigError(
+            "optim.nesterov=true needs optim.momentum > 0 (Nesterov momentum of nothing); set one or the other"
+        )
     _check_method(cfg)
     window = cfg.data.intensity
     if not window.hu_min < window.hu_max:
@@ -494,14 +544,18 @@ def _check_method(cfg: DictConfig) -> None:
     method = cfg.method
     if method.training == "federated":
         return
-    needs = [key for key, on in (("method.condist", method.condist), ("method.proximal_mu", method.proximal_mu > 0)) if on]
+    needs = [
+        key for key, on in (("method.condist", method.condist), ("method.proximal_mu", method.proximal_mu > 0)) if on
+    ]
     if needs:
         raise ConfigError(
             f"method.training={method.training} has no global model for {' and '.join(needs)} to use: set "
             "method.condist=false and method.proximal_mu=0"
         )
     if method.training == "centralized" and cfg.fl.min_sites > 1:
-        raise ConfigError(f"method.training=centralized trains one pooled model: fl.min_sites must be 1, got {cfg.fl.min_sites}")
+        raise ConfigError(
+            f"method.training=centralized trains one pooled model: fl.min_sites must be 1, got {cfg.fl.min_sites}"
+        )
     if cfg.fl.strategy != "fedavg":
         raise ConfigError(
             f"method.training={method.training}: each model takes its own trainer's update as it is, so fl.strategy "
@@ -518,14 +572,19 @@ def _check_network(model: DictConfig) -> None:
         )
     dims = {len(k) for k in model.kernel_size} | {len(s) for s in model.strides}
     if dims != {3}:
-        raise ConfigError(f"model.kernel_size and model.strides: expected 3 values (x, y, z) per level, got lengths {sorted(dims)}")
+        raise ConfigError(
+            f"model.kernel_size and model.strides: expected 3 values (x, y, z) per level, got lengths {sorted(dims)}"
+        )
     even = [list(k) for k in model.kernel_size if any(size % 2 == 0 for size in k)]
     if even:
-        raise ConfigError(f"model.kernel_size: expected odd sizes (a convolution keeps its input's size only with an odd "
-                          f"kernel, which the U-Net's skip connections need), got {even}")
+        raise ConfigError(
+            f"model.kernel_size: expected odd sizes (a convolution keeps its input's size only with an odd "
+            f"kernel, which the U-Net's skip connections need), got {even}"
+        )
     if not model.deep_supervision_heads <= max(levels - 2, 0):
         raise ConfigError(
-            f"model.deep_supervision_heads must lie in [0, {max(levels - 2, 0)}] for {levels} levels, got {model.deep_supervision_heads}"
+            f"model.deep_supervision_heads must lie in [0, {max(levels - 2, 0)}] for {levels} levels, "
+            f"got {model.deep_supervision_heads}"
         )
 
 
@@ -539,7 +598,9 @@ def check_size(model: DictConfig, size: Any, key: str) -> None:
     if len(size) != len(divisor) or any(n % d for n, d in zip(size, divisor)):
         raise ConfigError(f"{key}={list(size)} must be a multiple of {divisor} (the product of model.strides)")
     if math.prod(n // d for n, d in zip(size, divisor)) < 2:  # instance norm needs 2 voxels at the bottom
-        raise ConfigError(f"{key}={list(size)} leaves one voxel at the network's deepest level; use at least twice {divisor}")
+        raise ConfigError(
+            f"{key}={list(size)} leaves one voxel at the network's deepest level; use at least twice {divisor}"
+        )
 
 
 def _check_scanners(cfg: DictConfig) -> None:
@@ -548,9 +609,13 @@ def _check_scanners(cfg: DictConfig) -> None:
     names = [s.name for s in all_sites(cfg)]
     missing = [name for name in names if name not in cfg.data.synthetic.scanners]
     if missing:
-        raise ConfigError(f"data.synthetic.scanners has no entry for the sites {missing}; it has "
-                          f"{sorted(cfg.data.synthetic.scanners)}")
-    needs = {s.name: ("train", "validation", "test") for s in cfg.data.sites} | {s.name: ("test",) for s in cfg.data.external}
+        raise ConfigError(
+            f"data.synthetic.scanners has no entry for the sites {missing}; it has "
+            f"{sorted(cfg.data.synthetic.scanners)}"
+        )
+    needs = {s.name: ("train", "validation", "test") for s in cfg.data.sites} | {
+        s.name: ("test",) for s in cfg.data.external
+    }
     for name, splits in needs.items():
         scanner = cfg.data.synthetic.scanners[name]
         empty = [split for split in splits if getattr(scanner, split) < 1]

@@ -76,7 +76,11 @@ def resolve_precision(fabric_cfg: DictConfig) -> str:
     on_gpu = fabric_cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     if on_gpu:
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
+    return (
+        "bf16-mixed"
+        if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        else "32-true"
+    )
 
 
 @dataclass
@@ -92,6 +96,7 @@ class Placement:
         return self.ranks[site][0]
 
     def trains(self, site: str) -> bool:
+        """Whether this rank takes part in training the site."""
         return self.rank in self.ranks[site]
 
     def shard(self, site: str) -> tuple[int, int]:
@@ -101,6 +106,8 @@ class Placement:
 
 
 def make_placement(fabric: L.Fabric, names: Sequence[str], costs: Sequence[float]) -> Placement:
+    """Place the clients on the ranks by cost (`place_sites`) and create the process group of each
+    client trained by several ranks."""
     ranks = place_sites(names, costs, fabric.world_size)
     groups = {}
     for name in names:  # every rank creates every subgroup, in the same order (torch.distributed's rule)
@@ -121,6 +128,7 @@ class FederatedDDPStrategy(DDPStrategy):
 
 
 def check_accelerator(accelerator: str) -> None:
+    """Refuse a GPU accelerator on a machine where PyTorch sees no CUDA GPU, with a clear `ConfigError`."""
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(
             f"fabric.accelerator={accelerator}, but PyTorch sees no CUDA GPU here; use fabric.accelerator=cpu (or auto)"
@@ -148,12 +156,18 @@ def build_fabric(cfg: DictConfig) -> L.Fabric:
     if settings.devices * settings.num_nodes > 1:  # config.py allows "auto", "ddp", "ddp_spawn"
         strategy = FederatedDDPStrategy(start_method=START_METHODS.get(settings.strategy, "popen"))
     return L.Fabric(
-        accelerator=settings.accelerator, devices=settings.devices, num_nodes=settings.num_nodes,
-        strategy=strategy, precision=settings.precision, loggers=[StepMeans()],
+        accelerator=settings.accelerator,
+        devices=settings.devices,
+        num_nodes=settings.num_nodes,
+        strategy=strategy,
+        precision=settings.precision,
+        loggers=[StepMeans()],
     )
 
 
-def broadcast_states(states: dict[str, StateDict | None], owners: dict[str, int], template: StateDict) -> dict[str, StateDict]:
+def broadcast_states(
+    states: dict[str, StateDict | None], owners: dict[str, int], template: StateDict
+) -> dict[str, StateDict]:
     """Every site's state dict on every rank: each is sent from its owner (a rank that does not own
     a site receives into buffers shaped like `template`). With one process: the input itself."""
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
@@ -241,8 +255,11 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.is_file() else []
+    names = (
+        [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        if cpuinfo.is_file()
+        else []
+    )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{names[0] if names else platform.processor() or 'CPU'}, {cores} cores"
 

@@ -1,9 +1,10 @@
-"""Sliding-window inference and per-class Dice with the spec's conventions (spec §3).
+"""Sliding-window inference and per-class Dice, scored as ConDistFL reports it.
 
-Dice is computed per volume, on the preprocessed grid the model sees; a class absent from a
-volume's ground truth gives NaN there and is left out of that class's mean over cases. A site
-reports only the classes it labels; a test set labelled without tumours (AMOS, TotalSegmentator)
-is scored per organ, predicted tumours merged into their organ as in its labels.
+Dice is computed per volume (the argmax of the sliding-window prediction against the label), on
+the preprocessed grid the model sees; a class absent from a volume's ground truth gives NaN there
+and is left out of that class's mean over cases. A site reports only the classes it labels; a test
+set labelled without tumours (AMOS, TotalSegmentator) is scored per organ, predicted tumours merged
+into their organ as in its labels.
 """
 
 from __future__ import annotations
@@ -48,8 +49,12 @@ def dice_per_class(pred: Tensor, label: Tensor, classes: Sequence[int]) -> Tenso
 
 @torch.no_grad()
 def evaluate(
-    model: Callable[[Tensor], Tensor], batches: Iterable[dict[str, Tensor]], classes: Sequence[int], eval_cfg: DictConfig,
-    prepare: Callable[[Tensor], Tensor], pred_lut: Tensor | None = None,
+    model: Callable[[Tensor], Tensor],
+    batches: Iterable[dict[str, Tensor]],
+    classes: Sequence[int],
+    eval_cfg: DictConfig,
+    prepare: Callable[[Tensor], Tensor],
+    pred_lut: Tensor | None = None,
 ) -> dict[int, list[float]]:
     """Per-case Dice of each class over a loader of whole volumes.
 
@@ -74,14 +79,19 @@ def nanmean(values: Sequence[float]) -> float:
     return sum(kept) / len(kept) if kept else math.nan
 
 
-def dice_table(scores: Mapping[str, Mapping[str, Mapping[str, float]]], class_order: Sequence[str],
-               per_organ: Sequence[str] = ()) -> tuple[list[str], list[list[str]]]:
+def dice_table(
+    scores: Mapping[str, Mapping[str, Mapping[str, float]]], class_order: Sequence[str], per_organ: Sequence[str] = ()
+) -> tuple[list[str], list[list[str]]]:
     """`{model: {test set: {class: Dice}}}` → header and rows of a (test set, class) × model table,
     with the mean over the sites' classes and, apart, the mean of each per-organ set."""
     models = list(scores)
     sets = list(next(iter(scores.values())))
-    rows = [[f"{name}: {c}", *(_fmt(scores[m][name].get(c, math.nan)) for m in models)]
-            for name in sets for c in class_order if any(c in scores[m][name] for m in models)]
+    rows = [
+        [f"{name}: {c}", *(_fmt(scores[m][name].get(c, math.nan)) for m in models)]
+        for name in sets
+        for c in class_order
+        if any(c in scores[m][name] for m in models)
+    ]
     groups = [("mean", [s for s in sets if s not in per_organ])] + [(f"{s}: mean", [s]) for s in sets if s in per_organ]
     for title, members in groups:
         if members:
@@ -121,7 +131,15 @@ def cross_site_heatmap(scores: Mapping[str, Mapping[str, Mapping[str, float]]], 
     ax.set_xticks(range(len(columns)), [f"{site}: {c}" for site, c in columns], rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(models)), models, fontsize=8)
     for (i, j), value in np.ndenumerate(values):
-        ax.text(j, i, "n/a" if math.isnan(value) else f"{value:.3f}", ha="center", va="center", fontsize=7, color="white" if value < 0.6 else "black")
+        ax.text(
+            j,
+            i,
+            "n/a" if math.isnan(value) else f"{value:.3f}",
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if value < 0.6 else "black",
+        )
     fig.colorbar(image, ax=ax, label="Dice")
     ax.set_title(title, fontsize=9)
     out = io.BytesIO()
@@ -142,9 +160,15 @@ class EvalSet:
     label_map: LabelMap | None = None
 
 
-def score_cases(model: Callable[[Tensor], Tensor], loader: Iterable[dict[str, Tensor]], classes: Sequence[int],
-                labels: LabelSpace, eval_cfg: DictConfig, prepare: Callable[[Tensor], Tensor],
-                per_organ: bool = False) -> dict[str, list[float]]:
+def score_cases(
+    model: Callable[[Tensor], Tensor],
+    loader: Iterable[dict[str, Tensor]],
+    classes: Sequence[int],
+    labels: LabelSpace,
+    eval_cfg: DictConfig,
+    prepare: Callable[[Tensor], Tensor],
+    per_organ: bool = False,
+) -> dict[str, list[float]]:
     """Per-case Dice of each class, by class name; `per_organ` merges predicted tumours into their organ."""
     lut = torch.as_tensor(labels.organ_lut()) if per_organ else None
     scores = evaluate(model, loader, classes, eval_cfg, prepare, pred_lut=lut)
@@ -158,9 +182,16 @@ def site_test_sets(cfg: DictConfig, labels: LabelSpace, split: str) -> list[Eval
     problems = [p for site, part, _ in chosen for p in check_site(root, site, labels, (part,))]
     if problems:  # refused before any scoring, as `fit` refuses them before training
         raise DataCheckError(problems)
-    return [EvalSet(site.name, root / site.datalist, read_datalist(root / site.datalist, (part,))[part],
-                    labels.foreground(site.classes, where=f"site '{site.name}'"), per_organ)
-            for site, part, per_organ in chosen]
+    return [
+        EvalSet(
+            site.name,
+            root / site.datalist,
+            read_datalist(root / site.datalist, (part,))[part],
+            labels.foreground(site.classes, where=f"site '{site.name}'"),
+            per_organ,
+        )
+        for site, part, per_organ in chosen
+    ]
 
 
 def datalist_test_set(datalist: Path, split: str, labels: LabelSpace, mapping: LabelMap | None) -> EvalSet:
@@ -176,8 +207,15 @@ def datalist_test_set(datalist: Path, split: str, labels: LabelSpace, mapping: L
     return EvalSet(datalist.stem, datalist, items, mapping.classes, mapping.per_organ, mapping)
 
 
-def evaluate_models(checkpoints: Sequence[Path], overrides: list[str], output: Path, split: str = "testing",
-                    datalist: Path | None = None, label_map_name: str | None = None, cross_site: bool = False) -> dict[str, Any]:
+def evaluate_models(
+    checkpoints: Sequence[Path],
+    overrides: list[str],
+    output: Path,
+    split: str = "testing",
+    datalist: Path | None = None,
+    label_map_name: str | None = None,
+    cross_site: bool = False,
+) -> dict[str, Any]:
     """`lightning-fl evaluate`: Dice of every model on every test set, printed and written to
     `output/evaluation.json` (per-case scores included), plus, across sites, `cross_site.csv` and
     `cross_site.png`. The test sets are preprocessed once and shared by the models."""
@@ -189,11 +227,18 @@ def evaluate_models(checkpoints: Sequence[Path], overrides: list[str], output: P
         sets = site_test_sets(cfg, labels, split)
     else:
         assert datalist is not None
-        sets = [datalist_test_set(datalist, split, labels, label_map(label_map_name, labels) if label_map_name else None)]
+        sets = [
+            datalist_test_set(datalist, split, labels, label_map(label_map_name, labels) if label_map_name else None)
+        ]
     names = _unique_names(models)
     scores: dict[str, dict[str, dict[str, float]]] = {name: {} for name in names}
     per_case: dict[str, dict[str, list[dict[str, Any]]]] = {name: {} for name in names}
-    bar = tqdm(total=len(sets) * len(models), desc="evaluate", unit="model × set", disable=None if cfg.logger.progress else True)
+    bar = tqdm(
+        total=len(sets) * len(models),
+        desc="evaluate",
+        unit="model × set",
+        disable=None if cfg.logger.progress else True,
+    )
     for test_set in sets:
         loader = evaluation_loader(test_set.items, cfg.data, evaluation_transform(cfg.data, test_set.label_map))
         for name, model in zip(names, models):
@@ -208,11 +253,25 @@ def evaluate_models(checkpoints: Sequence[Path], overrides: list[str], output: P
     bar.close()
     report = {
         "split": split,
-        "test_sets": {s.name: {"datalist": str(s.source), "cases": len(s.items), "classes": [labels.classes[c] for c in s.classes],
-                               "per_organ": s.per_organ, "label_map": s.label_map.name if s.label_map else None} for s in sets},
-        "models": {name: {"file": str(m.path), "round": m.round,
-                          "dice": {k: {c: _json_number(v) for c, v in d.items()} for k, d in scores[name].items()},
-                          "per_case": per_case[name]} for name, m in zip(names, models)},
+        "test_sets": {
+            s.name: {
+                "datalist": str(s.source),
+                "cases": len(s.items),
+                "classes": [labels.classes[c] for c in s.classes],
+                "per_organ": s.per_organ,
+                "label_map": s.label_map.name if s.label_map else None,
+            }
+            for s in sets
+        },
+        "models": {
+            name: {
+                "file": str(m.path),
+                "round": m.round,
+                "dice": {k: {c: _json_number(v) for c, v in d.items()} for k, d in scores[name].items()},
+                "per_case": per_case[name],
+            }
+            for name, m in zip(names, models)
+        },
     }
     atomic_write_text(output / "evaluation.json", json.dumps(report, indent=2) + "\n")
     written = [output / "evaluation.json"]

@@ -1,4 +1,4 @@
-"""The federated round loop on one long-lived Lightning Fabric (spec §3; architecture.md, "One round").
+"""The federated round loop on one long-lived Lightning Fabric (`docs/explanation/round-loop.md`).
 
     send each client its model ─▶ every client trains `local_steps` steps, returns Δ_k
         ─▶ each model's strategy(w, {Δ_k}) = w' ─▶ validate ─▶ select the best, save
@@ -26,26 +26,41 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import lightning as L
-from lightning.fabric.utilities.apply_func import move_data_to_device
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from lightning_fl.checkpoint import (
-    LOCK_FILE, STATE_FILE, CheckpointError, atomic_write_text, check_compatible, claim_run_folder, file_sha256, load_model,
-    lock_run_folder, save_model, save_state,
+    LOCK_FILE,
+    STATE_FILE,
+    CheckpointError,
+    atomic_write_text,
+    check_compatible,
+    claim_run_folder,
+    file_sha256,
+    load_model,
+    lock_run_folder,
+    save_model,
+    save_state,
 )
 from lightning_fl.client import ClientUpdate, SiteClient
 from lightning_fl.config import to_yaml
 from lightning_fl.data.datasets import SiteData, evaluation_loader, load_site, nifti_stem, prepare_data_root
 from lightning_fl.data.validation import DataCheckError, check_federation
 from lightning_fl.distributed import (
-    broadcast_states, build_fabric, checked_on_every_rank, device_name, leave_process_group, make_placement,
-    merge_from_ranks, peak_memory_mb,
+    broadcast_states,
+    build_fabric,
+    checked_on_every_rank,
+    device_name,
+    leave_process_group,
+    make_placement,
+    merge_from_ranks,
+    peak_memory_mb,
 )
 from lightning_fl.errors import RunStopped
-from lightning_fl.inference import Predictor
 from lightning_fl.evaluation import nanmean, score_cases
+from lightning_fl.inference import Predictor
 from lightning_fl.labels import LabelSpace, label_space_from_config
 from lightning_fl.loggers import RunLogger, format_table
 from lightning_fl.networks import build_network
@@ -60,19 +75,25 @@ POOLED = "pooled"  # the one client of centralized training
 
 @dataclass(frozen=True)
 class Topology:
-    """Who trains what: each client's data sites and the model it trains."""
+    """Who trains what: each client's data sites and the model it trains.
+
+    `method.training` decides it: federated (every site a client of the one global model),
+    standalone (every site a client of its own model) or centralized (one pooled client).
+    """
 
     clients: dict[str, list[str]]  # client → the sites whose training cases it trains on
     model_of: dict[str, str]  # client → the model it receives and updates
 
     @staticmethod
     def of(training: str, sites: list[str]) -> Topology:
+        """The topology of `method.training` over the configured sites."""
         if training == "centralized":
             return Topology({POOLED: list(sites)}, {POOLED: GLOBAL})
         return Topology({s: [s] for s in sites}, {s: s if training == "standalone" else GLOBAL for s in sites})
 
     @property
     def models(self) -> list[str]:
+        """The models trained, in client order, each once."""
         return list(dict.fromkeys(self.model_of.values()))
 
     def validated_on(self, model: str) -> list[str]:
@@ -110,9 +131,15 @@ def checkpoint_name(kind: str, model: str) -> str:
 
 
 class Federation:
-    """One run on this rank: its models, the clients that train them, each model's server strategy,
-    and the round loop (`fit`), whose phases are its methods: train the clients, drop the failed,
-    aggregate, validate, select, save; then test."""
+    """One training run on this rank: the server side of the simulation and the round loop.
+
+    It exists to own everything that lives for the whole run, so that each round is a sequence of
+    small phases over it (`fit`: train the clients, drop the failed, aggregate, validate, select,
+    save; then test). It holds the config and the Fabric; the label space; each site's data; the
+    topology (`Topology`) and the placement of clients on ranks; the clients this rank trains; the
+    current weights of every model, each model's server strategy and its best round so far; and the
+    one shared network that scores a model and serves as the sites' frozen teacher.
+    """
 
     def __init__(self, cfg: DictConfig, fabric: L.Fabric, resume: dict[str, Any] | None = None) -> None:
         self.cfg, self.fabric, self.resume = cfg, fabric, resume
@@ -130,16 +157,24 @@ class Federation:
         self.scored_sites = self.site_data | self.external  # tested in this order
         self.topology = Topology.of(cfg.method.training, list(self.site_data))
         cost = {s.name: s.cost for s in cfg.data.sites}
-        self.placement = make_placement(fabric, list(self.topology.clients),
-                                        [sum(cost[s] for s in sites) for sites in self.topology.clients.values()])
+        self.placement = make_placement(
+            fabric,
+            list(self.topology.clients),
+            [sum(cost[s] for s in sites) for sites in self.topology.clients.values()],
+        )
         self.is_main = fabric.global_rank == 0
         self.hide_bars = True if not self.is_main else (None if cfg.logger.progress else True)  # None: terminals only
         student = self._network()  # one per process, shared by its clients (site.py)
         mine = [name for name in self.topology.clients if self.placement.trains(name)]
         self.clients: dict[str, SiteClient] = checked_on_every_rank(
-            fabric, "setting up its sites", lambda: {name: self._client(name, student, len(mine) > 1) for name in mine},
+            fabric,
+            "setting up its sites",
+            lambda: {name: self._client(name, student, len(mine) > 1) for name in mine},
         )
-        for name, client in self.clients.items():  # DDP's constructor is a collective of the client's ranks: after the check
+        for (
+            name,
+            client,
+        ) in self.clients.items():  # DDP's constructor is a collective of the client's ranks: after the check
             if client.shard[1] > 1:
                 client.data_parallel(self.placement.groups[name])
         initial = self._network_state()
@@ -156,9 +191,19 @@ class Federation:
         return {k: v.detach().clone() for k, v in self.network.state_dict().items()}
 
     def _client(self, name: str, student: torch.nn.Module, shares_rank: bool) -> SiteClient:
-        return SiteClient(name, [self.site_data[s] for s in self.topology.clients[name]], self.labels, student,
-                          self.network, self.cfg, self.fabric, self.placement.shard(name), self.predictor.prepare,
-                          shares_rank, self.hide_bars)
+        return SiteClient(
+            name,
+            [self.site_data[s] for s in self.topology.clients[name]],
+            self.labels,
+            student,
+            self.network,
+            self.cfg,
+            self.fabric,
+            self.placement.shard(name),
+            self.predictor.prepare,
+            shares_rank,
+            self.hide_bars,
+        )
 
     # ---------------------------------------------------------------- resumable state
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -166,8 +211,10 @@ class Federation:
         optimizer and schedule. Data order, augmentation and dropout need nothing: they are seeded per round."""
         path = self.output_dir / STATE_FILE
         if list(state["models"]) != self.topology.models:
-            raise CheckpointError(f"{path} holds the models {list(state['models'])}, but method.training="
-                                  f"{self.cfg.method.training} trains {self.topology.models}")
+            raise CheckpointError(
+                f"{path} holds the models {list(state['models'])}, but method.training="
+                f"{self.cfg.method.training} trains {self.topology.models}"
+            )
         for model, saved in state["models"].items():
             check_compatible(path, saved["state"], state["classes"], self.network, list(self.labels.classes))
             self.models[model] = saved["state"]
@@ -180,7 +227,9 @@ class Federation:
         """Every client's optimizer and schedule state, gathered on rank 0 (which writes state.ckpt)
         from the ranks that own them."""
         rank = self.fabric.global_rank
-        mine = {name: client.state_dict() for name, client in self.clients.items() if self.placement.owner(name) == rank}
+        mine = {
+            name: client.state_dict() for name, client in self.clients.items() if self.placement.owner(name) == rank
+        }
         if self.fabric.world_size > 1:  # pickled through the process group: host copies
             mine = move_data_to_device(mine, "cpu")
         return merge_from_ranks(self.fabric, mine, only_to=0)
@@ -190,14 +239,18 @@ class Federation:
         """Send each client its model and train it; every client's update (or why it failed) on
         every rank, in config order."""
         mine = checked_on_every_rank(
-            self.fabric, f"training round {round_index + 1}",
-            lambda: {name: client.train(self.models[self.topology.model_of[name]], round_index)
-                     for name, client in self.clients.items()},
+            self.fabric,
+            f"training round {round_index + 1}",
+            lambda: {
+                name: client.train(self.models[self.topology.model_of[name]], round_index)
+                for name, client in self.clients.items()
+            },
         )
         owners = {name: self.placement.owner(name) for name in self.topology.clients}
         rank = self.fabric.global_rank
-        reports = merge_from_ranks(self.fabric, {n: (u.num_steps, u.num_cases, u.metrics) for n, u in mine.items()
-                                                 if owners[n] == rank})
+        reports = merge_from_ranks(
+            self.fabric, {n: (u.num_steps, u.num_cases, u.metrics) for n, u in mine.items() if owners[n] == rank}
+        )
         kept = {name: owner for name, owner in owners.items() if "dropped" not in reports[name][2]}
         template = self.models[self.topology.models[0]]
         deltas = broadcast_states({name: mine[name].delta if name in mine else None for name in kept}, kept, template)
@@ -224,7 +277,9 @@ class Federation:
             sent = [u for name, u in updates.items() if u.delta is not None and self.topology.model_of[name] == model]
             if sent:
                 weights = [float(u.num_cases) if self.cfg.fl.weighting == "cases" else 1.0 for u in sent]
-                self.models[model] = self.strategies[model].aggregate(self.models[model], [u.delta for u in sent], weights)
+                self.models[model] = self.strategies[model].aggregate(
+                    self.models[model], [u.delta for u in sent], weights
+                )
 
     def validate(self, record: RoundRecord) -> None:
         """On validation rounds, each model's Dice on the sites it is trained on, and its mean."""
@@ -235,8 +290,9 @@ class Federation:
         scores = self.score(self.models, pairs, "validation")
         record.validation = {pair: {c: nanmean(v) for c, v in dice.items()} for pair, dice in scores.items()}
         for model in self.topology.models:
-            record.scores[model] = nanmean([d for (m, _), dice in record.validation.items() if m == model
-                                            for d in dice.values()])
+            record.scores[model] = nanmean(
+                [d for (m, _), dice in record.validation.items() if m == model for d in dice.values()]
+            )
 
     def select(self, record: RoundRecord) -> None:
         """A model's best round is its best validated one (the first validated round at least)."""
@@ -251,9 +307,13 @@ class Federation:
         sites = self._client_states()
         self._on_main(f"writing round {record.round + 1}", lambda: self._record_round(logger, record))
         resumable = {
-            "round": record.round, "classes": list(self.labels.classes), "sites": sites,
-            "models": {m: {"state": self.models[m], "strategy": self.strategies[m].state_dict(),
-                           "best": vars(self.best[m])} for m in self.topology.models},
+            "round": record.round,
+            "classes": list(self.labels.classes),
+            "sites": sites,
+            "models": {
+                m: {"state": self.models[m], "strategy": self.strategies[m].state_dict(), "best": vars(self.best[m])}
+                for m in self.topology.models
+            },
         }
         self._on_main(f"saving round {record.round + 1}", lambda: self._save_state(logger, resumable))
 
@@ -273,8 +333,15 @@ class Federation:
                     if loaded != model:
                         self.network.load_state_dict(states[model])
                         loaded = model
-                    out[(model, site)] = score_cases(self.predictor, loader, data.foreground, self.labels, self.cfg.eval,
-                                                     self.predictor.prepare, site in self.external)
+                    out[(model, site)] = score_cases(
+                        self.predictor,
+                        loader,
+                        data.foreground,
+                        self.labels,
+                        self.cfg.eval,
+                        self.predictor.prepare,
+                        site in self.external,
+                    )
             return out
 
         scores = merge_from_ranks(self.fabric, checked_on_every_rank(self.fabric, f"scoring the {split} split", mine))
@@ -299,13 +366,20 @@ class Federation:
 
     # ---------------------------------------------------------------- the run
     def fit(self) -> dict[str, Any]:
+        """Train every round (from the saved one when resumed), test each model's best round and
+        write the summary; returns the summary (`summary.json`)."""
         cfg = self.cfg
         logger = self._on_main("creating the run folder", self._start_outputs)
         first_round = 0 if self.resume is None else self.resume["round"] + 1
         round_times: list[float] = []
         start = time.perf_counter()
-        rounds = tqdm(range(first_round, cfg.fl.rounds), desc="rounds", disable=self.hide_bars,
-                      initial=first_round, total=cfg.fl.rounds)
+        rounds = tqdm(
+            range(first_round, cfg.fl.rounds),
+            desc="rounds",
+            disable=self.hide_bars,
+            initial=first_round,
+            total=cfg.fl.rounds,
+        )
         for r in rounds:
             round_start = time.perf_counter()
             record = RoundRecord(r, self.train_clients(r))
@@ -350,10 +424,16 @@ class Federation:
         """`state.ckpt`: everything `fit --resume` needs, written last, so it never points past
         what metrics.csv and the model files hold."""
         metrics_bytes = logger.position()
-        save_state(self.output_dir / STATE_FILE, resumable | self.identity | {
-            "metrics_bytes": metrics_bytes, "metrics_sha256": file_sha256(logger.path, metrics_bytes),
-            "wandb_id": logger.wandb_id,
-        })
+        save_state(
+            self.output_dir / STATE_FILE,
+            resumable
+            | self.identity
+            | {
+                "metrics_bytes": metrics_bytes,
+                "metrics_sha256": file_sha256(logger.path, metrics_bytes),
+                "wandb_id": logger.wandb_id,
+            },
+        )
 
     def _record_round(self, logger: RunLogger, record: RoundRecord) -> None:
         """metrics.csv, W&B and the checkpoints of one round."""
@@ -363,16 +443,28 @@ class Federation:
                 logger.train(r, name, update.metrics)
         for (model, site), dice in record.validation.items():
             logger.dice(r, "validation", site, model, dice)
-        meta = {"classes": list(self.labels.classes), "config": OmegaConf.to_container(self.cfg, resolve=True),
-                **self.identity}
+        meta = {
+            "classes": list(self.labels.classes),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            **self.identity,
+        }
         for model in self.topology.models:
             score = record.scores.get(model, math.nan)
             if model in record.improved:
-                save_model(self.output_dir / checkpoint_name("best", model), self.models[model], round=r, score=score, **meta)
-            save_model(self.output_dir / checkpoint_name("last", model), self.models[model], round=r, score=score, **meta)
-        logger.scalars({"time/round_s": record.seconds} | {
-            ("validation/mean_dice" if model == GLOBAL else f"validation/{model}/mean_dice"): score
-            for model, score in record.scores.items() if not math.isnan(score)})
+                save_model(
+                    self.output_dir / checkpoint_name("best", model), self.models[model], round=r, score=score, **meta
+                )
+            save_model(
+                self.output_dir / checkpoint_name("last", model), self.models[model], round=r, score=score, **meta
+            )
+        logger.scalars(
+            {"time/round_s": record.seconds}
+            | {
+                ("validation/mean_dice" if model == GLOBAL else f"validation/{model}/mean_dice"): score
+                for model, score in record.scores.items()
+                if not math.isnan(score)
+            }
+        )
         logger.commit(r)
 
     def _record_dropped(self, logger: RunLogger, r: int, dropped: dict[str, str]) -> None:
@@ -391,9 +483,12 @@ class Federation:
         pairs = [(m, site) for m in self.topology.models for site in self.scored_sites]
         scores = self.score({m: self.best[m].state for m in self.topology.models}, pairs, "testing")
         means = {pair: {c: nanmean(v) for c, v in dice.items()} for pair, dice in scores.items()}
-        rows = [CaseRow(self._phase(site), model, site, nifti_stem(item["image"]), name, None if math.isnan(v) else v)
-                for (model, site), dice in scores.items() for name, values in dice.items()
-                for item, v in zip(self.scored_sites[site].splits["testing"], values, strict=True)]
+        rows = [
+            CaseRow(self._phase(site), model, site, nifti_stem(item["image"]), name, None if math.isnan(v) else v)
+            for (model, site), dice in scores.items()
+            for name, values in dice.items()
+            for item, v in zip(self.scored_sites[site].splits["testing"], values, strict=True)
+        ]
 
         def record() -> None:
             for (model, site), dice in means.items():
@@ -420,7 +515,9 @@ class Federation:
             "best_validation_dice": self.best[GLOBAL].score if single else {m: b.score for m, b in self.best.items()},
             "test_dice": test_dice,
             "test_mean_dice": nanmean(list(test_dice.values())),
-            "external_dice": {e: {c: nanmean(v) for c, v in pooled(headline, EXTERNAL, e).items()} for e in self.external},
+            "external_dice": {
+                e: {c: nanmean(v) for c, v in pooled(headline, EXTERNAL, e).items()} for e in self.external
+            },
         }
         if not single:
             summary["cross_site"] = {m: {s: means[(m, s)] for s in self.scored_sites} for m in self.topology.models}
@@ -442,31 +539,49 @@ def summary_table(summary: dict[str, Any]) -> str:
         return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
 
     external = summary["external_dice"]
-    rows = [[name, fmt(dice), *(fmt(organs.get(name)) for organs in external.values())]
-            for name, dice in summary["test_dice"].items()]
+    rows = [
+        [name, fmt(dice), *(fmt(organs.get(name)) for organs in external.values())]
+        for name, dice in summary["test_dice"].items()
+    ]
     rows.append(["mean", fmt(summary["test_mean_dice"]), *(fmt(nanmean(list(o.values()))) for o in external.values())])
     header = ["class", "test Dice", *(f"{name} Dice" for name in external)]
     if "cross_site" not in summary:
-        title = (f"Best global model: after round {summary['best_round'] + 1} of {summary['rounds']}, "
-                 f"validation Dice {summary['best_validation_dice']:.4f}")
+        title = (
+            f"Best global model: after round {summary['best_round'] + 1} of {summary['rounds']}, "
+            f"validation Dice {summary['best_validation_dice']:.4f}"
+        )
         return f"\n{title}\n" + format_table(rows, header)
-    title = "Each site's own best model on its own test split; on an external site, the models of the sites labelling the organ"
+    title = (
+        "Each site's own best model on its own test split; on an external site, the models of the sites "
+        "labelling the organ"
+    )
     cross = summary["cross_site"]
     sites = list(next(iter(cross.values())))
-    cross_rows = [[f"{model} (round {summary['best_round'][model] + 1})",
-                   *(fmt(nanmean([v for v in dice[s].values() if v is not None])) for s in sites)]
-                  for model, dice in cross.items()]
-    return (f"\n{title}\n" + format_table(rows, header)
-            + "\n\nEvery site's model on every site (mean Dice over the classes each site labels)\n"
-            + format_table(cross_rows, ["model", *sites]))
+    cross_rows = [
+        [
+            f"{model} (round {summary['best_round'][model] + 1})",
+            *(fmt(nanmean([v for v in dice[s].values() if v is not None])) for s in sites),
+        ]
+        for model, dice in cross.items()
+    ]
+    return (
+        f"\n{title}\n"
+        + format_table(rows, header)
+        + "\n\nEvery site's model on every site (mean Dice over the classes each site labels)\n"
+        + format_table(cross_rows, ["model", *sites])
+    )
 
 
 def record_resume(run_dir: Path, round_index: int, changed: list[str], overrides: list[str]) -> None:
     """Append to `resumes.yaml` when and with which config changes a run was resumed."""
     path = run_dir / "resumes.yaml"
     history = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
-    entry = {"after_round": round_index + 1, "at": time.strftime("%Y-%m-%d %H:%M:%S"), "changed": changed,
-             "overrides": list(overrides)}
+    entry = {
+        "after_round": round_index + 1,
+        "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "changed": changed,
+        "overrides": list(overrides),
+    }
     atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(list(history) + [entry])))
 
 
@@ -531,15 +646,19 @@ def run_fit(cfg: DictConfig, resume: Resume | None = None, overwrite: bool = Fal
         if resume is not None:
             state = load_model(out / STATE_FILE)
             if not isinstance(state, dict) or not {"round", "models", "metrics_bytes"} <= state.keys():
-                raise CheckpointError(f"{out / STATE_FILE} is not a run state written by lightning-fl fit (expected its "
-                                      "round, global model and metrics length)")
+                raise CheckpointError(
+                    f"{out / STATE_FILE} is not a run state written by lightning-fl fit (expected its "
+                    "round, global model and metrics length)"
+                )
             if is_main:
                 check_same_run(out, state)
             summary = out / "summary.json"
             if state["round"] >= cfg.fl.rounds - 1 and summary.is_file():  # on every rank: they all stop
-                print(f"{out} holds a finished run (round {state['round'] + 1} of {cfg.fl.rounds} trained, then "
-                      f"tested: {summary.name}); nothing to do. To train more rounds: "
-                      f"fit --resume {out} --allow-config-change fl.rounds=N")
+                print(
+                    f"{out} holds a finished run (round {state['round'] + 1} of {cfg.fl.rounds} trained, then "
+                    f"tested: {summary.name}); nothing to do. To train more rounds: "
+                    f"fit --resume {out} --allow-config-change fl.rounds=N"
+                )
                 return json.loads(summary.read_text())
             if is_main:
                 record_resume(out, state["round"], resume.changed, resume.overrides)

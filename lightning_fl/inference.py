@@ -52,6 +52,7 @@ class Predictor:
         self.network, self.fabric, self.channels_last = network, fabric, channels_last
 
     def prepare(self, image: Tensor) -> Tensor:
+        """An input batch on the network's device and in its memory format."""
         image = image.to(self.fabric.device)
         return image.to(memory_format=torch.channels_last_3d) if self.channels_last and image.dim() == 5 else image
 
@@ -63,8 +64,12 @@ class Predictor:
 def sliding_logits(model: Callable[[Tensor], Tensor], image: Tensor, eval_cfg: DictConfig) -> Tensor:
     """Logits `[B, C, *S]` of whole volumes, by Gaussian-blended sliding windows."""
     return sliding_window_inference(
-        image, roi_size=list(eval_cfg.roi_size), sw_batch_size=eval_cfg.sw_batch_size, predictor=model,
-        overlap=eval_cfg.overlap, mode=eval_cfg.blend_mode,
+        image,
+        roi_size=list(eval_cfg.roi_size),
+        sw_batch_size=eval_cfg.sw_batch_size,
+        predictor=model,
+        overlap=eval_cfg.overlap,
+        mode=eval_cfg.blend_mode,
     )
 
 
@@ -94,7 +99,9 @@ def load_trained(path: Path, overrides: list[str] | None = None, accelerator: st
             raise CheckpointError(f"{path}: its {METADATA} is not valid JSON ({err}); export the model again") from err
         saved = metadata.get("lightning_fl") if isinstance(metadata, dict) else None
         if not isinstance(saved, dict) or "config" not in saved:
-            raise CheckpointError(f"{path} has no {METADATA} from `lightning-fl export`: its preprocessing and classes are unknown")
+            raise CheckpointError(
+                f"{path} has no {METADATA} from `lightning-fl export`: its preprocessing and classes are unknown"
+            )
         if problem := _saved_problem(saved, ()):
             raise CheckpointError(f"{path}: its {METADATA} is not what `lightning-fl export` writes: {problem}")
         cfg = config_from_container(saved["config"], overrides, f"{path} ({METADATA})")
@@ -176,8 +183,10 @@ def check_output_names(inputs: list[Path], out_dir: Path, probabilities: bool) -
     for source in inputs:
         for target in output_files(source, out_dir, probabilities):
             if target in claimed:
-                raise DatalistError(f"--input: {claimed[target]} and {source} would both be written to {target}; "
-                                    "rename one of them or infer them into separate folders")
+                raise DatalistError(
+                    f"--input: {claimed[target]} and {source} would both be written to {target}; "
+                    "rename one of them or infer them into separate folders"
+                )
             claimed[target] = source
 
 
@@ -217,7 +226,9 @@ def save_like(volume: np.ndarray, like: nib.Nifti1Image, path: Path) -> Path:
     """`volume` as a NIfTI file with `like`'s affine, qform, sform and units, written atomically."""
     out = nib.Nifti1Image(volume, like.affine, like.header.copy())
     out.set_data_dtype(volume.dtype)
-    out.header.set_slope_inter(1, 0)  # CT headers often scale stored integers; classes and probabilities are stored as is
+    out.header.set_slope_inter(
+        1, 0
+    )  # CT headers often scale stored integers; classes and probabilities are stored as is
     for get, put in ((like.get_qform, out.set_qform), (like.get_sform, out.set_sform)):
         matrix, form_code = get(coded=True)
         put(matrix, int(form_code))
@@ -232,7 +243,11 @@ def export_torchscript(model: TrainedModel, out_dir: Path) -> tuple[Path, Path]:
     cfg = model.cfg
     plain = OmegaConf.merge(cfg.model, {"deep_supervision_heads": 0})
     network = build_network(plain, in_channels=1, out_channels=len(cfg.labels.classes))
-    state = {k: v for k, v in model.predictor.network.state_dict().items() if "deep_supervision_heads" not in k and "super_head" not in k}
+    state = {
+        k: v
+        for k, v in model.predictor.network.state_dict().items()
+        if "deep_supervision_heads" not in k and "super_head" not in k
+    }
     network.load_state_dict(state)
     network = network.eval().cpu()
     metadata = bundle_metadata(model)
@@ -261,27 +276,54 @@ def bundle_metadata(model: TrainedModel) -> dict[str, Any]:
         "name": "lightning-fl ConDistFL abdominal CT segmentation",
         "task": f"segmentation of {', '.join(classes[1:])} in CT",
         "description": f"global model of a federated run, exported from {model.name}"
-                       + (f" (after round {model.round + 1})" if model.round is not None else ""),
+        + (f" (after round {model.round + 1})" if model.round is not None else ""),
         "intended_use": "research only",
         "network_data_format": {
-            "inputs": {"image": {
-                "type": "image", "format": "hounsfield", "modality": "CT", "num_channels": 1,
-                "spatial_shape": list(cfg.eval.roi_size), "dtype": "float32", "is_patch_data": True,
-                "channel_def": {"0": "image"},
-                "orientation": "RAS", "spacing_mm": list(cfg.data.spacing_mm),
-                "intensity_window": {"hu_min": window.hu_min, "hu_max": window.hu_max,
-                                     "center": window.center, "scale": window.scale,
-                                     "formula": "(clip(HU, hu_min, hu_max) - center) / scale"},
-                "value_range": [(window.hu_min - window.center) / window.scale, (window.hu_max - window.center) / window.scale],
-            }},
-            "outputs": {"pred": {
-                "type": "image", "format": "segmentation", "num_channels": len(classes),
-                "spatial_shape": list(cfg.eval.roi_size), "dtype": "float32", "value_range": ["-inf", "inf"],
-                "is_patch_data": True, "channel_def": {str(i): c for i, c in enumerate(classes)},
-                "activation": "logits: softmax over channels, argmax for labels",
-            }},
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": "hounsfield",
+                    "modality": "CT",
+                    "num_channels": 1,
+                    "spatial_shape": list(cfg.eval.roi_size),
+                    "dtype": "float32",
+                    "is_patch_data": True,
+                    "channel_def": {"0": "image"},
+                    "orientation": "RAS",
+                    "spacing_mm": list(cfg.data.spacing_mm),
+                    "intensity_window": {
+                        "hu_min": window.hu_min,
+                        "hu_max": window.hu_max,
+                        "center": window.center,
+                        "scale": window.scale,
+                        "formula": "(clip(HU, hu_min, hu_max) - center) / scale",
+                    },
+                    "value_range": [
+                        (window.hu_min - window.center) / window.scale,
+                        (window.hu_max - window.center) / window.scale,
+                    ],
+                }
+            },
+            "outputs": {
+                "pred": {
+                    "type": "image",
+                    "format": "segmentation",
+                    "num_channels": len(classes),
+                    "spatial_shape": list(cfg.eval.roi_size),
+                    "dtype": "float32",
+                    "value_range": ["-inf", "inf"],
+                    "is_patch_data": True,
+                    "channel_def": {str(i): c for i, c in enumerate(classes)},
+                    "activation": "logits: softmax over channels, argmax for labels",
+                }
+            },
         },
-        "inference": {"sliding_window": {"roi_size": list(cfg.eval.roi_size), "overlap": cfg.eval.overlap,
-                                         "blend_mode": cfg.eval.blend_mode}},
+        "inference": {
+            "sliding_window": {
+                "roi_size": list(cfg.eval.roi_size),
+                "overlap": cfg.eval.overlap,
+                "blend_mode": cfg.eval.blend_mode,
+            }
+        },
         "lightning_fl": {"round": model.round, "config": OmegaConf.to_container(cfg, resolve=True)},
     }

@@ -1,4 +1,4 @@
-"""The unified label space and what each site annotates in it (spec §1–2).
+"""The unified label space and what each site annotates in it (`docs/explanation/label-space.md`).
 
 Everything a site needs to know about classes is derived here from the config: its foreground set
 F_k, its ConDist background groups (each organ with its tumours, true background alone) and how
@@ -23,16 +23,19 @@ class LabelSpaceError(UserInputError):
 
 @dataclass(frozen=True)
 class LabelSpace:
-    """Class names by index (0 is background) and which organ each tumour belongs to."""
+    """The unified classes every site's labels are written in, and what each site's task means in them.
+
+    Holds the class names by index (0 is background) and which organ each tumour belongs to;
+    everything else (a site's foreground indices, its ConDist background groups, organ-level
+    scoring) is derived from these two, so nothing downstream hard-codes a class.
+    """
 
     classes: tuple[str, ...]
     tumor_of: Mapping[str, str]
 
     def __post_init__(self) -> None:
         if not self.classes or self.classes[0] != BACKGROUND:
-            raise LabelSpaceError(
-                f"labels.classes must start with '{BACKGROUND}' (index 0), got {list(self.classes)}"
-            )
+            raise LabelSpaceError(f"labels.classes must start with '{BACKGROUND}' (index 0), got {list(self.classes)}")
         seen: set[str] = set()
         for name in self.classes:
             if name in seen:
@@ -50,6 +53,7 @@ class LabelSpace:
 
     @property
     def num_classes(self) -> int:
+        """How many classes, background included: the network's output channels."""
         return len(self.classes)
 
     @property
@@ -62,9 +66,7 @@ class LabelSpace:
         try:
             return self.classes.index(name)
         except ValueError:
-            raise LabelSpaceError(
-                f"{where}: unknown class '{name}'; known classes are {list(self.classes)}"
-            ) from None
+            raise LabelSpaceError(f"{where}: unknown class '{name}'; known classes are {list(self.classes)}") from None
 
     def foreground(self, site_classes: Sequence[str], where: str = "site") -> list[int]:
         """Sorted indices of the classes a site annotates (F_k); background is never one of them."""
@@ -134,6 +136,7 @@ class LabelMap:
         return sorted(set(np.unique(native).tolist()) - set(self.values) - self.background - {0})
 
     def apply(self, native: np.ndarray) -> np.ndarray:
+        """Native label values → unified class indices (uint8); values the map does not list become 0."""
         mapped = np.zeros(native.shape, dtype=np.uint8)
         for value, index in self.values.items():
             mapped[native == value] = index
@@ -141,4 +144,5 @@ class LabelMap:
 
 
 def label_space_from_config(classes: Sequence[str], tumors: Mapping[str, str]) -> LabelSpace:
+    """The `LabelSpace` of `labels.classes` and `labels.tumors`, checked."""
     return LabelSpace(tuple(classes), dict(tumors))

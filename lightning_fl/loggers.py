@@ -25,7 +25,11 @@ CSV_COLUMNS = ("round", "phase", "site", "model", "class", "dice") + LOSS_COLUMN
 
 
 class StepMeans(Logger):
-    """A Fabric logger that averages every logged metric until `pop` is called."""
+    """A Fabric logger that averages every logged metric until `pop` is called.
+
+    It exists so that a site logs with `self.log_dict` as any LightningModule does, while the round
+    loop reads one mean per metric and round. It holds the running sums and counts.
+    """
 
     def __init__(self) -> None:
         self._sums: dict[str, float] = defaultdict(float)
@@ -40,6 +44,7 @@ class StepMeans(Logger):
         return "0"
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Add one step's metrics to the running means."""
         for key, value in metrics.items():
             self._sums[key] += float(value)
             self._counts[key] += 1
@@ -48,6 +53,7 @@ class StepMeans(Logger):
         pass  # the resolved config is saved by the run itself
 
     def pop(self) -> dict[str, float]:
+        """The mean of each metric since the last `pop`, and start over."""
         means = {key: self._sums[key] / self._counts[key] for key in self._sums}
         self._sums.clear()
         self._counts.clear()
@@ -84,14 +90,23 @@ class RunLogger:
         os.environ.setdefault("WANDB_SILENT", "true")
         settings = cfg.logger.wandb
         return wandb.init(
-            project=settings.project, entity=settings.entity, name=settings.name, group=settings.group,
-            job_type=settings.job_type, tags=list(settings.tags), mode=settings.mode, dir=str(output_dir),
-            config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous", id=run_id,
+            project=settings.project,
+            entity=settings.entity,
+            name=settings.name,
+            group=settings.group,
+            job_type=settings.job_type,
+            tags=list(settings.tags),
+            mode=settings.mode,
+            dir=str(output_dir),
+            config=OmegaConf.to_container(cfg, resolve=True),
+            reinit="finish_previous",
+            id=run_id,
             resume="allow" if run_id else None,
         )
 
     @property
     def wandb_id(self) -> str | None:
+        """The W&B run's id (kept in `state.ckpt` so a resumed run continues it); None without W&B."""
         return self._wandb.id if self._wandb is not None else None
 
     def position(self) -> int:
@@ -106,15 +121,20 @@ class RunLogger:
             raise OutputError(f"cannot write {self.path}: {err.strerror or err}") from err
 
     def train(self, round_index: int, site: str, means: Mapping[str, float]) -> None:
+        """A site's mean training losses of one round."""
         self._write({"round": round_index, "phase": "train", "site": site, "model": "local"} | dict(means))
         self._pending |= {f"train/{site}/{key}": value for key, value in means.items()}
 
     def dice(self, round_index: int, phase: str, site: str, model: str, dice: Mapping[str, float]) -> None:
+        """A model's Dice per class on a site, in one phase (validation, test, external)."""
         for name, value in dice.items():
-            self._write({"round": round_index, "phase": phase, "site": site, "model": model, "class": name,
-                         "dice": value})
+            self._write(
+                {"round": round_index, "phase": phase, "site": site, "model": model, "class": name, "dice": value}
+            )
             if not math.isnan(value):  # a standalone site's model: its name in the key
-                self._pending[f"{phase}/{site}/{name}" if model == "global" else f"{phase}/{model}/{site}/{name}"] = value
+                self._pending[f"{phase}/{site}/{name}" if model == "global" else f"{phase}/{model}/{site}/{name}"] = (
+                    value
+                )
 
     def dropped(self, round_index: int, site: str, reason: str) -> None:
         """A site whose update this round was not aggregated, and why."""
@@ -122,6 +142,7 @@ class RunLogger:
         self._pending[f"dropped/{site}"] = 1.0
 
     def scalars(self, values: Mapping[str, float]) -> None:
+        """Values for W&B only (not metrics.csv), sent with the round's next `commit`."""
         self._pending |= dict(values)
 
     def commit(self, round_index: int) -> None:
@@ -132,6 +153,7 @@ class RunLogger:
         self._pending = {}
 
     def finish(self, summary: Mapping[str, Any]) -> None:
+        """Close metrics.csv and end the W&B run with the run's summary."""
         self._file.close()
         if self._wandb is not None:
             self._wandb.summary.update(dict(summary))

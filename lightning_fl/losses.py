@@ -1,4 +1,5 @@
-"""The two ConDistFL losses (spec §2): the marginal Dice+CE loss and the conditional-distillation Dice.
+"""The two ConDistFL losses: the marginal Dice+CE loss and the conditional-distillation Dice
+(`docs/explanation/method.md` gives the formulas).
 
 Both are written as autograd Functions with an analytic backward. One softmax over the classes
 feeds every merged sum, and the backward reuses it, so a step makes a few passes over the logits
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 CE_VARIANTS = ("official", "marginal")
-CONDIST_EPS = 1e-5  # keeps 1 - sum_F q away from zero in the conditional probabilities (spec §2)
+CONDIST_EPS = 1e-5  # keeps 1 - sum_F q away from zero in the conditional probabilities, as ConDistFL does
 
 
 def deep_supervision_weights(num_heads: int) -> Tensor:
@@ -49,8 +50,14 @@ class _MarginalDiceCE(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, logits: Tensor, target: Tensor, merge: Tensor, fg_index: Tensor, bg_index: Tensor,
-        official: bool, smooth_dr: float,
+        ctx: Any,
+        logits: Tensor,
+        target: Tensor,
+        merge: Tensor,
+        fg_index: Tensor,
+        bg_index: Tensor,
+        official: bool,
+        smooth_dr: float,
     ) -> Tensor:
         batch, _, _, voxels = logits.shape
         num_groups = merge.shape[0]
@@ -168,8 +175,16 @@ class _ConDistDice(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, student: Tensor, teacher: Tensor, target: Tensor, is_fg: Tensor, membership: Tensor,
-        class_slot: list[int], temperature: float, smooth_dr: float, foreground_filter: bool,
+        ctx: Any,
+        student: Tensor,
+        teacher: Tensor,
+        target: Tensor,
+        is_fg: Tensor,
+        membership: Tensor,
+        class_slot: list[int],
+        temperature: float,
+        smooth_dr: float,
+        foreground_filter: bool,
     ) -> Tensor:
         def conditional(logits: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             q = torch.softmax(logits * (1.0 / temperature), dim=1)
@@ -210,7 +225,7 @@ class _ConDistDice(torch.autograd.Function):
 
 
 class ConDistDiceLoss(nn.Module):
-    """Conditional distillation on a site's unlabelled classes (spec §2).
+    """Conditional distillation on a site's unlabelled classes.
 
     Student and teacher probabilities are conditioned on "not a local foreground class" and summed
     over the `background` groups (each item a class index or a list of class indices); Dice compares
@@ -219,8 +234,13 @@ class ConDistDiceLoss(nn.Module):
     """
 
     def __init__(
-        self, num_classes: int, foreground: Sequence[int], background: Sequence[int | Sequence[int]],
-        temperature: float = 2.0, smooth_dr: float = 1e-5, foreground_filter: bool = True,
+        self,
+        num_classes: int,
+        foreground: Sequence[int],
+        background: Sequence[int | Sequence[int]],
+        temperature: float = 2.0,
+        smooth_dr: float = 1e-5,
+        foreground_filter: bool = True,
     ) -> None:
         super().__init__()
         if temperature <= 0:
@@ -266,6 +286,13 @@ class ConDistDiceLoss(nn.Module):
         target = target.clamp(0, self.num_classes - 1)
         with torch.autocast(student.device.type, enabled=False):  # sums over many voxels stay in float32
             return _ConDistDice.apply(
-                student, teacher, target, self.is_fg, self.membership.to(student.dtype), self.class_slot,
-                self.temperature, self.smooth_dr, self.foreground_filter,
+                student,
+                teacher,
+                target,
+                self.is_fg,
+                self.membership.to(student.dtype),
+                self.class_slot,
+                self.temperature,
+                self.smooth_dr,
+                self.foreground_filter,
             )

@@ -27,4 +27,3 @@ def build_network(model: DictConfig, in_channels: int, out_channels: int) -> Dyn
     if model.channels_last:  # measurably faster 3D convolutions with oneDNN and cuDNN
         net = net.to(memory_format=torch.channels_last_3d)
     return net
-

@@ -1,11 +1,13 @@
 """A federated site as a LightningModule: the student it trains, the frozen teacher it distils from.
 
-The teacher is the global model received this round (spec §2): eval mode, no gradients, outside
-the optimizer, and never part of what the site returns. Optimizer and scheduler belong to the site
-and persist across rounds; loading new global weights copies into the same parameter tensors, so
-the momentum buffers and the cosine schedule carry on (spec §3). The student's weights need not
-persist (every round starts from the global model), so the sites of one process share one student
-network and one teacher, and each keeps only its optimizer and schedule.
+The teacher is the global model this site received at the start of the round: eval mode, no
+gradients, outside the optimizer, and never part of what the site returns. Optimizer and scheduler
+belong to the site and persist across rounds, as in the reference ConDistFL protocol; loading new
+global weights copies into the same parameter tensors, so the momentum buffers and the cosine
+schedule carry on. The student's weights need not persist (every round starts from the global
+model), so the sites of one process share one student network and one teacher, and each keeps only
+its optimizer and schedule. The losses and the ConDist weight schedule are explained in
+`docs/explanation/method.md`.
 """
 
 from __future__ import annotations
@@ -31,40 +33,59 @@ def condist_weight(method: DictConfig, round_index: int, rounds: int) -> float:
 
 
 def freeze(module: nn.Module) -> nn.Module:
+    """Put `module` in eval mode without gradients (the teacher, the scoring network); returns it."""
     module.eval()
     module.requires_grad_(False)
     return module
 
 
 class Site(L.LightningModule):
-    """A site's losses around a student network and the frozen global model as its teacher.
+    """A site's training objective: its losses around a student network and the frozen global model as teacher.
+
+    It exists to keep what one local training step computes in a LightningModule: the marginal
+    Dice+CE loss on the site's labelled classes, ConDist against the teacher on the others (weighted
+    by the round's ConDist weight), the FedProx term where asked, and the SGD optimizer with its
+    cosine schedule. It holds the student and teacher networks, those losses, the method and optim
+    settings, and the index of the current round.
 
     `tasks` holds the foreground classes of each data source the site trains on: one for a site,
     every site's for the pooled trainer of centralized training, where a batch's `source` says
     whose labels it carries and so which marginal loss supervises it."""
 
     def __init__(
-        self, name: str, tasks: list[list[int]], background_groups: list[list[int]], num_classes: int,
-        student: nn.Module, teacher: nn.Module, cfg: DictConfig, steps_per_round: int,
+        self,
+        tasks: list[list[int]],
+        background_groups: list[list[int]],
+        num_classes: int,
+        student: nn.Module,
+        teacher: nn.Module,
+        cfg: DictConfig,
+        steps_per_round: int,
     ) -> None:
         super().__init__()
-        self.site_name = name
         self.student = student
         self.teacher = freeze(teacher)
         self.method, self.optim, self.rounds = cfg.method, cfg.optim, cfg.fl.rounds
         self.total_steps = cfg.fl.rounds * steps_per_round
         self.supervised_losses = nn.ModuleList(MarginalDiceCELoss(task, ce=cfg.method.ce) for task in tasks)
         self.condist_loss = (
-            ConDistDiceLoss(num_classes, tasks[0], background_groups, cfg.method.temperature,
-                            foreground_filter=cfg.method.foreground_filter)
-            if cfg.method.condist else None
+            ConDistDiceLoss(
+                num_classes,
+                tasks[0],
+                background_groups,
+                cfg.method.temperature,
+                foreground_filter=cfg.method.foreground_filter,
+            )
+            if cfg.method.condist
+            else None
         )
         self.register_buffer(
             "head_weights", deep_supervision_weights(1 + cfg.model.deep_supervision_heads), persistent=False
         )
         self.round_index = 0
 
-    def train(self, mode: bool = True) -> "Site":
+    def train(self, mode: bool = True) -> Site:
+        """Set the student's mode; the teacher stays in eval mode."""
         super().train(mode)
         self.teacher.eval()  # the teacher stays in eval mode whatever the site's mode
         return self
@@ -95,9 +116,11 @@ class Site(L.LightningModule):
         }
 
     def forward(self, image: Tensor) -> Tensor:
+        """The student's output heads for `image`."""
         return self.student(image)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """The loss of one batch (supervised, plus ConDist and the proximal term where enabled); logs its parts."""
         image, label = batch["image"], batch["label"]
         heads = self.student(image)
         if heads.dim() == image.dim():  # no deep supervision: a single head
@@ -122,10 +145,14 @@ class Site(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        """SGD + cosine over every local step of the run, stepped per iteration (spec §3)."""
+        """SGD with a cosine schedule over every local step of the whole run, stepped per iteration (not
+        reset when new global weights arrive)."""
         optimizer = torch.optim.SGD(
-            self.student.parameters(), lr=self.optim.lr, momentum=self.optim.momentum,
-            nesterov=self.optim.nesterov, weight_decay=self.optim.weight_decay,
+            self.student.parameters(),
+            lr=self.optim.lr,
+            momentum=self.optim.momentum,
+            nesterov=self.optim.nesterov,
+            weight_decay=self.optim.weight_decay,
         )
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=self.total_steps, eta_min=self.optim.eta_min

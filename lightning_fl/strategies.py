@@ -1,4 +1,7 @@
-"""Server strategies: how the sites' updates Δ_k become the next global model (spec §3).
+"""Server strategies: how the sites' updates Δ_k become the next global model.
+
+FedAvg adds the mean update to the weights; FedOpt treats the negated mean update as a gradient for
+a server SGD with momentum (`docs/explanation/method.md`, FedOpt aggregation).
 
 A strategy is a function of (global state, updates, weights) plus, for FedOpt, its own server
 optimizer state. Floating-point entries (parameters and buffers) are aggregated; integer buffers
@@ -40,42 +43,53 @@ class Strategy(Protocol):
     """What the round loop asks of a server: the next weights from the sent ones and the updates,
     and the server's own state for `state.ckpt`."""
 
-    def aggregate(self, global_state: StateDict, updates: Sequence[StateDict], weights: Sequence[float]) -> StateDict: ...
+    def aggregate(self, global_state: StateDict, updates: Sequence[StateDict], weights: Sequence[float]) -> StateDict:
+        """The next weights of the model from the weights sent (`global_state`) and the weighted updates."""
+        ...
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]:
+        """The server's own state, for `state.ckpt`."""
+        ...
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (a resumed run)."""
+        ...
 
 
 class FedAvg:
-    """w ← w + Δ̄."""
+    """Federated averaging, w ← w + Δ̄: the server adds the weighted mean update. It holds no state."""
 
     def state_dict(self) -> dict:
+        """Nothing: FedAvg keeps no state between rounds."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        """Nothing to restore."""
 
     def aggregate(self, global_state: StateDict, updates: Sequence[StateDict], weights: Sequence[float]) -> StateDict:
+        """The weights plus the weighted mean update (integer buffers: the first update's)."""
         mean = weighted_mean(updates, weights)
         return {
-            key: value + mean[key] if value.is_floating_point() else mean[key]
-            for key, value in global_state.items()
+            key: value + mean[key] if value.is_floating_point() else mean[key] for key, value in global_state.items()
         }
 
 
 class FedOpt:
     """Server SGD with momentum on the pseudo-gradient −Δ̄, its learning rate cosine-decayed from
-    `server_lr` to `server_lr_min` over the rounds; torch's SGD and scheduler do the arithmetic."""
+    `server_lr` to `server_lr_min` over the rounds; torch's SGD and scheduler do the arithmetic.
+
+    It exists because, unlike FedAvg, the server carries state from round to round: it holds a copy
+    of the floating-point weights as parameters, the SGD optimizer (its momentum buffers) and the
+    cosine schedule of the server learning rate.
+    """
 
     def __init__(self, global_state: StateDict, fl: DictConfig) -> None:
         self.params = {
             key: value.detach().clone().requires_grad_(True)
-            for key, value in global_state.items() if value.is_floating_point()
+            for key, value in global_state.items()
+            if value.is_floating_point()
         }
-        self.optimizer = torch.optim.SGD(
-            list(self.params.values()), lr=fl.server_lr, momentum=fl.server_momentum
-        )
+        self.optimizer = torch.optim.SGD(list(self.params.values()), lr=fl.server_lr, momentum=fl.server_momentum)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=fl.rounds, eta_min=fl.server_lr_min
         )
@@ -85,10 +99,12 @@ class FedOpt:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the server momentum and schedule saved by `state_dict`."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
     def aggregate(self, global_state: StateDict, updates: Sequence[StateDict], weights: Sequence[float]) -> StateDict:
+        """One server SGD step from `global_state` along −Δ̄ (integer buffers: the first update's)."""
         mean = weighted_mean(updates, weights)
         with torch.no_grad():
             for key, param in self.params.items():
@@ -96,11 +112,9 @@ class FedOpt:
                 param.grad = -mean[key]
         self.optimizer.step()
         self.scheduler.step()
-        return {
-            key: self.params[key].detach().clone() if key in self.params else mean[key]
-            for key in global_state
-        }
+        return {key: self.params[key].detach().clone() if key in self.params else mean[key] for key in global_state}
 
 
 def build_strategy(fl: DictConfig, global_state: StateDict) -> Strategy:
+    """The server strategy `fl.strategy` names, starting from the model's initial weights."""
     return FedOpt(global_state, fl) if fl.strategy == "fedopt" else FedAvg()

@@ -39,7 +39,15 @@ from lightning_fl.config import CONFIG_DIR, ConfigError, config_changes, load_co
 from lightning_fl.errors import RunStopped
 from lightning_fl.loggers import format_table
 from lightning_fl.scores import (  # noqa: F401 - ResultsError: what reading the runs raises
-    CASES_FILE, EXTERNAL, GLOBAL, TEST, CaseRow, ResultsError, headline_rows, pooled, read_test_cases,
+    CASES_FILE,
+    EXTERNAL,
+    GLOBAL,
+    TEST,
+    CaseRow,
+    ResultsError,
+    headline_rows,
+    pooled,
+    read_test_cases,
 )
 
 # `shared` is not read: it holds lists of overrides that variants share through YAML anchors
@@ -89,10 +97,12 @@ class Run:
 
     @property
     def name(self) -> str:
+        """How tables and messages name the run: `<variant>/seed<seed>`."""
         return f"{self.variant}/seed{self.seed}"
 
     @property
     def log(self) -> Path:
+        """The run's log beside its folder: its stdout and stderr, appended at every start."""
         return self.folder.with_name(f"{self.folder.name}.log")
 
 
@@ -107,8 +117,10 @@ def load_sweep(path: str | Path) -> Sweep:
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from err
     if not isinstance(content, dict):
-        raise ConfigError(f"{path}: expected a mapping with the keys {list(REQUIRED)} (optionally "
-                          f"{[k for k in KEYS if k not in REQUIRED]}), got {type(content).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping with the keys {list(REQUIRED)} (optionally "
+            f"{[k for k in KEYS if k not in REQUIRED]}), got {type(content).__name__}"
+        )
     unknown = sorted(str(k) for k in content if k not in KEYS)
     if unknown:
         plural = "s" if len(unknown) > 1 else ""
@@ -121,7 +133,10 @@ def load_sweep(path: str | Path) -> Sweep:
     if not isinstance(output_dir, str) or not output_dir:
         raise ConfigError(f"{path}: output_dir: expected a folder (a string), got {output_dir!r}")
     return Sweep(
-        path=path, base=_base(path, content["base"]), seeds=_seeds(path, content["seeds"]), variants=variants,
+        path=path,
+        base=_base(path, content["base"]),
+        seeds=_seeds(path, content["seeds"]),
+        variants=variants,
         overrides=_overrides(path, "overrides", content.get("overrides", [])),
         comparisons=_comparisons(path, content.get("comparisons", []), variants),
         output_dir=Path(output_dir).expanduser(),
@@ -134,8 +149,11 @@ def _base(path: Path, value: Any) -> Path:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{path}: base: expected the path of a config file (a string), got {value!r}")
     given = Path(value).expanduser()
-    candidates = [given] if given.is_absolute() else [(path.parent / given).absolute(), Path.cwd() / given,
-                                                      CONFIG_DIR.parent / given]
+    candidates = (
+        [given]
+        if given.is_absolute()
+        else [(path.parent / given).absolute(), Path.cwd() / given, CONFIG_DIR.parent / given]
+    )
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
@@ -157,13 +175,17 @@ def _seeds(path: Path, value: Any) -> list[int]:
 
 def _variants(path: Path, value: Any) -> dict[str, list[str]]:
     if not isinstance(value, dict) or not value:
-        raise ConfigError(f"{path}: variants: expected a non-empty mapping of name -> list of overrides key=value, "
-                          f"e.g. {{fedavg: [fl.strategy=fedavg]}}, got {value!r}")
+        raise ConfigError(
+            f"{path}: variants: expected a non-empty mapping of name -> list of overrides key=value, "
+            f"e.g. {{fedavg: [fl.strategy=fedavg]}}, got {value!r}"
+        )
     variants = {}
     for name, overrides in value.items():
         if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise ConfigError(f"{path}: variants: a variant's name is its folder's, expected letters, digits, "
-                              f"'_' and '-', got {name!r}")
+            raise ConfigError(
+                f"{path}: variants: a variant's name is its folder's, expected letters, digits, "
+                f"'_' and '-', got {name!r}"
+            )
         variants[name] = _overrides(path, f"variants.{name}", overrides)
     return variants
 
@@ -178,8 +200,10 @@ def _overrides(path: Path, key: str, value: Any) -> list[str]:
         if not isinstance(item, str) or not item.partition("=")[0] or "=" not in item:
             raise ConfigError(f"{path}: {key}: expected overrides of the form key=value, got {item!r}")
         if item.partition("=")[0] in SET_BY_SWEEP:
-            raise ConfigError(f"{path}: {key}: '{item}': the sweep sets {', '.join(SET_BY_SWEEP)} for each run "
-                              "(from seeds, output_dir, the sweep file's name and the variant's)")
+            raise ConfigError(
+                f"{path}: {key}: '{item}': the sweep sets {', '.join(SET_BY_SWEEP)} for each run "
+                "(from seeds, output_dir, the sweep file's name and the variant's)"
+            )
     return list(value)
 
 
@@ -192,8 +216,10 @@ def _comparisons(path: Path, value: Any, variants: dict[str, list[str]]) -> list
             raise ConfigError(f"{path}: comparisons: expected pairs [a, b] of variant names, got {pair!r}")
         unknown = [v for v in pair if v not in variants]
         if unknown:
-            raise ConfigError(f"{path}: comparisons: {pair}: {', '.join(map(repr, unknown))} is not a variant; "
-                              f"the variants are {list(variants)}")
+            raise ConfigError(
+                f"{path}: comparisons: {pair}: {', '.join(map(repr, unknown))} is not a variant; "
+                f"the variants are {list(variants)}"
+            )
         if pair[0] == pair[1]:
             raise ConfigError(f"{path}: comparisons: {pair}: expected two different variants")
         pairs.append((pair[0], pair[1]))
@@ -210,9 +236,15 @@ def plan_runs(sweep: Sweep) -> list[Run]:
             if variant in problems:
                 continue
             folder = sweep.output_dir / "runs" / variant / f"seed{seed}"
-            overrides = [*sweep.overrides, *own, f"seed={seed}", f"output_dir={folder}",
-                         f"logger.wandb.group={sweep.name}", f"logger.wandb.job_type={variant}",
-                         f"logger.wandb.name={variant}-seed{seed}"]
+            overrides = [
+                *sweep.overrides,
+                *own,
+                f"seed={seed}",
+                f"output_dir={folder}",
+                f"logger.wandb.group={sweep.name}",
+                f"logger.wandb.job_type={variant}",
+                f"logger.wandb.name={variant}-seed{seed}",
+            ]
             try:
                 cfg = load_config(sweep.base, overrides)
             except ConfigError as err:
@@ -264,7 +296,9 @@ def fit_command(sweep: Sweep, run: Run, parallel: int) -> list[str]:
     if run.action == "resume":
         assert run.saved is not None
         one_process = parallel > 1 and run.saved.fabric.devices != 1
-        return fit + ["--resume", str(run.folder)] + (["--allow-config-change", "fabric.devices=1"] if one_process else [])
+        return (
+            fit + ["--resume", str(run.folder)] + (["--allow-config-change", "fabric.devices=1"] if one_process else [])
+        )
     overwrite = ["--overwrite"] if run.action == "overwrite" else []
     one_process = ["fabric.devices=1"] if parallel > 1 else []
     return fit + ["--config", str(sweep.base), *overwrite, *run.overrides, *one_process]
@@ -289,8 +323,9 @@ class _Child:
         self.log = run.log.open("ab", buffering=0)
         self.log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n".encode())
         self.last_error = ""
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.PIPE,
-                                        env=env, start_new_session=True)
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.PIPE, env=env, start_new_session=True
+        )
         self.reader = threading.Thread(target=self._read_stderr, daemon=True)
         self.reader.start()
 
@@ -387,14 +422,17 @@ def _duration(seconds: float | None) -> str:
 def summary_table(runs: list[Run], outcomes: dict[str, Outcome]) -> str:
     """variant, seed, wall time and status of every run; the statuses left-aligned (they are words)."""
     width = max(len("status"), *(len(outcomes[run.name].status) for run in runs))
-    rows = [[run.variant, str(run.seed), _duration(outcomes[run.name].seconds), outcomes[run.name].status.ljust(width)]
-            for run in runs]
+    rows = [
+        [run.variant, str(run.seed), _duration(outcomes[run.name].seconds), outcomes[run.name].status.ljust(width)]
+        for run in runs
+    ]
     table = format_table(rows, ["variant", "seed", "wall time", "status".ljust(width)])
     return "\n".join(line.rstrip() for line in table.splitlines())
 
 
-def run_sweep(sweep: Sweep, parallel: int = 1, rerun_changed: bool = False, tables_only: bool = False,
-              command: str = "") -> None:
+def run_sweep(
+    sweep: Sweep, parallel: int = 1, rerun_changed: bool = False, tables_only: bool = False, command: str = ""
+) -> None:
     """Plan and check every run, train what is left (unless `tables_only`), then write the tables
     of the finished runs. Raises RunStopped (exit status 1) after the tables when any run failed."""
     runs = plan_runs(sweep)
@@ -405,12 +443,15 @@ def run_sweep(sweep: Sweep, parallel: int = 1, rerun_changed: bool = False, tabl
         print("\n" + summary_table(runs, outcomes))
     results, missing = collect_results(runs)
     write_tables(sweep, results, missing, command, run_costs(runs))
-    print(f"tables of {len(results)} of {len(runs)} runs: {sweep.output_dir / 'results.md'}, "
-          f"{sweep.output_dir / 'results.csv'}")
+    print(
+        f"tables of {len(results)} of {len(runs)} runs: {sweep.output_dir / 'results.md'}, "
+        f"{sweep.output_dir / 'results.csv'}"
+    )
     failed = [run for run in runs if run.name in outcomes and outcomes[run.name].failed]
     if failed:
-        raise RunStopped(f"{len(failed)} of {len(runs)} runs failed: "
-                         + "; ".join(f"{run.name} (log: {run.log})" for run in failed))
+        raise RunStopped(
+            f"{len(failed)} of {len(runs)} runs failed: " + "; ".join(f"{run.name} (log: {run.log})" for run in failed)
+        )
 
 
 # ---------------------------------------------------------------- the tables
@@ -440,8 +481,10 @@ def run_costs(runs: list[Run]) -> dict[tuple[str, int], dict[str, Any]]:
             summary = json.loads(path.read_text())
             rounds = summary.get("round_time_s") or [math.nan]
             costs[(run.variant, run.seed)] = {
-                "wall_s": summary.get("wall_time_s", math.nan), "round_s": sum(rounds) / len(rounds),
-                "device": summary.get("device", "not recorded"), "precision": summary.get("precision", "not recorded"),
+                "wall_s": summary.get("wall_time_s", math.nan),
+                "round_s": sum(rounds) / len(rounds),
+                "device": summary.get("device", "not recorded"),
+                "precision": summary.get("precision", "not recorded"),
             }
     return costs
 
@@ -452,9 +495,15 @@ def _time_table(sweep: Sweep, costs: dict[tuple[str, int], dict[str, Any]]) -> l
     for variant in sweep.variants:
         mine = [c for (v, _), c in costs.items() if v == variant]
         if mine:
-            rows.append([variant, str(len(mine)), f"{_mean([c['wall_s'] for c in mine]) / 60:.1f}",
-                         f"{_mean([c['round_s'] for c in mine]):.1f}",
-                         "; ".join(sorted({f"{c['device']}, {c['precision']}" for c in mine}))])
+            rows.append(
+                [
+                    variant,
+                    str(len(mine)),
+                    f"{_mean([c['wall_s'] for c in mine]) / 60:.1f}",
+                    f"{_mean([c['round_s'] for c in mine]):.1f}",
+                    "; ".join(sorted({f"{c['device']}, {c['precision']}" for c in mine})),
+                ]
+            )
     return _markdown(["variant", "runs", "min per run", "s per round", "device, precision"], rows) if rows else []
 
 
@@ -530,13 +579,26 @@ def _cross_site(results: Results, variant: str) -> list[str]:
                 per_run.setdefault((row.model, row.site, row.cls), []).append(row.dice)
         for key, values in per_run.items():
             over_seeds.setdefault(key, []).append(_mean(values))
-    table = [[model, *(f"{np.mean(over_seeds[(model, site, cls)]):.3f}" if (model, site, cls) in over_seeds else "n/a"
-                       for site, cls in columns)] for model in models]
+    table = [
+        [
+            model,
+            *(
+                f"{np.mean(over_seeds[(model, site, cls)]):.3f}" if (model, site, cls) in over_seeds else "n/a"
+                for site, cls in columns
+            ),
+        ]
+        for model in models
+    ]
     return _markdown(["model \\ site/class", *(f"{site}/{cls}" for site, cls in columns)], table)
 
 
-def bootstrap_mean(values: Sequence[float], clusters: Sequence[Any] | None = None, resamples: int = RESAMPLES,
-                   level: float = 0.95, seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
+def bootstrap_mean(
+    values: Sequence[float],
+    clusters: Sequence[Any] | None = None,
+    resamples: int = RESAMPLES,
+    level: float = 0.95,
+    seed: int = BOOTSTRAP_SEED,
+) -> tuple[float, float, float]:
     """The mean of `values` and its percentile bootstrap interval at `level`: the cases
     (`clusters`, one per value by default) are resampled with replacement, each with all its values,
     so that the classes and seeds of one case count as the one case they are. Reproducible: a fixed seed."""
@@ -591,8 +653,11 @@ def paired_differences(results: Results, a: str, b: str) -> list[Difference]:
             pair = (value - scores_b[key], (site, case))
             groups.setdefault((group, cls), []).append(pair)
             groups.setdefault((group, ALL_CLASSES), []).append(pair)
-    ordered = [key for group in _ordered(g for g, _ in groups)
-               for key in [*(k for k in groups if k[0] == group and k[1] != ALL_CLASSES), (group, ALL_CLASSES)]]
+    ordered = [
+        key
+        for group in _ordered(g for g, _ in groups)
+        for key in [*(k for k in groups if k[0] == group and k[1] != ALL_CLASSES), (group, ALL_CLASSES)]
+    ]
     differences = []
     for group, cls in ordered:
         diffs, clusters = zip(*groups[(group, cls)])
@@ -612,56 +677,95 @@ def _shown(path: Path) -> Path:
     return resolved.relative_to(CONFIG_DIR.parent) if resolved.is_relative_to(CONFIG_DIR.parent) else path
 
 
-def results_markdown(sweep: Sweep, results: Results, missing: list[str], command: str,
-                     costs: dict[tuple[str, int], dict[str, Any]] | None = None) -> str:
+def results_markdown(
+    sweep: Sweep,
+    results: Results,
+    missing: list[str],
+    command: str,
+    costs: dict[tuple[str, int], dict[str, Any]] | None = None,
+) -> str:
+    """The sweep's `results.md`: what ran and how, then its tables (test, external, cross-site, time,
+    paired differences)."""
     headline = {key: headline_rows(rows) for key, rows in results.items()}
     lines = [
-        f"# Sweep `{sweep.name}`", "",
-        f"- sweep file: `{_shown(sweep.path)}`", f"- base config: `{_shown(sweep.base)}`",
+        f"# Sweep `{sweep.name}`",
+        "",
+        f"- sweep file: `{_shown(sweep.path)}`",
+        f"- base config: `{_shown(sweep.base)}`",
         f"- seeds: {', '.join(map(str, sweep.seeds))}",
         f"- overrides of every variant: {' '.join(sweep.overrides) or 'none'}",
         *(f"- variant `{name}`: {' '.join(own) or '(the base config)'}" for name, own in sweep.variants.items()),
-        f"- date: {time.strftime('%Y-%m-%d %H:%M')}", f"- command: `{command}`",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M')}",
+        f"- command: `{command}`",
         f"- runs in these tables: {len(results)} of {len(sweep.seeds) * len(sweep.variants)}"
-        + (f"; not: {'; '.join(missing)}" if missing else ""), "",
+        + (f"; not: {'; '.join(missing)}" if missing else ""),
+        "",
         "Cells: each run's mean Dice over the cases, then mean ± sample std over seeds (3 decimals; one seed: the "
-        "mean). The mean row averages each run's classes first.", "",
-        "## Test", "",
+        "mean). The mean row averages each run's classes first.",
+        "",
+        "## Test",
+        "",
         "Each class at the sites that label it (the global model; standalone variants: each site's own model on "
-        "its own site).", "",
+        "its own site).",
+        "",
         *_seed_table(sweep, {key: _class_means(rows, TEST) for key, rows in headline.items()}),
     ]
     for site in _ordered(r.site for rows in headline.values() for r in rows if r.phase == EXTERNAL):
-        lines += [f"## external: {site}", "", "Per organ (standalone variants: each organ by the models of the "
-                  "sites that label it).", "",
-                  *_seed_table(sweep, {key: _class_means(rows, EXTERNAL, site) for key, rows in headline.items()})]
+        lines += [
+            f"## external: {site}",
+            "",
+            "Per organ (standalone variants: each organ by the models of the sites that label it).",
+            "",
+            *_seed_table(sweep, {key: _class_means(rows, EXTERNAL, site) for key, rows in headline.items()}),
+        ]
     for variant in sweep.variants:
         runs = [rows for (v, _), rows in results.items() if v == variant]
         if runs and not any(r.model == GLOBAL for rows in runs for r in rows):
-            lines += [f"## cross-site: {variant}", "",
-                      "Each site's model (rows) on each site's test split and class (columns), mean over seeds: "
-                      "a site's model has not learnt what its site never labelled.", "",
-                      *_cross_site(results, variant)]
+            lines += [
+                f"## cross-site: {variant}",
+                "",
+                "Each site's model (rows) on each site's test split and class (columns), mean over seeds: "
+                "a site's model has not learnt what its site never labelled.",
+                "",
+                *_cross_site(results, variant),
+            ]
     if costs:
-        lines += ["## Time", "", "Wall time of each run (training, validation and test) and of a round, mean over "
-                  "the seeds; the device and precision each ran on.", "", *_time_table(sweep, costs)]
+        lines += [
+            "## Time",
+            "",
+            "Wall time of each run (training, validation and test) and of a round, mean over "
+            "the seeds; the device and precision each ran on.",
+            "",
+            *_time_table(sweep, costs),
+        ]
     if sweep.comparisons:
         resamples = f"{RESAMPLES:,}".replace(",", " ")
-        lines += ["## Paired differences", "",
-                  "Over the cases both variants scored (same seed, site, case and class, Dice in both; the models of "
-                  f"the tables above): the mean per-case difference and its 95 % percentile bootstrap interval "
-                  f"({resamples} resamples of the cases with replacement, each with all its classes and seeds; numpy "
-                  f"seed {BOOTSTRAP_SEED}); n = paired values (case × class × seed).", ""]
+        lines += [
+            "## Paired differences",
+            "",
+            "Over the cases both variants scored (same seed, site, case and class, Dice in both; the models of "
+            f"the tables above): the mean per-case difference and its 95 % percentile bootstrap interval "
+            f"({resamples} resamples of the cases with replacement, each with all its classes and seeds; numpy "
+            f"seed {BOOTSTRAP_SEED}); n = paired values (case × class × seed).",
+            "",
+        ]
         for a, b in sweep.comparisons:
-            rows = [[d.group, d.cls, str(d.n), str(d.cases), _signed(d.mean), f"[{_signed(d.low)}, {_signed(d.high)}]"]
-                    for d in paired_differences(results, a, b)]
+            rows = [
+                [d.group, d.cls, str(d.n), str(d.cases), _signed(d.mean), f"[{_signed(d.low)}, {_signed(d.high)}]"]
+                for d in paired_differences(results, a, b)
+            ]
             lines += [f"### {a} − {b}", ""]
-            lines += _markdown(["phase", "class", "n", "cases", f"{a} − {b}", "95 % CI"], rows) if rows else \
-                ["No case was scored by both.", ""]
+            lines += (
+                _markdown(["phase", "class", "n", "cases", f"{a} − {b}", "95 % CI"], rows)
+                if rows
+                else ["No case was scored by both.", ""]
+            )
     return "\n".join(lines)
 
 
-def write_tables(sweep: Sweep, results: Results, missing: list[str], command: str,
-                 costs: dict[tuple[str, int], dict[str, Any]]) -> None:
+def write_tables(
+    sweep: Sweep, results: Results, missing: list[str], command: str, costs: dict[tuple[str, int], dict[str, Any]]
+) -> None:
+    """Write the sweep's `results.csv` and `results.md` into its output folder."""
     atomic_write_text(sweep.output_dir / "results.csv", results_csv(results))
     atomic_write_text(sweep.output_dir / "results.md", results_markdown(sweep, results, missing, command, costs))

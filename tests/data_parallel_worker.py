@@ -31,12 +31,23 @@ def gradients(federation: Federation, batch: dict, sync: bool) -> list[torch.Ten
 
 
 def one_site_config(root: str, out: str):
-    return load_config(CONFIG_DIR / "smoke.yaml", [
-        "data.synthetic=null", f"data.root={root}", "data.external=[]", f"output_dir={out}",
-        "data.sites=[{name: liver, datalist: liver.json, classes: [liver, liver_tumor]}]",
-        "data.samples_per_volume=2", "fl.rounds=1", "logger.wandb.mode=disabled",
-        "fabric.accelerator=cpu", "fabric.devices=2", "fabric.strategy=ddp", "fabric.precision=32-true",
-    ])
+    return load_config(
+        CONFIG_DIR / "smoke.yaml",
+        [
+            "data.synthetic=null",
+            f"data.root={root}",
+            "data.external=[]",
+            f"output_dir={out}",
+            "data.sites=[{name: liver, datalist: liver.json, classes: [liver, liver_tumor]}]",
+            "data.samples_per_volume=2",
+            "fl.rounds=1",
+            "logger.wandb.mode=disabled",
+            "fabric.accelerator=cpu",
+            "fabric.devices=2",
+            "fabric.strategy=ddp",
+            "fabric.precision=32-true",
+        ],
+    )
 
 
 def main(fabric, cfg) -> None:

@@ -54,6 +54,8 @@ def make_amos(root: Path) -> Path:
             image, label = _case(rng, [1, 2, 3, 4, 6, 10, 15])
             write_volume(root / f"images{folder}" / f"amos_{i:04d}.nii.gz", image, np.int16)
             write_volume(root / f"labels{folder}" / f"amos_{i:04d}.nii.gz", label, np.uint8)
-            lists[split].append({"image": f"./images{folder}/amos_{i:04d}.nii.gz", "label": f"./labels{folder}/amos_{i:04d}.nii.gz"})
+            lists[split].append(
+                {"image": f"./images{folder}/amos_{i:04d}.nii.gz", "label": f"./labels{folder}/amos_{i:04d}.nii.gz"}
+            )
     (root / "dataset.json").write_text(json.dumps(lists))
     return root

@@ -1,6 +1,7 @@
-"""Straightforward implementations of the spec §2 formulas: a loop over channels and groups with
-MONAI's Dice module per channel, differentiated by autograd. They are the yardstick the fast
-losses are checked against (tests) and timed against (`benchmarks/losses.py`)."""
+"""Straightforward implementations of the ConDistFL loss formulas (marginal Dice+CE and ConDist,
+`docs/explanation/method.md`): a loop over channels and groups with MONAI's Dice module per channel,
+differentiated by autograd. They are the yardstick the fast losses are checked against (tests) and
+timed against (`benchmarks/condist_cost.py`)."""
 
 from __future__ import annotations
 
@@ -39,8 +40,12 @@ def marginal_loss_loop(logits: Tensor, label: Tensor, foreground: Sequence[int],
 
 
 def condist_loss_loop(
-    student: Tensor, teacher: Tensor, label: Tensor, foreground: Sequence[int],
-    background: Sequence[int | Sequence[int]], temperature: float,
+    student: Tensor,
+    teacher: Tensor,
+    label: Tensor,
+    foreground: Sequence[int],
+    background: Sequence[int | Sequence[int]],
+    temperature: float,
 ) -> Tensor:
     def conditional(logits: Tensor) -> list[Tensor]:
         q = torch.softmax(logits / temperature, dim=1)

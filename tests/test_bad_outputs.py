@@ -6,19 +6,11 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO
 from lightning_fl.checkpoint import CheckpointError, OutputError, load_model, save_model
-
-
-def _cli(*args: str, data_home) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lightning_fl", *args], capture_output=True, text=True, cwd=REPO,
-                          env=os.environ | {"LIGHTNING_FL_DATA": str(data_home)})
 
 
 def test_a_full_disk_leaves_the_previous_checkpoint_readable(tmp_path, monkeypatch):
@@ -29,31 +21,40 @@ def test_a_full_disk_leaves_the_previous_checkpoint_readable(tmp_path, monkeypat
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(OutputError, match=r"cannot write .*last.ckpt: No space left on device; any previous version of it is intact"):
+    with pytest.raises(
+        OutputError, match=r"cannot write .*last.ckpt: No space left on device; any previous version of it is intact"
+    ):
         save_model(path, {"w": torch.zeros(3)}, round=1)
     monkeypatch.undo()
     assert load_model(path)["round"] == 0 and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
-def test_an_output_folder_that_cannot_be_created_is_a_clear_error(data_home, smoke_run, tmp_path):
+def test_an_output_folder_that_cannot_be_created_is_a_clear_error(cli, data_home, smoke_run, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    result = _cli("fit", "--config", "configs/smoke.yaml", f"output_dir={blocker / 'run'}", data_home=data_home)
+    result = cli("fit", "--config", "configs/smoke.yaml", f"output_dir={blocker / 'run'}", data_home=data_home)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"cannot create the run folder {blocker / 'run'}: Not a directory" in result.stderr
 
 
-def test_damaged_and_foreign_checkpoints_are_refused(data_home, smoke_run, tmp_path):
+def test_damaged_and_foreign_checkpoints_are_refused(cli, data_home, smoke_run, tmp_path):
     damaged = tmp_path / "damaged"
     shutil.copytree(smoke_run, damaged)
     (damaged / "state.ckpt").write_bytes(b"\x00" * 100)
-    result = _cli("fit", "--resume", str(damaged), data_home=data_home)
+    result = cli("fit", "--resume", str(damaged), data_home=data_home)
     assert result.returncode == 2 and f"cannot read checkpoint {damaged / 'state.ckpt'}" in result.stderr
 
     foreign = tmp_path / "foreign"
     shutil.copytree(smoke_run, foreign)
-    result = _cli("fit", "--resume", str(foreign), "--allow-config-change", "fl.rounds=3", "model.filters=[16,32,64,128]",
-                  data_home=data_home)
+    result = cli(
+        "fit",
+        "--resume",
+        str(foreign),
+        "--allow-config-change",
+        "fl.rounds=3",
+        "model.filters=[16,32,64,128]",
+        data_home=data_home,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "holds another network than this run's model config" in result.stderr
     assert "of another shape (e.g. input_block.conv1.conv.weight (8, 1, 3, 3, 3) ≠ (16, 1, 3, 3, 3))" in result.stderr

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
-
 from conftest import REPO
 
 
 @pytest.mark.parametrize("script", sorted((REPO / "benchmarks").glob("[!_]*.py")), ids=lambda p: p.name)
-def test_benchmark_script_starts(script):
-    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=REPO)
+def test_benchmark_script_starts(cli, script):
+    result = cli.python(script, "--help")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage:" in result.stdout
 
@@ -23,12 +21,14 @@ def test_gpu_check_script_parses():
 
 
 @pytest.mark.slow
-def test_round_time_benchmark_splits_a_round(data_home):
-    result = subprocess.run([sys.executable, "benchmarks/round_time.py", "--config", "configs/smoke.yaml",
-                             "logger.wandb.mode=disabled"], capture_output=True, text=True, cwd=REPO)
+def test_round_time_benchmark_splits_a_round(cli, data_home):
+    result = cli.python("benchmarks/round_time.py", "--config", "configs/smoke.yaml", "logger.wandb.mode=disabled")
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = {line[:32].strip(): float(line[32:41]) for line in result.stdout.splitlines()
-            if line[:32].strip() in ("local steps", "validation", "checkpoint", "round")}
+    rows = {
+        line[:32].strip(): float(line[32:41])
+        for line in result.stdout.splitlines()
+        if line[:32].strip() in ("local steps", "validation", "checkpoint", "round")
+    }
     assert set(rows) == {"local steps", "validation", "checkpoint", "round"}
     assert 0 < rows["local steps"] < rows["round"] and rows["validation"] > 0
     assert "loop overhead / local steps" in result.stdout

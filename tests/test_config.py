@@ -25,7 +25,12 @@ def test_paper_config_has_the_spec_values():
     cfg = load_config(CONFIG_DIR / "condistfl_paper.yaml")
     assert (cfg.fl.rounds, cfg.fl.local_steps, cfg.fl.strategy) == (120, 1000, "fedopt")
     assert (cfg.fl.server_lr, cfg.fl.server_lr_min, cfg.fl.server_momentum) == (1.0, 0.9, 0.6)
-    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.grad_clip_norm) == (0.01, 0.99, 1e-5, 1.0)
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.grad_clip_norm) == (
+        0.01,
+        0.99,
+        1e-5,
+        1.0,
+    )
     assert list(cfg.data.patch_size) == [224, 224, 64] and cfg.method.temperature == 2.0
     assert list(cfg.model.filters) == [32, 64, 128, 256, 320, 320]
     net = build_network(cfg.model, 1, len(cfg.labels.classes))
@@ -33,7 +38,9 @@ def test_paper_config_has_the_spec_values():
 
 
 def test_overrides_reach_nested_keys_and_list_items():
-    cfg = load_config(CONFIG_DIR / "smoke.yaml", ["fl.rounds=5", "data.sites.1.classes=[spleen]", "method.condist=false"])
+    cfg = load_config(
+        CONFIG_DIR / "smoke.yaml", ["fl.rounds=5", "data.sites.1.classes=[spleen]", "method.condist=false"]
+    )
     assert cfg.fl.rounds == 5 and cfg.method.condist is False
 
 
@@ -56,11 +63,20 @@ def test_overrides_reach_nested_keys_and_list_items():
         ("data.crop=random", "data.crop: expected one of"),
         ("data.intensity.hu_min=300", r"data.intensity: expected hu_min < hu_max, got 300.0 and 258.0"),
         ("data.pos_neg_ratio=[0,0]", r"data.pos_neg_ratio: expected at least one of the two weights > 0"),
-        ("data.synthetic.scanners.liver.train=0", r"data.synthetic.scanners.liver: train must be ≥ 1 for this site, got 0"),
-        ("model.filters=[8,16,32]", r"model.kernel_size, model.strides and model.filters need one entry per level, got 4, 4 and 3"),
+        (
+            "data.synthetic.scanners.liver.train=0",
+            r"data.synthetic.scanners.liver: train must be ≥ 1 for this site, got 0",
+        ),
+        (
+            "model.filters=[8,16,32]",
+            r"model.kernel_size, model.strides and model.filters need one entry per level, got 4, 4 and 3",
+        ),
         ("model.deep_supervision_heads=3", r"model.deep_supervision_heads must lie in \[0, 2\] for 4 levels, got 3"),
         ("model.strides=[[1,1,1],[2,2],[2,2,2],[2,2,2]]", r"expected 3 values \(x, y, z\) per level"),
-        ("data.augmentation.zoom_range=[1.4,0.7]", r"zoom_range: expected a range \[low, high\] with low ≤ high, got \[1.4, 0.7\]"),
+        (
+            "data.augmentation.zoom_range=[1.4,0.7]",
+            r"zoom_range: expected a range \[low, high\] with low ≤ high, got \[1.4, 0.7\]",
+        ),
         ("eval.roi_size=[24,24]", r"eval.roi_size: expected 3 values, got 2: \[24, 24\]"),
     ],
 )
@@ -98,17 +114,22 @@ def test_patch_sizes_the_network_cannot_take_are_config_errors():
     check_size(model, [224, 224, 64], "data.patch_size")
     with pytest.raises(ConfigError, match=r"data.patch_size=\[100, 224, 64\] must be a multiple of \[32, 32, 16\]"):
         check_size(model, [100, 224, 64], "data.patch_size")
-    with pytest.raises(ConfigError, match=r"eval.roi_size=\[32, 32, 16\] leaves one voxel at the network's deepest level"):
+    with pytest.raises(
+        ConfigError, match=r"eval.roi_size=\[32, 32, 16\] leaves one voxel at the network's deepest level"
+    ):
         check_size(model, [32, 32, 16], "eval.roi_size")
 
 
-@pytest.mark.parametrize("override,message", [
-    ("optim.lr=-0.1", r"optim.lr: expected a value > 0, got -0.1"),
-    ("optim.lr=0", r"optim.lr: expected a value > 0, got 0"),
-    ("optim.momentum=-1", r"optim.momentum: expected a value ≥ 0 and < 1, got -1"),
-    ("optim.lr=.nan", r"optim.lr: expected a value that is finite, got nan"),
-    ("optim.momentum=0", r"optim.nesterov=true needs optim.momentum > 0"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optim.lr=-0.1", r"optim.lr: expected a value > 0, got -0.1"),
+        ("optim.lr=0", r"optim.lr: expected a value > 0, got 0"),
+        ("optim.momentum=-1", r"optim.momentum: expected a value ≥ 0 and < 1, got -1"),
+        ("optim.lr=.nan", r"optim.lr: expected a value that is finite, got nan"),
+        ("optim.momentum=0", r"optim.nesterov=true needs optim.momentum > 0"),
+    ],
+)
 def test_impossible_optimizer_values_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(CONFIG_DIR / "smoke.yaml", [override])
@@ -132,7 +153,11 @@ def test_a_model_saved_with_one_external_site_still_loads():
     from lightning_fl.config import config_from_container
 
     saved = OmegaConf.to_container(load_config(CONFIG_DIR / "condistfl_paper.yaml"), resolve=True)
-    saved["data"]["external"] = {"name": "amos", "datalist": "amos.json", "classes": ["liver", "spleen", "pancreas", "kidney"]}
+    saved["data"]["external"] = {
+        "name": "amos",
+        "datalist": "amos.json",
+        "classes": ["liver", "spleen", "pancreas", "kidney"],
+    }
     cfg = config_from_container(saved, None, "old.ckpt")
     assert [s.name for s in cfg.data.external] == ["amos"]
     saved["data"]["external"] = None

@@ -10,9 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from monai.data import MetaTensor
 
-from conftest import REPO, SHARED
 from lightning_fl.config import load_config
 from lightning_fl.data.datasets import DatalistError, prepare_data_root, read_datalist
 from lightning_fl.data.transforms import evaluation_transform, training_transform
@@ -87,15 +87,22 @@ def test_class_balanced_crops_centre_small_classes_as_often_as_large_ones(smoke_
     cfg = cfg.copy()
     cfg.data.crop, cfg.data.samples_per_volume, cfg.data.patch_size = crop, 300, [8, 8, 8]  # centre = patch[4, 4, 4]
     cfg.data.spacing_mm = [4.0, 4.0, 4.0]
-    item = next(i for i in read_datalist(root / "kidney.json")["training"]
-                if (np.asanyarray(nib.load(i["label"]).dataobj) == 7).any())
+    item = next(
+        i
+        for i in read_datalist(root / "kidney.json")["training"]
+        if (np.asanyarray(nib.load(i["label"]).dataobj) == 7).any()
+    )
     label = evaluation_transform(cfg.data)(item)["label"].numpy()
     tumour_share = float((label == 7).sum() / np.isin(label, [6, 7]).sum())
     transform = training_transform(cfg.data, [0, 6, 7])
     transform.set_random_state(1)
     centres = np.array([int(p["label"][0, 4, 4, 4]) for p in transform(item)])
     share = {c: float(np.mean(centres == c)) for c in (0, 6, 7)}
-    expected = {0: 1 / 3, 6: 1 / 3, 7: 1 / 3} if crop == "classes" else {0: 1 / 3, 6: 2 / 3 * (1 - tumour_share), 7: 2 / 3 * tumour_share}
+    expected = (
+        {0: 1 / 3, 6: 1 / 3, 7: 1 / 3}
+        if crop == "classes"
+        else {0: 1 / 3, 6: 2 / 3 * (1 - tumour_share), 7: 2 / 3 * tumour_share}
+    )
     assert all(abs(share[c] - expected[c]) < 0.1 for c in share), (share, expected)
 
 
@@ -113,12 +120,11 @@ def test_preprocessing_reorients_resamples_and_windows(smoke_root):
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not (SHARED / "realdata").is_dir(), reason="needs ../shared/realdata (the real CT volumes); absent in a user's clone")
-def test_real_ct_goes_through_the_demo_preprocessing():
+def test_real_ct_goes_through_the_demo_preprocessing(realdata):
     """spleen_8 of MSD Task09 is LAS, 0.785 × 0.785 × 7.5 mm, int16 HU: it must come out RAS, on
     the configured grid, windowed, with its label aligned."""
     cfg = load_config(SMOKE)
-    item = {"image": str(SHARED / "realdata" / "spleen_8_ct.nii.gz"), "label": str(SHARED / "realdata" / "spleen_8_label_orig.nii.gz")}
+    item = {"image": str(realdata / "spleen_8_ct.nii.gz"), "label": str(realdata / "spleen_8_label_orig.nii.gz")}
     out = evaluation_transform(cfg.data)(item)
     image, label = out["image"], out["label"]
     affine = image.affine.numpy()

@@ -4,17 +4,13 @@ is wrong, reported at once; `fit` refuses to start on such data."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import REPO
 from lightning_fl.config import load_config
 from lightning_fl.data.validation import check_federation
 from lightning_fl.labels import label_space_from_config
@@ -32,7 +28,10 @@ def broken_federation(data_home, smoke_run, tmp_path) -> Path:
     """The smoke federation with one problem of each kind, spread over the sites."""
     root = tmp_path / "federation"
     shutil.copytree(data_home / "synthetic-smoke", root)
-    lists = {site: json.loads((root / f"{site}.json").read_text()) for site in ("liver", "spleen", "pancreas", "kidney", "unenhanced")}
+    lists = {
+        site: json.loads((root / f"{site}.json").read_text())
+        for site in ("liver", "spleen", "pancreas", "kidney", "unenhanced")
+    }
 
     liver = lists["liver"]
     (root / liver["training"][0]["image"]).unlink()  # missing file
@@ -41,7 +40,9 @@ def broken_federation(data_home, smoke_run, tmp_path) -> Path:
     liver["testing"][0].pop("label")  # an entry without its label
 
     spleen = lists["spleen"]
-    _rewrite(root / spleen["training"][0]["label"], lambda v, a: (np.where(v > 0, 4, v).astype(np.uint8), a))  # pancreas id
+    _rewrite(
+        root / spleen["training"][0]["label"], lambda v, a: (np.where(v > 0, 4, v).astype(np.uint8), a)
+    )  # pancreas id
     _rewrite(root / spleen["training"][1]["label"], lambda v, a: (v[:-1], a))  # shape mismatch
     spleen["validation"] = []  # empty split
     _rewrite(root / spleen["testing"][0]["label"], lambda v, a: (v * np.float32(0.2), a))  # {0, 0.6}: fractional
@@ -78,11 +79,16 @@ EXPECTED = [
     ("site 'spleen', testing[0]", "voxels of fractional values (e.g. [0.6]); expected whole class numbers"),
     ("site 'pancreas', training[0]", "affines differ"),
     ("site 'pancreas', training[1]", "image is not a 3D volume"),
-    ("site 'pancreas', training[0] pancreas_000.nii.gz and testing[0] copy_of_training_0.nii.gz", "the same image is in several splits"),
+    (
+        "site 'pancreas', training[0] pancreas_000.nii.gz and testing[0] copy_of_training_0.nii.gz",
+        "the same image is in several splits",
+    ),
     ("site 'pancreas', validation[0]", "image has a degenerate affine (voxel sizes ["),
     ("site 'kidney'", "datalist not found"),
-    ("site 'unenhanced', testing[0] unenhanced_000.nii.gz and testing[1] unenhanced_000.nii.gz",
-     "the same image is listed more than once in one split"),
+    (
+        "site 'unenhanced', testing[0] unenhanced_000.nii.gz and testing[1] unenhanced_000.nii.gz",
+        "the same image is listed more than once in one split",
+    ),
 ]
 
 
@@ -103,12 +109,11 @@ def test_clean_data_passes(data_home, smoke_run, smoke_config_path):
 
 
 @pytest.mark.parametrize("command", ["check-data", "fit"])
-def test_commands_list_all_problems_and_stop(broken_federation, tmp_path, command):
+def test_commands_list_all_problems_and_stop(cli, broken_federation, tmp_path, command):
     args = [command, "--config", "configs/smoke.yaml", "data.synthetic=null", f"data.root={broken_federation}"]
     if command == "fit":
         args.append(f"output_dir={tmp_path / 'run'}")
-    result = subprocess.run([sys.executable, "-m", "lightning_fl", *args], capture_output=True, text=True, cwd=REPO,
-                            env=os.environ)
+    result = cli(*args)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{len(EXPECTED)} data problem(s) found" in result.stderr
     if command == "fit":

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO
 from lightning_fl.config import ConfigError, load_config
 from lightning_fl.data.datasets import TrainingStream, load_site, prepare_data_root
 from lightning_fl.distributed import place_sites, site_seed
@@ -33,7 +29,12 @@ def test_sites_are_spread_over_ranks_by_cost():
 
 def test_spare_ranks_form_contiguous_blocks_for_the_costliest_sites():
     assert place_sites(["liver"], [1], 2) == {"liver": [0, 1]}
-    assert place_sites(SITES, [1, 1, 1, 1], 8) == {"liver": [0, 1], "spleen": [2, 3], "pancreas": [4, 5], "kidney": [6, 7]}
+    assert place_sites(SITES, [1, 1, 1, 1], 8) == {
+        "liver": [0, 1],
+        "spleen": [2, 3],
+        "pancreas": [4, 5],
+        "kidney": [6, 7],
+    }
     assert place_sites(SITES, [1, 1, 3, 1], 6) == {"liver": [0], "spleen": [1], "pancreas": [2, 3, 4], "kidney": [5]}
 
 
@@ -63,17 +64,26 @@ def test_training_stream_replays_a_round_and_shards_split_its_batches(data_home,
 
 
 def test_unsupported_strategy_is_a_config_error(smoke_config_path):
-    with pytest.raises(ConfigError, match=r"fabric.strategy: expected one of \['auto', 'ddp', 'ddp_spawn'\], got 'fsdp'"):
+    with pytest.raises(
+        ConfigError, match=r"fabric.strategy: expected one of \['auto', 'ddp', 'ddp_spawn'\], got 'fsdp'"
+    ):
         load_config(smoke_config_path, ["fabric.strategy=fsdp"])
     with pytest.raises(ConfigError, match=r"data.sites.0.cost: expected a value > 0, got 0"):
         load_config(smoke_config_path, ["data.sites.0.cost=0"])
 
 
-def _fit(out: Path, data_home: Path, *overrides: str) -> subprocess.CompletedProcess:
-    args = ["fit", "--config", "configs/smoke.yaml", f"output_dir={out}", "logger.wandb.mode=disabled",
-            "fabric.accelerator=cpu", "fabric.precision=32-true", *overrides]
-    result = subprocess.run([sys.executable, "-m", "lightning_fl", *args], capture_output=True, text=True, cwd=REPO,
-                            env=os.environ | {"LIGHTNING_FL_DATA": str(data_home)})
+def _fit(cli, out: Path, data_home: Path, *overrides: str):
+    result = cli(
+        "fit",
+        "--config",
+        "configs/smoke.yaml",
+        f"output_dir={out}",
+        "logger.wandb.mode=disabled",
+        "fabric.accelerator=cpu",
+        "fabric.precision=32-true",
+        *overrides,
+        data_home=data_home,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -84,12 +94,12 @@ def _dice_rows(run: Path) -> list[tuple[str, ...]]:
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_weights_of_one(data_home, tmp_path):
+def test_two_processes_give_the_weights_of_one(cli, data_home, tmp_path):
     """Site-parallel: 4 sites on 2 gloo ranks. float32, because oneDNN's bf16 CPU kernels depend on
     the thread count (each of the two processes gets one thread, the single one two)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    _fit(one, data_home)
-    result = _fit(two, data_home, "fabric.devices=2", "fabric.strategy=ddp")
+    _fit(cli, one, data_home)
+    result = _fit(cli, two, data_home, "fabric.devices=2", "fabric.strategy=ddp")
     assert "Starting with 2 processes" in result.stderr + result.stdout
     assert result.stdout.count("Best global model") == 1  # only rank 0 prints the table
     first = torch.load(one / "last.ckpt", weights_only=True)["model"]
@@ -101,19 +111,18 @@ def test_two_processes_give_the_weights_of_one(data_home, tmp_path):
     summary = json.loads((two / "summary.json").read_text())
     assert len(summary["peak_host_memory_mb"]) == 2 and len(summary["round_time_s"]) == 2
     spawned = tmp_path / "spawned"  # the other start method: processes spawned with the run function
-    _fit(spawned, data_home, "fabric.devices=2", "fabric.strategy=ddp_spawn")
+    _fit(cli, spawned, data_home, "fabric.devices=2", "fabric.strategy=ddp_spawn")
     third = torch.load(spawned / "last.ckpt", weights_only=True)["model"]
     assert max((first[k].float() - third[k].float()).abs().max().item() for k in first) <= 1e-6
 
 
 @pytest.mark.slow
-def test_a_data_parallel_site_averages_its_gradients_across_ranks(data_home, smoke_run, tmp_path):
+def test_a_data_parallel_site_averages_its_gradients_across_ranks(cli, data_home, smoke_run, tmp_path):
     """One site on 2 ranks: DDP over the site's subgroup; each rank's gradient is of its own half
     of the batch, and the synced gradient is their mean (tests/data_parallel_worker.py)."""
     out = tmp_path / "dp"
     worker = Path(__file__).parent / "data_parallel_worker.py"
-    result = subprocess.run([sys.executable, str(worker), str(data_home / "synthetic-smoke"), str(out)],
-                            capture_output=True, text=True, cwd=tmp_path, env=os.environ)
+    result = cli.python(worker, data_home / "synthetic-smoke", out, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "data_parallel.json").read_text())
     ranks = report["ranks"]
@@ -125,17 +134,26 @@ def test_a_data_parallel_site_averages_its_gradients_across_ranks(data_home, smo
     assert (out / "last.ckpt").is_file() and (out / "metrics.csv").is_file()
 
 
-def test_a_rank_that_fails_stops_every_rank(data_home, smoke_run, tmp_path):
+def test_a_rank_that_fails_stops_every_rank(cli, data_home, smoke_run, tmp_path):
     """Rank 0 cannot read one of its site's images: rank 1 must stop too, not wait for it forever."""
     root = tmp_path / "federation"
     shutil.copytree(data_home / "synthetic-smoke", root)
     image = json.loads((root / "liver.json").read_text())["training"][0]["image"]
     (root / image).write_text("not a NIfTI file")
-    args = ["fit", "--config", "configs/smoke.yaml", "data.synthetic=null", f"data.root={root}",
-            f"output_dir={tmp_path / 'run'}", "logger.wandb.mode=disabled", "fabric.accelerator=cpu", "data.check_before_fit=false",
-            "fabric.devices=2", "fabric.strategy=ddp"]
-    result = subprocess.run([sys.executable, "-m", "lightning_fl", *args], capture_output=True, text=True,
-                            cwd=REPO, timeout=300)
+    args = [
+        "fit",
+        "--config",
+        "configs/smoke.yaml",
+        "data.synthetic=null",
+        f"data.root={root}",
+        f"output_dir={tmp_path / 'run'}",
+        "logger.wandb.mode=disabled",
+        "fabric.accelerator=cpu",
+        "data.check_before_fit=false",
+        "fabric.devices=2",
+        "fabric.strategy=ddp",
+    ]
+    result = cli(*args, timeout=300)
     assert result.returncode != 0
     assert "RankFailedError: rank 0 failed while setting up its sites" in result.stderr
     assert Path(image).name in result.stderr  # the root cause names the file

@@ -1,35 +1,25 @@
 """`evaluate`, `infer` and `export` on real checkpoints: a 1-round fit on datasets fabricated in the
 MSD, KiTS19 and AMOS22 layouts, the smoke run's model on phantoms in LAS/LPS/RAS, and the real CT
-volumes in ../shared/realdata."""
+volumes (the `realdata` fixture)."""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
-from conftest import REPO, SHARED
+from conftest import REPO
 from layouts import make_amos, make_kits, make_msd
+
 from lightning_fl.config import load_config
 from lightning_fl.data.datasets import cached_dataset
 from lightning_fl.data.prepare import prepare_task
 from lightning_fl.data.transforms import evaluation_transform
 from lightning_fl.labels import label_space_from_config
-
-REALDATA = SHARED / "realdata"
-needs_realdata = pytest.mark.skipif(not REALDATA.is_dir(), reason=f"the real CT volumes are not here: {REALDATA} is absent (a clone without ../shared)")
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lightning_fl", *args], capture_output=True, text=True, cwd=REPO, env=os.environ)
 
 
 def read(path: Path) -> np.ndarray:
@@ -37,7 +27,7 @@ def read(path: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def fabricated_run(tmp_path_factory) -> Path:
+def fabricated_run(cli, tmp_path_factory) -> Path:
     """Five published datasets → prepare-data → a 1-round fit, preprocessed cases cached on disk."""
     tmp = tmp_path_factory.mktemp("fabricated")
     cfg = load_config()
@@ -48,21 +38,40 @@ def fabricated_run(tmp_path_factory) -> Path:
     prepare_task("pancreas", make_msd(tmp / "Task07_Pancreas", "pancreas", 5, [1, 2]), data, labels)
     prepare_task("kidney", make_kits(tmp / "kits19", 5), data, labels)
     prepare_task("amos", make_amos(tmp / "amos22"), data, labels)
-    result = cli("fit", "--config", str(REPO / "configs" / "smoke.yaml"), f"output_dir={tmp / 'run'}",
-                 f"data.root={data}", "data.synthetic=null", "data.external=[{name: amos, datalist: amos.json, classes: [liver, spleen, pancreas, kidney]}]",
-                 f"data.cache_dir={tmp / 'cache'}", "data.spacing_mm=[1.6,1.6,2.5]",
-                 "fl.rounds=1", "logger.wandb.mode=disabled")  # 24³ patches: bf16 Conv3d on CPU breaks at 2³ (README)
+    result = cli(
+        "fit",
+        "--config",
+        str(REPO / "configs" / "smoke.yaml"),
+        f"output_dir={tmp / 'run'}",
+        f"data.root={data}",
+        "data.synthetic=null",
+        "data.external=[{name: amos, datalist: amos.json, classes: [liver, spleen, pancreas, kidney]}]",
+        f"data.cache_dir={tmp / 'cache'}",
+        "data.spacing_mm=[1.6,1.6,2.5]",
+        "fl.rounds=1",
+        "logger.wandb.mode=disabled",
+    )  # 24³ patches: bf16 Conv3d on CPU breaks at 2³ (README)
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp
 
 
-def test_fit_on_fabricated_layouts_and_cross_site_evaluation_reproduce_its_scores(fabricated_run):
+def test_fit_on_fabricated_layouts_and_cross_site_evaluation_reproduce_its_scores(cli, fabricated_run):
     run = fabricated_run / "run"
     cache = list((fabricated_run / "cache").glob("*.pt"))
-    assert len(cache) == 4 * 2 + 4 + 4 + 3  # the training volumes drawn (2 steps of 1), then every validation, testing and external case
+    assert (
+        len(cache) == 4 * 2 + 4 + 4 + 3
+    )  # the training volumes drawn (2 steps of 1), then every validation, testing and external case
     out = fabricated_run / "evaluation"
-    result = cli("evaluate", "--checkpoint", str(run / "best.ckpt"), str(run / "last.ckpt"), "eval.sw_batch_size=1",
-                 "--cross-site", "--output", str(out))  # an override after --checkpoint's files is still an override
+    result = cli(
+        "evaluate",
+        "--checkpoint",
+        str(run / "best.ckpt"),
+        str(run / "last.ckpt"),
+        "eval.sw_batch_size=1",
+        "--cross-site",
+        "--output",
+        str(out),
+    )  # an override after --checkpoint's files is still an override
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "evaluation.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
@@ -70,7 +79,10 @@ def test_fit_on_fabricated_layouts_and_cross_site_evaluation_reproduce_its_score
     site_dice = {c: d for name, dice in best["dice"].items() if name != "amos" for c, d in dice.items()}
     assert site_dice == pytest.approx(summary["test_dice"], abs=1e-6, nan_ok=True)  # None == None where no case has it
     assert best["dice"]["amos"] == pytest.approx(summary["external_dice"]["amos"], abs=1e-6)
-    assert report["test_sets"]["amos"]["per_organ"] and report["test_sets"]["liver"]["classes"] == ["liver", "liver_tumor"]
+    assert report["test_sets"]["amos"]["per_organ"] and report["test_sets"]["liver"]["classes"] == [
+        "liver",
+        "liver_tumor",
+    ]
     assert [len(best["per_case"][s]) for s in ("liver", "kidney", "amos")] == [1, 1, 3]
     rows = list(csv.DictReader((out / "cross_site.csv").open()))
     assert len(rows) == 2 * (7 + 4) and {r["model"] for r in rows} == {"run/best.ckpt", "run/last.ckpt"}
@@ -100,24 +112,46 @@ def _encode(unified: np.ndarray, codes: dict[int, int], other: int) -> np.ndarra
     return native
 
 
-def test_label_maps_score_the_same_anatomy_alike_and_refuse_unknown_values(tmp_path, smoke_run, data_home):
+def test_label_maps_score_the_same_anatomy_alike_and_refuse_unknown_values(cli, tmp_path, smoke_run, data_home):
     """The same labels written with TotalSegmentator ids and with AMOS ids give the same per-organ
     Dice; a value the AMOS map does not list is an error that names the file."""
     image = sorted((data_home / "synthetic-smoke").rglob("external/images/*.nii.gz"))[0]
-    assert cli("infer", "--checkpoint", str(smoke_run / "best.ckpt"), "--input", str(image), "--output", str(tmp_path / "pred")).returncode == 0
+    assert (
+        cli(
+            "infer",
+            "--checkpoint",
+            str(smoke_run / "best.ckpt"),
+            "--input",
+            str(image),
+            "--output",
+            str(tmp_path / "pred"),
+        ).returncode
+        == 0
+    )
     pred = nib.load(next((tmp_path / "pred").glob("*.nii.gz")))
     unified = np.asanyarray(pred.dataobj)
     assert len(np.unique(unified)) >= 3, "the smoke model should predict several classes"
-    schemes = {"totalsegmentator": ({1: 5, 2: 5, 3: 1, 4: 7, 5: 7, 6: 2, 7: 3}, 50),  # tumours drawn as their organ
-               "amos": ({1: 6, 2: 6, 3: 1, 4: 10, 5: 10, 6: 3, 7: 3}, 4)}
+    schemes = {
+        "totalsegmentator": ({1: 5, 2: 5, 3: 1, 4: 7, 5: 7, 6: 2, 7: 3}, 50),  # tumours drawn as their organ
+        "amos": ({1: 6, 2: 6, 3: 1, 4: 10, 5: 10, 6: 3, 7: 3}, 4),
+    }
     reports = {}
     for name, (codes, other) in schemes.items():
         label = tmp_path / f"{name}.nii.gz"
         nib.save(nib.Nifti1Image(_encode(unified, codes, other), pred.affine), label)
         listing = tmp_path / f"{name}.json"
         listing.write_text(json.dumps({"testing": [{"image": str(image), "label": str(label)}]}))
-        result = cli("evaluate", "--checkpoint", str(smoke_run / "best.ckpt"), "--datalist", str(listing),
-                     "--label-map", name, "--output", str(tmp_path / name))
+        result = cli(
+            "evaluate",
+            "--checkpoint",
+            str(smoke_run / "best.ckpt"),
+            "--datalist",
+            str(listing),
+            "--label-map",
+            name,
+            "--output",
+            str(tmp_path / name),
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         reports[name] = next(iter(json.loads((tmp_path / name / "evaluation.json").read_text())["models"].values()))
     ts, amos = (reports[n]["dice"][n] for n in schemes)
@@ -127,9 +161,21 @@ def test_label_maps_score_the_same_anatomy_alike_and_refuse_unknown_values(tmp_p
     bad = tmp_path / "amos_bad.nii.gz"
     nib.save(nib.Nifti1Image(_encode(unified, schemes["amos"][0], 99), pred.affine), bad)
     (tmp_path / "bad.json").write_text(json.dumps({"testing": [{"image": str(image), "label": str(bad)}]}))
-    result = cli("evaluate", "--checkpoint", str(smoke_run / "best.ckpt"), "--datalist", str(tmp_path / "bad.json"),
-                 "--label-map", "amos", "--output", str(tmp_path / "bad"))
-    assert result.returncode == 2 and f"{bad} has label values [99] that the label map 'amos' does not list" in result.stderr
+    result = cli(
+        "evaluate",
+        "--checkpoint",
+        str(smoke_run / "best.ckpt"),
+        "--datalist",
+        str(tmp_path / "bad.json"),
+        "--label-map",
+        "amos",
+        "--output",
+        str(tmp_path / "bad"),
+    )
+    assert (
+        result.returncode == 2
+        and f"{bad} has label values [99] that the label map 'amos' does not list" in result.stderr
+    )
 
 
 @pytest.fixture(scope="module")
@@ -141,19 +187,32 @@ def oriented_inputs(tmp_path_factory, smoke_run, data_home) -> Path:
     hu = np.asanyarray(ras.dataobj).astype(np.float32)
     for axcodes, dtype in ((("R", "A", "S"), np.float32), (("L", "A", "S"), np.int16), (("L", "P", "S"), np.int32)):
         image = nib.Nifti1Image(hu.astype(dtype), ras.affine).as_reoriented(
-            nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")), nib.orientations.axcodes2ornt(axcodes)))
+            nib.orientations.ornt_transform(
+                nib.orientations.axcodes2ornt(("R", "A", "S")), nib.orientations.axcodes2ornt(axcodes)
+            )
+        )
         nib.save(image, folder / f"phantom_{''.join(axcodes)}.nii.gz")
     return folder
 
 
-def test_infer_writes_each_input_grid_whatever_its_orientation(tmp_path, smoke_run, oriented_inputs):
-    result = cli("infer", "--checkpoint", str(smoke_run / "best.ckpt"), "--input", str(oriented_inputs),
-                 "--output", str(tmp_path), "--probabilities")
+def test_infer_writes_each_input_grid_whatever_its_orientation(cli, tmp_path, smoke_run, oriented_inputs):
+    result = cli(
+        "infer",
+        "--checkpoint",
+        str(smoke_run / "best.ckpt"),
+        "--input",
+        str(oriented_inputs),
+        "--output",
+        str(tmp_path),
+        "--probabilities",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     canonical = {}
     for source in sorted(oriented_inputs.iterdir()):
         stem = source.name.removesuffix(".nii.gz")
-        image, labels, probs = (nib.load(p) for p in (source, tmp_path / f"{stem}.nii.gz", tmp_path / f"{stem}_probabilities.nii.gz"))
+        image, labels, probs = (
+            nib.load(p) for p in (source, tmp_path / f"{stem}.nii.gz", tmp_path / f"{stem}_probabilities.nii.gz")
+        )
         assert labels.shape == image.shape and np.array_equal(labels.affine, image.affine)
         assert nib.aff2axcodes(labels.affine) == tuple(stem.split("_")[1])
         assert labels.get_data_dtype() == np.uint8 and probs.shape == image.shape + (8,)
@@ -165,12 +224,18 @@ def test_infer_writes_each_input_grid_whatever_its_orientation(tmp_path, smoke_r
     assert len(np.unique(first)) >= 3 and all((first == o).mean() > 0.999 for o in others)  # one anatomy, three headers
 
 
-def test_exported_torchscript_predicts_what_the_checkpoint_predicts(tmp_path, smoke_run, oriented_inputs):
-    assert cli("export", "--checkpoint", str(smoke_run / "best.ckpt"), "--output", str(tmp_path / "export")).returncode == 0
+def test_exported_torchscript_predicts_what_the_checkpoint_predicts(cli, tmp_path, smoke_run, oriented_inputs):
+    assert (
+        cli("export", "--checkpoint", str(smoke_run / "best.ckpt"), "--output", str(tmp_path / "export")).returncode
+        == 0
+    )
     metadata = json.loads((tmp_path / "export" / "metadata.json").read_text())
     image_format = metadata["network_data_format"]["inputs"]["image"]
     assert image_format["spacing_mm"] == [8.0, 8.0, 8.0] and image_format["intensity_window"]["hu_min"] == -54.0
-    assert list(metadata["network_data_format"]["outputs"]["pred"]["channel_def"].values())[:2] == ["background", "liver"]
+    assert list(metadata["network_data_format"]["outputs"]["pred"]["channel_def"].values())[:2] == [
+        "background",
+        "liver",
+    ]
     source = oriented_inputs / "phantom_LPS.nii.gz"
     for model, out in ((smoke_run / "best.ckpt", "ckpt"), (tmp_path / "export" / "model.ts", "ts")):
         result = cli("infer", "--checkpoint", str(model), "--input", str(source), "--output", str(tmp_path / out))
@@ -178,25 +243,67 @@ def test_exported_torchscript_predicts_what_the_checkpoint_predicts(tmp_path, sm
     assert np.array_equal(read(tmp_path / "ckpt" / "phantom_LPS.nii.gz"), read(tmp_path / "ts" / "phantom_LPS.nii.gz"))
 
 
-def test_infer_and_evaluate_errors_name_what_is_wrong(tmp_path, smoke_run, oriented_inputs):
+def test_infer_and_evaluate_errors_name_what_is_wrong(cli, tmp_path, smoke_run, oriented_inputs):
     ckpt = str(smoke_run / "best.ckpt")
     cases = [
-        (["infer", "--checkpoint", ckpt, "--input", str(tmp_path / "missing.nii.gz"), "--output", str(tmp_path)], "no such file or folder"),
-        (["infer", "--checkpoint", ckpt, "--input", str(oriented_inputs), "--output", str(oriented_inputs)], "holds the inputs"),
-        (["infer", "--checkpoint", str(smoke_run / "state.ckpt"), "--input", str(oriented_inputs), "--output", str(tmp_path)], "it has no config"),
-        (["evaluate", "--checkpoint", ckpt, "--datalist", str(tmp_path / "x.json"), "--label-map", "lung"], "unknown task 'lung'"),
+        (
+            ["infer", "--checkpoint", ckpt, "--input", str(tmp_path / "missing.nii.gz"), "--output", str(tmp_path)],
+            "no such file or folder",
+        ),
+        (
+            ["infer", "--checkpoint", ckpt, "--input", str(oriented_inputs), "--output", str(oriented_inputs)],
+            "holds the inputs",
+        ),
+        (
+            [
+                "infer",
+                "--checkpoint",
+                str(smoke_run / "state.ckpt"),
+                "--input",
+                str(oriented_inputs),
+                "--output",
+                str(tmp_path),
+            ],
+            "it has no config",
+        ),
+        (
+            ["evaluate", "--checkpoint", ckpt, "--datalist", str(tmp_path / "x.json"), "--label-map", "lung"],
+            "unknown task 'lung'",
+        ),
         (["evaluate", "--checkpoint", ckpt], "give either --datalist FILE"),
     ]
     foreign = tmp_path / "foreign.ts"
     torch.jit.save(torch.jit.script(torch.nn.Conv3d(1, 8, 1)), str(foreign))
-    cases.append((["infer", "--checkpoint", str(foreign), "--input", str(oriented_inputs), "--output", str(tmp_path)],
-                  "has no metadata.json from `lightning-fl export`"))
+    cases.append(
+        (
+            ["infer", "--checkpoint", str(foreign), "--input", str(oriented_inputs), "--output", str(tmp_path)],
+            "has no metadata.json from `lightning-fl export`",
+        )
+    )
     if not torch.cuda.is_available():
-        cases.append((["infer", "--checkpoint", ckpt, "--input", str(oriented_inputs), "--output", str(tmp_path / "g"),
-                       "fabric.accelerator=gpu"], "PyTorch sees no CUDA GPU here"))
+        cases.append(
+            (
+                [
+                    "infer",
+                    "--checkpoint",
+                    ckpt,
+                    "--input",
+                    str(oriented_inputs),
+                    "--output",
+                    str(tmp_path / "g"),
+                    "fabric.accelerator=gpu",
+                ],
+                "PyTorch sees no CUDA GPU here",
+            )
+        )
     four_d = tmp_path / "four_d.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 2), np.int16), np.eye(4)), four_d)
-    cases.append((["infer", "--checkpoint", ckpt, "--input", str(four_d), "--output", str(tmp_path / "o")], f"image is not a 3D volume: shape (8, 8, 8, 2): {four_d}"))
+    cases.append(
+        (
+            ["infer", "--checkpoint", ckpt, "--input", str(four_d), "--output", str(tmp_path / "o")],
+            f"image is not a 3D volume: shape (8, 8, 8, 2): {four_d}",
+        )
+    )
     (tmp_path / "x.json").write_text(json.dumps({"testing": [{"image": "a.nii.gz", "label": "b.nii.gz"}]}))
     for args, message in cases:
         result = cli(*args)
@@ -225,10 +332,26 @@ def test_infer_refuses_inputs_whose_outputs_collide(tmp_path, smoke_run, capsys)
     assert f"{first} and {second} would both be written to {tmp_path / 'out' / 'a.nii.gz'}" in error
     folder = tmp_path / "probabilities"
     first, second = _tiny_ct(folder / "b.nii.gz", 0), _tiny_ct(folder / "b_probabilities.nii.gz", 1)
-    assert main(["infer", "--checkpoint", ckpt, "--input", str(folder), "--output", str(tmp_path / "out"), "--probabilities"]) == 2
+    assert (
+        main(
+            [
+                "infer",
+                "--checkpoint",
+                ckpt,
+                "--input",
+                str(folder),
+                "--output",
+                str(tmp_path / "out"),
+                "--probabilities",
+            ]
+        )
+        == 2
+    )
     assert f"{first} and {second} would both be written to" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-    assert main(["infer", "--checkpoint", ckpt, "--input", str(folder), "--output", str(tmp_path / "out")]) == 0  # no clash
+    assert (
+        main(["infer", "--checkpoint", ckpt, "--input", str(folder), "--output", str(tmp_path / "out")]) == 0
+    )  # no clash
     assert capsys.readouterr().out.strip() == f"wrote 2 label maps to {tmp_path / 'out'}"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.nii.gz", "b_probabilities.nii.gz"]
 
@@ -240,8 +363,18 @@ def test_infer_skips_a_bad_input_goes_on_and_says_what_it_wrote(tmp_path, smoke_
     good = [_tiny_ct(folder / "case_0.nii.gz", 0), _tiny_ct(folder / "case_2.nii.gz", 2)]
     bad = _tiny_ct(folder / "case_1.nii.gz", 1, nan=True)
     out = tmp_path / "out"
-    status = main(["infer", "--checkpoint", str(smoke_run / "best.ckpt"), "--input", str(folder), "--output", str(out),
-                   "--probabilities"])
+    status = main(
+        [
+            "infer",
+            "--checkpoint",
+            str(smoke_run / "best.ckpt"),
+            "--input",
+            str(folder),
+            "--output",
+            str(out),
+            "--probabilities",
+        ]
+    )
     captured = capsys.readouterr()
     assert status == 2 and "Traceback" not in captured.err
     assert captured.err.splitlines() == [
@@ -249,24 +382,36 @@ def test_infer_skips_a_bad_input_goes_on_and_says_what_it_wrote(tmp_path, smoke_
         "lightning-fl infer: error: skipped 1 of 3 inputs: case_1.nii.gz",
     ]
     assert captured.out.strip() == f"wrote 2 label maps and 2 probability maps to {out}"
-    assert sorted(p.name for p in out.iterdir()) == sorted(n for p in good for n in (p.name, p.name.replace(".nii", "_probabilities.nii")))
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        n for p in good for n in (p.name, p.name.replace(".nii", "_probabilities.nii"))
+    )
     for source in good:
         assert nib.load(out / source.name).shape == (16, 16, 16)
 
 
-@needs_realdata
 @pytest.mark.realdata
-def test_real_ct_infer_keeps_its_grid_and_scores_against_totalsegmentator(tmp_path, smoke_run):
-    ct, reference = REALDATA / "ts_example_ct.nii.gz", REALDATA / "ts_example_ct_pred_total_fast.nii.gz"
+def test_real_ct_infer_keeps_its_grid_and_scores_against_totalsegmentator(cli, realdata, tmp_path, smoke_run):
+    ct, reference = realdata / "ts_example_ct.nii.gz", realdata / "ts_example_ct_pred_total_fast.nii.gz"
     result = cli("infer", "--checkpoint", str(smoke_run / "best.ckpt"), "--input", str(ct), "--output", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     source, labels = nib.load(ct), nib.load(tmp_path / "ts_example_ct.nii.gz")
     assert labels.shape == source.shape == (122, 101, 112) and np.array_equal(labels.affine, source.affine)
-    assert np.array_equal(labels.get_qform(), source.get_qform()) and np.array_equal(labels.get_sform(), source.get_sform())
+    assert np.array_equal(labels.get_qform(), source.get_qform()) and np.array_equal(
+        labels.get_sform(), source.get_sform()
+    )
     listing = tmp_path / "ts.json"
     listing.write_text(json.dumps({"testing": [{"image": str(ct), "label": str(reference)}]}))
-    result = cli("evaluate", "--checkpoint", str(smoke_run / "best.ckpt"), "--datalist", str(listing),
-                 "--label-map", "totalsegmentator", "--output", str(tmp_path / "eval"))
+    result = cli(
+        "evaluate",
+        "--checkpoint",
+        str(smoke_run / "best.ckpt"),
+        "--datalist",
+        str(listing),
+        "--label-map",
+        "totalsegmentator",
+        "--output",
+        str(tmp_path / "eval"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     dice = next(iter(report["models"].values()))["dice"]["ts"]

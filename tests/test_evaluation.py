@@ -1,4 +1,5 @@
-"""Per-class Dice with the spec's conventions; MONAI and torchmetrics agree."""
+"""Per-class Dice as ConDistFL reports it (per volume, a class absent from the ground truth is NaN and
+left out of its mean); MONAI and torchmetrics agree."""
 
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ def test_monai_and_torchmetrics_per_volume_dice_agree():
     pred, label = _label_maps(0)
     classes = [1, 2, 3, 4, 5]
     ours = dice_per_class(pred, label, classes)  # [volumes, classes]
-    metric = DiceScore(num_classes=6, include_background=False, average="none", input_format="index",
-                       aggregation_level="samplewise")
+    metric = DiceScore(
+        num_classes=6, include_background=False, average="none", input_format="index", aggregation_level="samplewise"
+    )
     for volume in range(pred.shape[0]):
         theirs = metric(pred[volume : volume + 1, 0], label[volume : volume + 1, 0])
         torch.testing.assert_close(ours[volume], theirs.float(), rtol=1e-6, atol=1e-6)

@@ -4,8 +4,8 @@ in the metrics; the global model stays finite; too few updates stop the run clea
 from __future__ import annotations
 
 import csv
-import statistics
 import math
+import statistics
 
 import pytest
 import torch
@@ -59,7 +59,10 @@ def test_failed_sites_are_dropped_and_the_global_model_stays_finite(data_home, s
     assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())
     assert all(torch.isfinite(v).all() for v in federation.network.state_dict().values())
     validation = _rows(tmp_path, "validation")
-    means = [statistics.mean(float(r["dice"]) for r in validation if r["round"] == str(k) and r["dice"] != "nan") for k in range(2)]
+    means = [
+        statistics.mean(float(r["dice"]) for r in validation if r["round"] == str(k) and r["dice"] != "nan")
+        for k in range(2)
+    ]
     assert summary["best_round"] == means.index(max(means))  # the best round is the one with the best validation mean
 
 
@@ -67,7 +70,9 @@ def test_too_few_updates_stop_the_run_with_the_last_checkpoint_intact(data_home,
     federation = _federation(smoke_config_path, tmp_path, "fl.min_sites=2")
     for site in ("spleen", "pancreas", "kidney"):
         _break(federation, site, "raise", from_round=1)
-    with pytest.raises(RunStopped, match=r"round 2: 1 of 4 sites sent an update, fewer than fl.min_sites=2; dropped: spleen: "):
+    with pytest.raises(
+        RunStopped, match=r"round 2: 1 of 4 sites sent an update, fewer than fl.min_sites=2; dropped: spleen: "
+    ):
         federation.fit()
     last = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert last["round"] == 0

@@ -15,9 +15,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO
 from layouts import AFFINE, make_msd
+
 from lightning_fl.cli import main
 
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -64,7 +64,10 @@ def random_case(folder: Path, name: str, seed: int) -> dict[str, str]:
 
 def write_site(root: Path) -> dict:
     """A one-site federation under `root` (`liver.json`, one case per split); returns its datalist."""
-    content = {split: [random_case(root, f"{split}_0", seed)] for seed, split in enumerate(("training", "validation", "testing"))}
+    content = {
+        split: [random_case(root, f"{split}_0", seed)]
+        for seed, split in enumerate(("training", "validation", "testing"))
+    }
     (root / "liver.json").write_text(json.dumps(content))
     return content
 
@@ -74,6 +77,7 @@ def site_args(root: Path) -> list[str]:
 
 
 # --- the corpus: each entry turns a good file into one bad kind ---------------------------------
+
 
 def json_kinds(good: dict, split: str) -> dict[str, bytes]:
     """Malformed datalists, each with exactly one problem, in `split` where the kind is about an entry."""
@@ -108,6 +112,7 @@ def _bytes(data: bytes) -> Callable[[Path], None]:
 def _volume(voxels: np.ndarray, affine: np.ndarray = AFFINE) -> Callable[[Path], None]:
     def write(path: Path) -> None:
         save_with_affine(path, voxels, affine)
+
     return write
 
 
@@ -182,11 +187,16 @@ def torchscript_kinds() -> dict[str, Callable[[Path], None]]:
     def with_metadata(text: str) -> Callable[[Path], None]:
         return lambda path: torch.jit.save(scripted, str(path), _extra_files={"metadata.json": text})
 
-    return {"random bytes": FILE_KINDS["random bytes"], "metadata not JSON": with_metadata("{oops"),
-            "metadata a list": with_metadata("[]"), "config not a mapping": with_metadata('{"lightning_fl": {"config": 3}}')}
+    return {
+        "random bytes": FILE_KINDS["random bytes"],
+        "metadata not JSON": with_metadata("{oops"),
+        "metadata a list": with_metadata("[]"),
+        "config not a mapping": with_metadata('{"lightning_fl": {"config": 3}}'),
+    }
 
 
 # --- the fixtures ---------------------------------------------------------------------------------
+
 
 @pytest.fixture()
 def site(tmp_path) -> tuple[Path, dict]:
@@ -200,9 +210,11 @@ def msd_source(tmp_path: Path) -> Path:
 
 def model_args(command: str, root: Path, good: dict, out: Path) -> list:
     """What evaluate, infer and export need beside --checkpoint: good inputs, an output folder."""
-    return {"evaluate": ["--datalist", root / "liver.json", "--output", out],
-            "infer": ["--input", root / good["testing"][0]["image"], "--output", out],
-            "export": ["--output", out]}[command]
+    return {
+        "evaluate": ["--datalist", root / "liver.json", "--output", out],
+        "infer": ["--input", root / good["testing"][0]["image"], "--output", out],
+        "export": ["--output", out],
+    }[command]
 
 
 # --- datalists ----------------------------------------------------------------------------------
@@ -212,8 +224,14 @@ def model_args(command: str, root: Path, good: dict, out: Path) -> list:
 # few kinds of each family, so that the whole table runs in about half a minute.
 JSON_KINDS = list(json_kinds({"testing": [{"image": "i", "label": "l"}]}, "testing"))
 FEW_JSON = ["not JSON", "Latin-1 text", "top level a list", "split empty", "label null"]
-FEW_NIFTI = [("image", "random bytes"), ("image", "NaN voxels"), ("image", "zero voxel size"),
-             ("label", "fractional label"), ("label", "empty file"), ("image", "4D")]
+FEW_NIFTI = [
+    ("image", "random bytes"),
+    ("image", "NaN voxels"),
+    ("image", "zero voxel size"),
+    ("label", "fractional label"),
+    ("label", "empty file"),
+    ("image", "4D"),
+]
 
 
 @pytest.mark.parametrize("command,kind", [("check-data", k) for k in JSON_KINDS] + [("fit", "label null")])
@@ -231,8 +249,11 @@ def test_evaluate_refuses_a_malformed_datalist(capsys, smoke_run, site, tmp_path
     datalist = root / "liver.json"
     datalist.write_bytes(json_kinds(good, "testing")[kind])
     out = tmp_path / "evaluation"
-    assert_refused(*run_cli(capsys, "evaluate", "--checkpoint", smoke_run / "best.ckpt", "--datalist", datalist,
-                            "--output", out), "evaluate", datalist)
+    assert_refused(
+        *run_cli(capsys, "evaluate", "--checkpoint", smoke_run / "best.ckpt", "--datalist", datalist, "--output", out),
+        "evaluate",
+        datalist,
+    )
     assert not out.exists()
 
 
@@ -242,12 +263,26 @@ def test_prepare_data_refuses_a_malformed_dataset_json(capsys, tmp_path, kind):
     manifest = src / "dataset.json"
     manifest.write_bytes(json_kinds(json.loads(manifest.read_text()), "training")[kind])
     dst = tmp_path / "data"
-    assert_refused(*run_cli(capsys, "prepare-data", "--task", "liver", "--src", src, "--dst", dst), "prepare-data", manifest)
+    assert_refused(
+        *run_cli(capsys, "prepare-data", "--task", "liver", "--src", src, "--dst", dst), "prepare-data", manifest
+    )
     assert not dst.exists()
 
 
-@pytest.mark.parametrize("kind", ["not JSON", "empty file", "UTF-16 text", "Latin-1 text", "nested too deeply",
-                                  "top level a list", "top level a string", "split not a list", "image missing"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "not JSON",
+        "empty file",
+        "UTF-16 text",
+        "Latin-1 text",
+        "nested too deeply",
+        "top level a list",
+        "top level a string",
+        "split not a list",
+        "image missing",
+    ],
+)
 def test_prepare_data_refuses_a_malformed_splits_file(capsys, tmp_path, kind):
     """`--datalist` gives the splits: entries with an "image" (a "label" is not read), or case names."""
     src = msd_source(tmp_path)
@@ -255,14 +290,20 @@ def test_prepare_data_refuses_a_malformed_splits_file(capsys, tmp_path, kind):
     good = {"training": [{"image": "liver_0.nii.gz", "label": "x"}], "validation": ["liver_1"], "testing": ["liver_2"]}
     splits.write_bytes(json_kinds(good, "training")[kind])
     dst = tmp_path / "data"
-    assert_refused(*run_cli(capsys, "prepare-data", "--task", "liver", "--src", src, "--dst", dst, "--datalist", splits),
-                   "prepare-data", splits)
+    assert_refused(
+        *run_cli(capsys, "prepare-data", "--task", "liver", "--src", src, "--dst", dst, "--datalist", splits),
+        "prepare-data",
+        splits,
+    )
     assert not dst.exists()
 
 
 # --- images and labels --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("command,which,kind", [("check-data", *c) for c in NIFTI_CASES] + [("fit", "label", "fractional label")])
+
+@pytest.mark.parametrize(
+    "command,which,kind", [("check-data", *c) for c in NIFTI_CASES] + [("fit", "label", "fractional label")]
+)
 def test_check_data_and_fit_refuse_a_bad_image_or_label(capsys, data_home, site, tmp_path, command, which, kind):
     root, good = site
     bad = root / good["testing"][0][which]
@@ -277,8 +318,20 @@ def test_evaluate_refuses_a_bad_case_before_scoring(capsys, smoke_run, site, tmp
     bad = root / good["testing"][0][which]
     damage(bad, kind, which)
     out = tmp_path / "evaluation"
-    assert_refused(*run_cli(capsys, "evaluate", "--checkpoint", smoke_run / "best.ckpt", "--datalist", root / "liver.json",
-                            "--output", out), "evaluate", bad)
+    assert_refused(
+        *run_cli(
+            capsys,
+            "evaluate",
+            "--checkpoint",
+            smoke_run / "best.ckpt",
+            "--datalist",
+            root / "liver.json",
+            "--output",
+            out,
+        ),
+        "evaluate",
+        bad,
+    )
     assert not out.exists()
 
 
@@ -298,22 +351,34 @@ def test_infer_refuses_a_bad_image(capsys, smoke_run, tmp_path, kind):
     save_nifti(image, np.zeros(SHAPE, np.int16))
     damage(image, kind, "image")
     out = tmp_path / "out"
-    assert_refused(*run_cli(capsys, "infer", "--checkpoint", smoke_run / "best.ckpt", "--input", image, "--output", out),
-                   "infer", image)
+    assert_refused(
+        *run_cli(capsys, "infer", "--checkpoint", smoke_run / "best.ckpt", "--input", image, "--output", out),
+        "infer",
+        image,
+    )
     assert not out.exists() or not any(out.iterdir())
 
 
 # --- model files --------------------------------------------------------------------------------
 
-CHECKPOINT_KINDS = list(FILE_KINDS) + ["a plain tensor", "a list", "a dict without model", "weights that are not tensors",
-                                       "config not a mapping", "classes not names", "a pickle weights_only refuses",
-                                       "a zip that is not a checkpoint"]
+CHECKPOINT_KINDS = list(FILE_KINDS) + [
+    "a plain tensor",
+    "a list",
+    "a dict without model",
+    "weights that are not tensors",
+    "config not a mapping",
+    "classes not names",
+    "a pickle weights_only refuses",
+    "a zip that is not a checkpoint",
+]
 FEW_CHECKPOINTS = ["random bytes", "a plain tensor", "a dict without model", "a pickle weights_only refuses"]
 TORCHSCRIPT_KINDS = ["random bytes", "metadata not JSON", "metadata a list", "config not a mapping"]
 
 
-@pytest.mark.parametrize("command,kind", [("export", k) for k in CHECKPOINT_KINDS]
-                         + [(c, k) for c in ("evaluate", "infer") for k in FEW_CHECKPOINTS])
+@pytest.mark.parametrize(
+    "command,kind",
+    [("export", k) for k in CHECKPOINT_KINDS] + [(c, k) for c in ("evaluate", "infer") for k in FEW_CHECKPOINTS],
+)
 def test_model_commands_refuse_a_file_that_is_not_a_checkpoint(capsys, smoke_run, site, tmp_path, command, kind):
     root, good = site
     ckpt = tmp_path / "model" / "best.ckpt"
@@ -321,18 +386,24 @@ def test_model_commands_refuse_a_file_that_is_not_a_checkpoint(capsys, smoke_run
     shutil.copy(smoke_run / "best.ckpt", ckpt)
     checkpoint_kinds(smoke_run / "best.ckpt")[kind](ckpt)
     out = tmp_path / "out"
-    assert_refused(*run_cli(capsys, command, "--checkpoint", ckpt, *model_args(command, root, good, out)), command, ckpt)
+    assert_refused(
+        *run_cli(capsys, command, "--checkpoint", ckpt, *model_args(command, root, good, out)), command, ckpt
+    )
     assert not out.exists()
 
 
-@pytest.mark.parametrize("command,kind", [("infer", k) for k in TORCHSCRIPT_KINDS]
-                         + [(c, "metadata not JSON") for c in ("evaluate", "export")])
+@pytest.mark.parametrize(
+    "command,kind",
+    [("infer", k) for k in TORCHSCRIPT_KINDS] + [(c, "metadata not JSON") for c in ("evaluate", "export")],
+)
 def test_model_commands_refuse_a_torchscript_file_not_made_by_export(capsys, site, tmp_path, command, kind):
     root, good = site
     model = tmp_path / "model.ts"
     torchscript_kinds()[kind](model)
     out = tmp_path / "out"
-    assert_refused(*run_cli(capsys, command, "--checkpoint", model, *model_args(command, root, good, out)), command, model)
+    assert_refused(
+        *run_cli(capsys, command, "--checkpoint", model, *model_args(command, root, good, out)), command, model
+    )
     assert not out.exists()
 
 

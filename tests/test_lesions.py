@@ -64,7 +64,9 @@ def test_pancreatic_masses_follow_msd_task07(drawn):
     volume_cm3 = np.pi / 6 * (sizes / 10) ** 3
     assert np.median(volume_cm3) == pytest.approx(6.0, rel=0.15)
     assert volume_cm3.min() >= 0.35 and sizes.max() <= 60.0
-    assert np.mean([p[0].cystic for p in drawn["pancreas"]]) == pytest.approx(LESIONS["pancreas"].cystic_probability, abs=0.03)
+    assert np.mean([p[0].cystic for p in drawn["pancreas"]]) == pytest.approx(
+        LESIONS["pancreas"].cystic_probability, abs=0.03
+    )
     assert not any(p[0].exophytic or p[0].necrotic for p in drawn["pancreas"])
 
 
@@ -80,7 +82,11 @@ def test_liver_lesions_are_often_several_and_span_sub_centimetre_to_over_ten(dra
 
 
 def test_a_sites_own_tumours_come_at_its_datasets_prevalence(labels):
-    assert tumor_probabilities(["kidney", "kidney_tumor"], labels, 0.05) == {"liver": 0.05, "kidney": 1.0, "pancreas": 0.05}
+    assert tumor_probabilities(["kidney", "kidney_tumor"], labels, 0.05) == {
+        "liver": 0.05,
+        "kidney": 1.0,
+        "pancreas": 0.05,
+    }
     assert tumor_probabilities(["liver", "liver_tumor"], labels, 0.05)["liver"] == TUMOR_PREVALENCE["liver"] == 0.9
     assert tumor_probabilities(["liver", "spleen", "pancreas", "kidney"], labels, 0.1) == {o: 0.1 for o in EVERY_TUMOUR}
 
@@ -110,7 +116,7 @@ def phantom_pairs(labels):
 
 def test_lesions_stay_attached_to_their_organ_and_bulge_only_into_fat(phantom_pairs, labels):
     outside_kidney = []
-    for (image, label, _), (_, anatomy, _) in phantom_pairs:
+    for (_, label, _), (_, anatomy, _) in phantom_pairs:
         for tumour, organ in TUMORS.items():
             mask = label == labels.index(tumour)
             assert mask.any(), tumour
@@ -118,7 +124,9 @@ def test_lesions_stay_attached_to_their_organ_and_bulge_only_into_fat(phantom_pa
             components, count = ndimage.label(mask)
             for i in range(1, count + 1):  # every piece of a lesion touches its organ
                 piece = components == i
-                assert (ndimage.binary_dilation(piece) & (label == labels.index(organ))).any() or (piece & outline).any()
+                assert (ndimage.binary_dilation(piece) & (label == labels.index(organ))).any() or (
+                    piece & outline
+                ).any()
             beyond = mask & ~outline
             if organ == "liver":
                 assert not beyond.any()  # liver lesions lie within the liver's outline
@@ -161,10 +169,17 @@ def test_unenhanced_phase_brings_the_organs_close_to_each_other_and_to_muscle(la
 
 def test_habitus_and_field_of_view_follow_the_scanner(labels):
     small = make_phantom(np.random.default_rng(2), scanner(), labels, NO_TUMOUR)
-    large = make_phantom(np.random.default_rng(2), scanner(fov_mm=[360.0, 280.0, 200.0], body_scale=[1.1, 1.1],
-                                                           fat_mm=[40.0, 40.0]), labels, NO_TUMOUR)
+    large = make_phantom(
+        np.random.default_rng(2),
+        scanner(fov_mm=[360.0, 280.0, 200.0], body_scale=[1.1, 1.1], fat_mm=[40.0, 40.0]),
+        labels,
+        NO_TUMOUR,
+    )
     assert large[0].shape == (120, 93, 50) and small[0].shape == (100, 80, 55)
-    fat = lambda image: ((image > -150) & (image < -60)).sum() * 36.0  # mm³ per voxel at 3 × 3 × 4
+
+    def fat(image):
+        return ((image > -150) & (image < -60)).sum() * 36.0  # mm³ per voxel at 3 × 3 × 4
+
     assert fat(large[0]) > 1.3 * fat(small[0])
     with pytest.raises(ValueError, match="phase"):
         make_phantom(np.random.default_rng(0), scanner(phase="arterial"), labels, NO_TUMOUR)
@@ -182,5 +197,7 @@ def test_demo_splits_can_tell_methods_apart():
     assert all(scanners[s].test >= 12 and scanners[s].validation >= 4 for s in sites)
     assert len({scanners[s].train for s in sites}) >= 3
     external = [s.name for s in cfg.data.external]
-    assert len(external) >= 2 and all(scanners[s].test >= 12 and scanners[s].train == scanners[s].validation == 0 for s in external)
+    assert len(external) >= 2 and all(
+        scanners[s].test >= 12 and scanners[s].train == scanners[s].validation == 0 for s in external
+    )
     assert {scanners[s].phase for s in external} == {"portal_venous", "unenhanced"}

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from monai.losses import DiceCELoss, DiceLoss
+from reference_losses import condist_loss_loop, marginal_loss_loop
 
 from lightning_fl.labels import LabelSpace
 from lightning_fl.losses import ConDistDiceLoss, MarginalDiceCELoss, deep_supervision_weights
-from reference_losses import condist_loss_loop, marginal_loss_loop
 
 GOLDEN = torch.load(Path(__file__).parent / "data" / "losses_golden.pt")["cases"]
 
@@ -66,7 +66,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"C{c['num_classes']}-fg{c['foreground']}-{len(c['spatial'])}d-x{c['scale']}")
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: f"C{c['num_classes']}-fg{c['foreground']}-{len(c['spatial'])}d-x{c['scale']}"
+)
 @pytest.mark.parametrize("ce", ["official", "marginal"])
 def test_marginal_matches_per_channel_reference(case, ce):
     student, _, label = _random_case(1, case["num_classes"], case["foreground"], case["spatial"], case["scale"])
@@ -76,7 +78,9 @@ def test_marginal_matches_per_channel_reference(case, ce):
     _assert_close(value, grad, ref_value, ref_grad)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"C{c['num_classes']}-fg{c['foreground']}-{len(c['spatial'])}d-x{c['scale']}")
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: f"C{c['num_classes']}-fg{c['foreground']}-{len(c['spatial'])}d-x{c['scale']}"
+)
 def test_condist_matches_per_channel_reference(case):
     student, teacher, label = _random_case(2, case["num_classes"], case["foreground"], case["spatial"], case["scale"])
     loss = ConDistDiceLoss(case["num_classes"], case["foreground"], case["background"], case["t"])
@@ -138,7 +142,9 @@ def test_fully_labelled_site_marginal_equals_plain_dice_ce():
 
 
 def test_deep_supervision_weights_are_the_specs():
-    torch.testing.assert_close(deep_supervision_weights(4), torch.tensor([0.5333, 0.2667, 0.1333, 0.0667]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        deep_supervision_weights(4), torch.tensor([0.5333, 0.2667, 0.1333, 0.0667]), atol=1e-4, rtol=0
+    )
     assert deep_supervision_weights(1).tolist() == [1.0]
 
 

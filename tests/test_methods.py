@@ -28,8 +28,12 @@ QUIET = ["logger.wandb.mode=disabled", "fl.local_steps=1", "fl.rounds=1"]
 def test_a_method_is_chosen_on_the_command_line(smoke_config_path, name):
     cfg = load_config(smoke_config_path, [f"method={name}"])
     expected = OmegaConf.load(CONFIG_DIR / "method" / f"{name}.yaml")
-    assert OmegaConf.to_container(cfg.method) | OmegaConf.to_container(expected.method) == OmegaConf.to_container(cfg.method)
-    assert cfg.fl.strategy == expected.fl.strategy
+    assert OmegaConf.to_container(cfg.method) | OmegaConf.to_container(expected.method) == OmegaConf.to_container(
+        cfg.method
+    )
+    assert cfg.fl.strategy == OmegaConf.select(
+        expected, "fl.strategy", default="fedopt"
+    )  # a method file states only its departures
 
 
 def test_a_group_choice_replaces_the_files_choice_and_keys_override_it(smoke_config_path):
@@ -42,8 +46,11 @@ def test_a_group_choice_replaces_the_files_choice_and_keys_override_it(smoke_con
 
 
 def test_group_choice_mistakes_are_named(smoke_config_path):
-    with pytest.raises(ConfigError, match=r"override 'method=fedsgd': .*method has no fedsgd.yaml; choose one of "
-                                          r"\['centralized', 'condistfl', 'fedavg', 'fedopt', 'fedprox', 'standalone'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"override 'method=fedsgd': .*method has no fedsgd.yaml; choose one of "
+        r"\['centralized', 'condistfl', 'fedavg', 'fedopt', 'fedprox', 'standalone'\]",
+    ):
         load_config(smoke_config_path, ["method=fedsgd"])
     with pytest.raises(ConfigError, match="method.training=standalone has no global model for method.condist to use"):
         load_config(smoke_config_path, ["method=standalone", "method.condist=true"])
@@ -57,21 +64,31 @@ def test_group_choice_mistakes_are_named(smoke_config_path):
 def _site(cfg, foreground: list[int]) -> tuple[Site, L.Fabric]:
     labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
     torch.manual_seed(0)
-    site = Site("liver", [foreground], labels.background_groups(foreground, cfg.method.background_groups),
-                labels.num_classes, student=build_network(cfg.model, 1, labels.num_classes),
-                teacher=build_network(cfg.model, 1, labels.num_classes), cfg=cfg, steps_per_round=cfg.fl.local_steps)
+    site = Site(
+        [foreground],
+        labels.background_groups(foreground, cfg.method.background_groups),
+        labels.num_classes,
+        student=build_network(cfg.model, 1, labels.num_classes),
+        teacher=build_network(cfg.model, 1, labels.num_classes),
+        cfg=cfg,
+        steps_per_round=cfg.fl.local_steps,
+    )
     return site, L.Fabric(accelerator="cpu", devices=1, precision="32-true")
 
 
 def test_fedprox_adds_mu_times_the_distance_to_the_global_model_to_the_gradient(smoke_config_path):
     grads, sites = {}, {}
     for mu in (0.0, 0.3):
-        cfg = load_config(smoke_config_path, ["method=fedprox", f"method.proximal_mu={mu}", "model.channels_last=false"])
+        cfg = load_config(
+            smoke_config_path, ["method=fedprox", f"method.proximal_mu={mu}", "model.channels_last=false"]
+        )
         site, fabric = _site(cfg, [1, 2])
         module, _ = fabric.setup(site, site.configure_optimizers()["optimizer"])
         generator = torch.Generator().manual_seed(1)
-        batch = {"image": torch.randn(1, 1, *cfg.data.patch_size, generator=generator),
-                 "label": torch.randint(0, 3, (1, 1, *cfg.data.patch_size), generator=generator)}
+        batch = {
+            "image": torch.randn(1, 1, *cfg.data.patch_size, generator=generator),
+            "label": torch.randint(0, 3, (1, 1, *cfg.data.patch_size), generator=generator),
+        }
         site.receive(site.teacher.state_dict(), 0)
         with torch.no_grad():  # the student has moved away from the global model it received
             for p in site.network.parameters():
@@ -91,11 +108,13 @@ def _record_batches(federation: Federation) -> dict[str, list[tuple[str, int, li
     seen: dict[str, list] = {name: [] for name in federation.clients}
     for name, client in federation.clients.items():
         for index, (_, stream) in enumerate(client.sources):
+
             def start_round(*args, _start=stream.start_round, _name=name, _index=index):
                 for batch in _start(*args):
                     for path, label in zip(batch["image"].meta["filename_or_obj"], batch["label"]):
                         seen[_name].append((path, _index, sorted(int(v) for v in label.unique())))
                     yield batch
+
             stream.start_round = start_round
     return seen
 
@@ -105,8 +124,9 @@ def _training_files(federation: Federation, site: str) -> set[str]:
 
 
 def test_standalone_sites_never_aggregate_and_train_on_their_own_cases(data_home, smoke_config_path, tmp_path):
-    cfg = load_config(smoke_config_path, ["method=standalone", f"output_dir={tmp_path / 'standalone'}", *QUIET,
-                                          "fl.local_steps=2"])
+    cfg = load_config(
+        smoke_config_path, ["method=standalone", f"output_dir={tmp_path / 'standalone'}", *QUIET, "fl.local_steps=2"]
+    )
     federation = Federation(cfg, build_fabric(cfg))
     seen = _record_batches(federation)
     initial = {k: v.clone() for k, v in federation.models["liver"].items()}
@@ -117,11 +137,19 @@ def test_standalone_sites_never_aggregate_and_train_on_their_own_cases(data_home
         assert [s for s, _ in federation.clients[site].sources] == [site]
         assert {path for path, _, _ in seen[site]} <= _training_files(federation, site) and len(seen[site]) == 2
     # each model moved by its own site's update alone: exactly the model of a one-site federation
-    one = load_config(smoke_config_path, [
-        "data.synthetic=null", f"data.root={data_home / 'synthetic-smoke'}", "data.external=[]", "method=fedavg",
-        "data.sites=[{name: liver, datalist: liver.json, classes: [liver, liver_tumor]}]",
-        f"output_dir={tmp_path / 'one_site'}", *QUIET, "fl.local_steps=2",
-    ])
+    one = load_config(
+        smoke_config_path,
+        [
+            "data.synthetic=null",
+            f"data.root={data_home / 'synthetic-smoke'}",
+            "data.external=[]",
+            "method=fedavg",
+            "data.sites=[{name: liver, datalist: liver.json, classes: [liver, liver_tumor]}]",
+            f"output_dir={tmp_path / 'one_site'}",
+            *QUIET,
+            "fl.local_steps=2",
+        ],
+    )
     alone = Federation(one, build_fabric(one))
     alone.fit()
     for key, value in federation.models["liver"].items():
@@ -189,8 +217,15 @@ def test_background_grouping_by_organ_or_by_class():
 
 
 def test_method_switches_reach_the_site(smoke_config_path):
-    cfg = load_config(smoke_config_path, ["method.temperature=4.0", "method.ce=marginal", "method.foreground_filter=false",
-                                          "method.background_groups=class"])
+    cfg = load_config(
+        smoke_config_path,
+        [
+            "method.temperature=4.0",
+            "method.ce=marginal",
+            "method.foreground_filter=false",
+            "method.background_groups=class",
+        ],
+    )
     site, _ = _site(cfg, [1, 2])  # liver and its tumour: by class, background and the other 5 classes apart
     assert site.condist_loss.temperature == 4.0 and not site.condist_loss.foreground_filter
     assert site.condist_loss.num_groups == 6 and site.supervised_losses[0].ce == "marginal"

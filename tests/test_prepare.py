@@ -4,23 +4,21 @@ spleen_8 volume in an MSD Task09 layout, become sites the training reads."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import REPO
+from layouts import AFFINE, make_amos, make_kits, make_msd, write_volume
 
-from conftest import REPO, SHARED
-from layouts import AFFINE, write_volume, make_amos, make_kits, make_msd
 from lightning_fl.config import ConfigError, load_config
 from lightning_fl.data.datasets import read_datalist
-from lightning_fl.errors import DatalistError
 from lightning_fl.data.prepare import prepare_task
+from lightning_fl.errors import DatalistError
 from lightning_fl.labels import label_space_from_config
+
 
 @pytest.fixture(scope="module")
 def labels():
@@ -51,12 +49,18 @@ def test_kits_and_amos_layouts(tmp_path, labels):
     for item in (item for items in kidney.values() for item in items):  # every KiTS19 image is called imaging.nii.gz
         case = Path(item["label"]).name.removesuffix(".nii.gz")
         assert Path(item["image"]).name == f"{case}.nii.gz"
-        assert np.array_equal(nib.load(item["image"]).get_fdata(), nib.load(tmp_path / "kits19" / case / "imaging.nii.gz").get_fdata())
+        assert np.array_equal(
+            nib.load(item["image"]).get_fdata(), nib.load(tmp_path / "kits19" / case / "imaging.nii.gz").get_fdata()
+        )
     values = set(np.unique(nib.load(kidney["training"][0]["label"]).get_fdata()).astype(int))
     assert values == {0, 6, 7}
     amos = prepare_task("amos", make_amos(tmp_path / "amos22"), tmp_path / "data", labels)
     content = json.loads(amos.read_text())
-    assert [Path(e["image"]).name for e in content["testing"]] == ["amos_0001.nii.gz", "amos_0002.nii.gz", "amos_0003.nii.gz"]
+    assert [Path(e["image"]).name for e in content["testing"]] == [
+        "amos_0001.nii.gz",
+        "amos_0002.nii.gz",
+        "amos_0003.nii.gz",
+    ]
     assert set(content) == {"name", "testing"}  # an external site is test-only
     label = np.asarray(nib.load(tmp_path / "data" / content["testing"][0]["label"]).dataobj)
     assert set(np.unique(label)) == {0, 1, 3, 4, 6}  # liver, spleen, pancreas, kidney; others background
@@ -65,20 +69,30 @@ def test_kits_and_amos_layouts(tmp_path, labels):
 def test_existing_splits_are_reused(tmp_path, labels):
     src = make_msd(tmp_path / "Task09_Spleen", "spleen", 5, [1])
     given = tmp_path / "published.json"
-    given.write_text(json.dumps({"training": [{"image": "imagesTr/spleen_0.nii.gz"}, "spleen_1.nii.gz", "spleen_2"],
-                                 "validation": ["spleen_3"], "testing": ["spleen_4"]}))
+    given.write_text(
+        json.dumps(
+            {
+                "training": [{"image": "imagesTr/spleen_0.nii.gz"}, "spleen_1.nii.gz", "spleen_2"],
+                "validation": ["spleen_3"],
+                "testing": ["spleen_4"],
+            }
+        )
+    )
     content = json.loads(prepare_task("spleen", src, tmp_path / "data", labels, datalist=given).read_text())
     assert [len(content[k]) for k in ("training", "validation", "testing")] == [3, 1, 1]
     assert Path(content["testing"][0]["image"]).name == "spleen_4.nii.gz"
 
 
-@pytest.mark.parametrize("damage,message", [
-    ("label_value", r"liver_2.nii.gz has label values \[3\] that the label map 'liver' does not list"),
-    ("grid", r"image shape \(16, 16, 8\) differs from label shape \(16, 16, 7\)"),
-    ("missing", "label file not found: .*liver_2.nii.gz"),
-    ("fractional", r"label has 1024 voxels of fractional values \(e.g. \[0.6\]\); expected whole class numbers"),
-    ("duplicate", r"case 'liver_[02]' and case 'liver_[02]': the same image is"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("label_value", r"liver_2.nii.gz has label values \[3\] that the label map 'liver' does not list"),
+        ("grid", r"image shape \(16, 16, 8\) differs from label shape \(16, 16, 7\)"),
+        ("missing", "label file not found: .*liver_2.nii.gz"),
+        ("fractional", r"label has 1024 voxels of fractional values \(e.g. \[0.6\]\); expected whole class numbers"),
+        ("duplicate", r"case 'liver_[02]' and case 'liver_[02]': the same image is"),
+    ],
+)
 def test_bad_cases_name_the_file_and_leave_nothing_behind(tmp_path, labels, damage, message):
     """Every source case is checked before anything is written: a label of {0, 0.6} is refused,
     not rounded to an empty one, and an image copied under another name is found."""
@@ -101,28 +115,29 @@ def test_bad_cases_name_the_file_and_leave_nothing_behind(tmp_path, labels, dama
     assert not dst.exists() and [p.name for p in tmp_path.iterdir()] == ["Task03_Liver"]
 
 
-def test_command_line_errors(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "lightning_fl", "prepare-data", *a],  # noqa: E731
-                                    capture_output=True, text=True, cwd=REPO, env=os.environ)
+def test_command_line_errors(cli, tmp_path):
+    run = lambda *a: cli("prepare-data", *a)  # noqa: E731
     result = run("--task", "lung", "--src", str(tmp_path), "--dst", str(tmp_path / "d"))
     assert result.returncode == 2 and "unknown task 'lung'" in result.stderr
     result = run("--task", "liver", "--src", str(tmp_path), "--dst", str(tmp_path / "d"))
     assert result.returncode == 2 and "dataset.json not found" in result.stderr
     with pytest.raises(ConfigError):
         from lightning_fl.data.prepare import load_task
+
         load_task("lung")
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not (SHARED / "realdata").is_dir(), reason="needs ../shared/realdata (the real CT volumes); absent in a user's clone")
-def test_real_spleen_case_in_msd_layout(tmp_path, labels):
+def test_real_spleen_case_in_msd_layout(realdata, tmp_path, labels):
     """spleen_8 (LAS, 0.785 × 0.785 × 7.5 mm) through prepare-data and the paper's preprocessing."""
     src = tmp_path / "Task09_Spleen"
     (src / "imagesTr").mkdir(parents=True)
     (src / "labelsTr").mkdir()
-    shutil.copyfile(SHARED / "realdata" / "spleen_8_ct.nii.gz", src / "imagesTr" / "spleen_8.nii.gz")
-    shutil.copyfile(SHARED / "realdata" / "spleen_8_label_orig.nii.gz", src / "labelsTr" / "spleen_8.nii.gz")
-    (src / "dataset.json").write_text(json.dumps({"training": [{"image": "./imagesTr/spleen_8.nii.gz", "label": "./labelsTr/spleen_8.nii.gz"}]}))
+    shutil.copyfile(realdata / "spleen_8_ct.nii.gz", src / "imagesTr" / "spleen_8.nii.gz")
+    shutil.copyfile(realdata / "spleen_8_label_orig.nii.gz", src / "labelsTr" / "spleen_8.nii.gz")
+    (src / "dataset.json").write_text(
+        json.dumps({"training": [{"image": "./imagesTr/spleen_8.nii.gz", "label": "./labelsTr/spleen_8.nii.gz"}]})
+    )
     given = tmp_path / "split.json"
     given.write_text(json.dumps({"training": ["spleen_8"], "validation": [], "testing": []}))
     listing = prepare_task("spleen", src, tmp_path / "data", labels, datalist=given)

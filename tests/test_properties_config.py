@@ -52,7 +52,12 @@ def _leaves(cls: type, prefix: str) -> list[tuple[str, Any, Rule]]:
             found += _leaves(inner[0], f"{key}.0.")
         elif typing.get_origin(kind) is dict and dataclasses.is_dataclass(inner[1]):
             found += _leaves(inner[1], f"{key}.liver.")
-        elif kind in (int, float, bool, Any) or (kind is str and spec.metadata.get("rule")) or typing.get_origin(kind) is list and inner[0] is not str:
+        elif (
+            kind in (int, float, bool, Any)
+            or (kind is str and spec.metadata.get("rule"))
+            or typing.get_origin(kind) is list
+            and inner[0] is not str
+        ):
             found.append((key, kind, spec.metadata.get("rule", Rule())))
     return found
 
@@ -65,6 +70,7 @@ def _values(kind: Any, rule: Rule) -> st.SearchStrategy:
     (huge, non-finite, the wrong type) the other half."""
     wide = st.one_of(st.integers(-(2**40), 2**40), st.floats(allow_nan=True, allow_infinity=True))
     junk = st.one_of(st.text(max_size=6), st.booleans(), st.none(), wide)
+
     def near(of: Any) -> st.SearchStrategy:
         return st.integers(-1, 8) if of is int else st.one_of(st.floats(-0.5, 2.5), st.integers(0, 8))
 
@@ -126,7 +132,9 @@ def _small(value: Any) -> bool:
 def _exercise(cfg: Any, key: str, case: dict[str, str]) -> str:
     """Run the code that consumes `key`'s section, on tiny inputs; say which."""
     labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
-    if key.startswith("data.") and not key.startswith(("data.root", "data.spacing_mm", "data.synthetic", "data.cache", "data.num_workers", "data.check")):
+    if key.startswith("data.") and not key.startswith(
+        ("data.root", "data.spacing_mm", "data.synthetic", "data.cache", "data.num_workers", "data.check")
+    ):
         foreground = labels.foreground(cfg.data.sites[0].classes)
         patches = training_transform(cfg.data, [0, *foreground])(dict(case))
         assert len(patches) == cfg.data.samples_per_volume
@@ -145,14 +153,21 @@ def _exercise(cfg: Any, key: str, case: dict[str, str]) -> str:
     elif key.startswith(("model.", "optim.", "method.")):
         fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
         foreground = labels.foreground(cfg.data.sites[0].classes)
-        site = Site("liver", [foreground], labels.background_groups(foreground, cfg.method.background_groups),
-                    labels.num_classes, student=build_network(cfg.model, 1, labels.num_classes),
-                    teacher=build_network(cfg.model, 1, labels.num_classes), cfg=cfg,
-                    steps_per_round=cfg.fl.local_steps)
+        site = Site(
+            [foreground],
+            labels.background_groups(foreground, cfg.method.background_groups),
+            labels.num_classes,
+            student=build_network(cfg.model, 1, labels.num_classes),
+            teacher=build_network(cfg.model, 1, labels.num_classes),
+            cfg=cfg,
+            steps_per_round=cfg.fl.local_steps,
+        )
         optimizers = site.configure_optimizers()
         module, optimizer = fabric.setup(site, optimizers["optimizer"])
-        batch = {"image": torch.randn(1, 1, *cfg.data.patch_size),
-                 "label": torch.randint(0, 2, (1, 1, *cfg.data.patch_size)) * foreground[0]}
+        batch = {
+            "image": torch.randn(1, 1, *cfg.data.patch_size),
+            "label": torch.randint(0, 2, (1, 1, *cfg.data.patch_size)) * foreground[0],
+        }
         if cfg.model.channels_last:
             batch["image"] = batch["image"].to(memory_format=torch.channels_last_3d)
         loss = module.training_step(batch, 0)
@@ -183,10 +198,22 @@ def test_any_value_of_any_key_loads_and_runs_or_is_refused_naming_the_key(drawn,
         event(f"loaded, then ran: {_exercise(cfg, key, tiny_case)}")
 
 
-CROSS_KEY_RULES = ("must be a multiple", "leaves one voxel", "one entry per level", "3 values (x, y, z)",
-                   "deep_supervision_heads must lie", "min_sites must lie", "nesterov", "hu_min < hu_max",
-                   "pos_neg_ratio: expected at least one", "must be ≥ 1 for this site", "expected odd sizes",
-                   "has no global model for", "fl.strategy must be fedavg", "trains one pooled model")
+CROSS_KEY_RULES = (
+    "must be a multiple",
+    "leaves one voxel",
+    "one entry per level",
+    "3 values (x, y, z)",
+    "deep_supervision_heads must lie",
+    "min_sites must lie",
+    "nesterov",
+    "hu_min < hu_max",
+    "pos_neg_ratio: expected at least one",
+    "must be ≥ 1 for this site",
+    "expected odd sizes",
+    "has no global model for",
+    "fl.strategy must be fedavg",
+    "trains one pooled model",
+)
 
 
 def _of_type(value: Any, kind: Any) -> bool:
@@ -226,10 +253,21 @@ def test_the_fifteen_impossible_values_are_refused_at_once_before_any_work(tmp_p
 
     monkeypatch.setenv("LIGHTNING_FL_DATA", str(tmp_path / "data"))
     impossible = [
-        "fl.server_lr=-1", "eval.overlap=1.5", "data.batch_size=0", "data.spacing_mm=[0,0,0]",
-        "data.intensity.scale=0", "fl.server_momentum=1.5", "data.cache_rate=2", "data.augmentation.flip_prob=-0.1",
-        "eval.sw_batch_size=0", "data.samples_per_volume=0", "optim.weight_decay=-1", "data.num_workers=-1",
-        "method.condist_weight_end=-1", "seed=-1", "data.synthetic.incidental_tumor_probability=1.5",
+        "fl.server_lr=-1",
+        "eval.overlap=1.5",
+        "data.batch_size=0",
+        "data.spacing_mm=[0,0,0]",
+        "data.intensity.scale=0",
+        "fl.server_momentum=1.5",
+        "data.cache_rate=2",
+        "data.augmentation.flip_prob=-0.1",
+        "eval.sw_batch_size=0",
+        "data.samples_per_volume=0",
+        "optim.weight_decay=-1",
+        "data.num_workers=-1",
+        "method.condist_weight_end=-1",
+        "seed=-1",
+        "data.synthetic.incidental_tumor_probability=1.5",
     ]
     assert main(["check-data", "--config", str(SMOKE), *impossible]) == 2
     message = capsys.readouterr().err.strip()

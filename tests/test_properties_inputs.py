@@ -17,14 +17,19 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
-
 from layouts import make_msd
-from lightning_fl.cli import main
 from test_input_gate import site_args, write_site
 
+from lightning_fl.cli import main
+
 # capsys is read before every example (see run), so sharing it between examples is safe
-EXAMPLES = settings(derandomize=True, max_examples=12, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+EXAMPLES = settings(
+    derandomize=True,
+    max_examples=12,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 SPLITS = ("training", "validation", "testing")
 
 
@@ -59,14 +64,23 @@ def leftovers(folder: Path) -> list[str]:
 
 GOOD_ENTRIES = [{"image": f"images/{s}_0.nii.gz", "label": f"labels/{s}_0.nii.gz"} for s in SPLITS]
 texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)  # lone surrogates cannot be printed
-paths = st.one_of(st.sampled_from([e[k] for e in GOOD_ENTRIES for k in ("image", "label")]), texts,
-                  st.sampled_from(["", "../outside.nii.gz", "/no/such/file.nii.gz", "a\x00b.nii.gz", "x" * 300,
-                                   "images", "liver.json"]))
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | texts,
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
-                           max_leaves=6)
-entries = st.one_of(st.fixed_dictionaries({"image": paths, "label": paths}),
-                    st.fixed_dictionaries({"image": paths | json_values, "label": paths | json_values}), json_values)
+paths = st.one_of(
+    st.sampled_from([e[k] for e in GOOD_ENTRIES for k in ("image", "label")]),
+    texts,
+    st.sampled_from(
+        ["", "../outside.nii.gz", "/no/such/file.nii.gz", "a\x00b.nii.gz", "x" * 300, "images", "liver.json"]
+    ),
+)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | texts,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
+    max_leaves=6,
+)
+entries = st.one_of(
+    st.fixed_dictionaries({"image": paths, "label": paths}),
+    st.fixed_dictionaries({"image": paths | json_values, "label": paths | json_values}),
+    json_values,
+)
 
 
 @st.composite
@@ -120,10 +134,22 @@ ANY_DTYPES = [np.uint8, np.int8, np.int16, np.uint16, np.int32, np.float32, np.f
 CLASSES = [0, 1, 2]  # the liver site's (and task's) classes
 ODD_LABELS = [[0, 0.6], [0, 2.5, 1], [0, 9], [0, -1], [0, np.nan]]
 # header fields (byte offset, struct format) of NIfTI-1, and values a damaged or odd header holds
-FIELDS = {"dim[0]": (40, "<h"), "dim[1]": (42, "<h"), "datatype": (70, "<h"), "bitpix": (72, "<h"),
-          "pixdim[1]": (80, "<f"), "pixdim[3]": (88, "<f"), "vox_offset": (108, "<f"), "scl_slope": (112, "<f"),
-          "scl_inter": (116, "<f"), "qform_code": (252, "<h"), "sform_code": (254, "<h"), "srow_x[0]": (280, "<f"),
-          "srow_y[1]": (300, "<f"), "srow_z[3]": (324, "<f")}
+FIELDS = {
+    "dim[0]": (40, "<h"),
+    "dim[1]": (42, "<h"),
+    "datatype": (70, "<h"),
+    "bitpix": (72, "<h"),
+    "pixdim[1]": (80, "<f"),
+    "pixdim[3]": (88, "<f"),
+    "vox_offset": (108, "<f"),
+    "scl_slope": (112, "<f"),
+    "scl_inter": (116, "<f"),
+    "qform_code": (252, "<h"),
+    "sform_code": (254, "<h"),
+    "srow_x[0]": (280, "<f"),
+    "srow_y[1]": (300, "<f"),
+    "srow_z[3]": (324, "<f"),
+}
 ODD_VALUES = [0, 1, -1, 2, 3, 7, 255, 4096, 0.5, float("nan"), float("inf"), 1e30]
 CHANGES = ["none", "none", "dtype", "shape", "spacing", "axes", "values", "header", "bytes"]
 
@@ -134,19 +160,29 @@ def grids(draw) -> tuple[tuple[int, ...], np.ndarray, str]:
     change = draw(st.sampled_from(CHANGES))
     shape = draw(st.tuples(*[st.integers(4, 18)] * 3))
     if change == "shape":
-        shape = draw(st.tuples(*[st.integers(1, 18)] * 3) | st.tuples(*[st.integers(2, 8)] * 4) | st.tuples(*[st.integers(2, 16)] * 2))
+        shape = draw(
+            st.tuples(*[st.integers(1, 18)] * 3)
+            | st.tuples(*[st.integers(2, 8)] * 4)
+            | st.tuples(*[st.integers(2, 16)] * 2)
+        )
     spacing = list(draw(st.tuples(*[st.floats(0.3, 10.0)] * 3)))
     if change == "spacing":
         spacing[draw(st.integers(0, 2))] = draw(st.sampled_from([0.0, -2.0, 1e5, float("nan"), float("inf")]))
-    axes = np.array([[1, 1, 0], [1, 1, 0], [0, 0, 1]]) if change == "axes" else draw(
-        st.sampled_from([np.eye(3), np.array([[1, 0.3, 0], [0, 1, 0.2], [0.1, 0, 1]])]))
+    axes = (
+        np.array([[1, 1, 0], [1, 1, 0], [0, 0, 1]])
+        if change == "axes"
+        else draw(st.sampled_from([np.eye(3), np.array([[1, 0.3, 0], [0, 1, 0.2], [0.1, 0, 1]])]))
+    )
     affine = np.eye(4)
     affine[:3, :3] = axes @ np.diag(spacing)
     affine[:3, 3] = draw(st.floats(-500, 500))
     return shape, affine, change
 
 
-def nifti(voxels: np.ndarray, affine: np.ndarray = np.diag([2.0, 2.0, 2.0, 1.0])) -> bytearray:
+TWO_MM = np.diag([2.0, 2.0, 2.0, 1.0])
+
+
+def nifti(voxels: np.ndarray, affine: np.ndarray = TWO_MM) -> bytearray:
     """An uncompressed NIfTI-1 file whose sform is `affine`, as given (even a degenerate one)."""
     image = nib.Nifti1Image(voxels, None)
     image.header.set_sform(affine, code=1)
@@ -157,7 +193,9 @@ def nifti_bytes(draw, voxels: np.ndarray, affine: np.ndarray, change: str) -> tu
     """The file (bytes, suffix), with the header or byte damage `change` asks for."""
     data = nifti(voxels, affine)
     if change == "header":
-        for name, value in draw(st.lists(st.tuples(st.sampled_from(sorted(FIELDS)), st.sampled_from(ODD_VALUES)), min_size=1, max_size=2)):
+        for name, value in draw(
+            st.lists(st.tuples(st.sampled_from(sorted(FIELDS)), st.sampled_from(ODD_VALUES)), min_size=1, max_size=2)
+        ):
             offset, fmt = FIELDS[name]
             if fmt == "<f" or (float(value).is_integer() and abs(value) < 2**15):
                 struct.pack_into(fmt, data, offset, value if fmt == "<f" else int(value))
@@ -165,7 +203,7 @@ def nifti_bytes(draw, voxels: np.ndarray, affine: np.ndarray, change: str) -> tu
     suffix = ".nii.gz" if data[:2] == b"\x1f\x8b" else ".nii"
     if change == "bytes":
         at = draw(st.integers(0, len(data) - 1))
-        data = data[:at] if draw(st.booleans()) else data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+        data = data[:at] if draw(st.booleans()) else data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
     return data, suffix
 
 
@@ -193,14 +231,22 @@ def cases(draw) -> dict[str, tuple[bytes, str]]:
     """An image and its label on one grid; the change drawn goes to one of the two files."""
     shape, affine, change = draw(grids())
     damaged = draw(st.sampled_from(["image", "label"]))
-    return {role: nifti_bytes(draw, voxels_of(draw, shape, role, change if role == damaged else "none"), affine,
-                              change if role == damaged or change in ("shape", "spacing", "axes") else "none")
-            for role in ("image", "label")}
+    return {
+        role: nifti_bytes(
+            draw,
+            voxels_of(draw, shape, role, change if role == damaged else "none"),
+            affine,
+            change if role == damaged or change in ("shape", "spacing", "axes") else "none",
+        )
+        for role in ("image", "label")
+    }
 
 
 NAN_IMAGE = (bytes(nifti(np.where(np.eye(16)[:, :, None] > 0, np.nan, 40.0) * np.ones((1, 1, 16), np.float32))), ".nii")
-FRACTIONAL_CASE = {"image": (bytes(nifti(np.arange(4096, dtype=np.int16).reshape(16, 16, 16))), ".nii"),
-                   "label": (bytes(nifti(np.where(np.arange(4096).reshape(16, 16, 16) % 2, 0.6, 0.0).astype(np.float32))), ".nii")}
+FRACTIONAL_CASE = {
+    "image": (bytes(nifti(np.arange(4096, dtype=np.int16).reshape(16, 16, 16))), ".nii"),
+    "label": (bytes(nifti(np.where(np.arange(4096).reshape(16, 16, 16) % 2, 0.6, 0.0).astype(np.float32))), ".nii"),
+}
 
 
 @EXAMPLES
@@ -211,7 +257,9 @@ def test_infer_on_any_image_writes_its_map_or_says_why_not(capsys, smoke_run, im
     with tempfile.TemporaryDirectory() as folder:
         source, out = Path(folder) / f"case{suffix}", Path(folder) / "out"
         source.write_bytes(data)
-        status, lines = run(capsys, "infer", "--checkpoint", smoke_run / "best.ckpt", "--input", source, "--output", out)
+        status, lines = run(
+            capsys, "infer", "--checkpoint", smoke_run / "best.ckpt", "--input", source, "--output", out
+        )
         assert_ran_or_refused(status, lines, "infer")
         written = sorted(p.name for p in out.iterdir()) if out.exists() else []
         assert written == (["case.nii.gz"] if status == 0 else []), lines
@@ -233,7 +281,9 @@ def test_check_data_on_any_case_runs_or_lists_its_problems(capsys, data_home, ca
         status, lines = run(capsys, "check-data", *site_args(root))
         assert_ran_or_refused(status, lines, "check-data")
         if status == 0:
-            assert usable(root / content["testing"][0]["image"]) and usable(root / content["testing"][0]["label"], whole=True)
+            assert usable(root / content["testing"][0]["image"]) and usable(
+                root / content["testing"][0]["label"], whole=True
+            )
 
 
 @EXAMPLES
@@ -254,4 +304,6 @@ def test_prepare_data_on_any_case_writes_a_site_or_nothing(capsys, case):
         if status == 0:  # the label as given, never rounded: {0, 0.6} is refused, not written as empty
             listing = json.loads((dst / "liver.json").read_text())
             assert sum(len(listing[s]) for s in SPLITS) == 3
-            assert usable(src / manifest["training"][1]["image"]) and usable(src / manifest["training"][1]["label"], whole=True)
+            assert usable(src / manifest["training"][1]["image"]) and usable(
+                src / manifest["training"][1]["label"], whole=True
+            )

@@ -7,41 +7,32 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO
 from lightning_fl.checkpoint import RunFolderError, lock_run_folder
 
 RUN = ["--config", "configs/smoke.yaml", "logger.wandb.mode=disabled", "fl.rounds=3"]
 
 
-def _cli(*args: str, env_home: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lightning_fl", *args], capture_output=True, text=True, cwd=REPO,
-                          env=os.environ | {"LIGHTNING_FL_DATA": str(env_home)})
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
-def test_a_run_killed_mid_round_resumes_to_the_same_result(data_home, smoke_run, tmp_path, processes):
-    run = RUN + ([f"fabric.devices={processes}", "fabric.accelerator=cpu", "fabric.precision=32-true"] if processes > 1 else [])
+def test_a_run_killed_mid_round_resumes_to_the_same_result(cli, data_home, smoke_run, tmp_path, processes):
+    run = RUN + (
+        [f"fabric.devices={processes}", "fabric.accelerator=cpu", "fabric.precision=32-true"] if processes > 1 else []
+    )
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     whole.mkdir()
     (whole / "old.txt").write_text("an earlier run\n")  # moved aside by rank 0 alone, before the others start
-    result = _cli("fit", *run, f"output_dir={whole}", "--overwrite", env_home=data_home)
+    result = cli("fit", *run, f"output_dir={whole}", "--overwrite", data_home=data_home)
     assert result.returncode == 0, result.stderr[-3000:]
     aside = next(tmp_path.glob("whole.replaced-*"))
     assert f"moved the previous {whole} aside to {aside}\n" in result.stdout
     assert sorted(p.name for p in aside.iterdir()) == ["old.txt", "run.lock"]
 
-    process = subprocess.Popen([sys.executable, "-m", "lightning_fl", "fit", *run, f"output_dir={killed}"], cwd=REPO,
-                               env=os.environ | {"LIGHTNING_FL_DATA": str(data_home)},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = cli.start("fit", *run, f"output_dir={killed}", data_home=data_home, capture=False)
     deadline = time.monotonic() + 120
     while not (killed / "state.ckpt").exists() and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -52,7 +43,7 @@ def test_a_run_killed_mid_round_resumes_to_the_same_result(data_home, smoke_run,
     process.wait()
     assert torch.load(killed / "state.ckpt", weights_only=True)["round"] == 0, "the kill did not land in round 2"
 
-    result = _cli("fit", "--resume", str(killed), env_home=data_home)
+    result = cli("fit", "--resume", str(killed), data_home=data_home)
     assert result.returncode == 0, result.stderr[-3000:]
     first = torch.load(whole / "last.ckpt", weights_only=True)["model"]
     second = torch.load(killed / "last.ckpt", weights_only=True)["model"]
@@ -62,16 +53,16 @@ def test_a_run_killed_mid_round_resumes_to_the_same_result(data_home, smoke_run,
     lock_run_folder(killed).release()  # the killed run's lock went with its processes, the resumed one's at its end
 
 
-def test_resume_refuses_a_changed_config_unless_asked(data_home, smoke_run, tmp_path):
+def test_resume_refuses_a_changed_config_unless_asked(cli, data_home, smoke_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run)
-    refused = _cli("fit", "--resume", str(run), "optim.lr=0.01", env_home=data_home)
+    refused = cli("fit", "--resume", str(run), "optim.lr=0.01", data_home=data_home)
     assert refused.returncode == 2
     assert "the overrides change the run's config (optim.lr); pass --allow-config-change" in refused.stderr
-    both = _cli("fit", "--resume", str(run), "--config", "configs/smoke.yaml", env_home=data_home)
+    both = cli("fit", "--resume", str(run), "--config", "configs/smoke.yaml", data_home=data_home)
     assert both.returncode == 2 and "--config cannot be given with it" in both.stderr
 
-    accepted = _cli("fit", "--resume", str(run), "--allow-config-change", "fl.rounds=3", env_home=data_home)
+    accepted = cli("fit", "--resume", str(run), "--allow-config-change", "fl.rounds=3", data_home=data_home)
     assert accepted.returncode == 0, accepted.stderr[-3000:]
     assert "changed:\n  - fl.rounds" in (run / "resumes.yaml").read_text()
     assert torch.load(run / "state.ckpt", weights_only=True)["round"] == 2

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from lightning_fl.checkpoint import RunFolderError, claim_run_folder, lock_run_folder
 from lightning_fl.cli import main
 from lightning_fl.config import load_config, to_yaml
@@ -37,8 +37,9 @@ def run(smoke_run: Path, data_home: Path, tmp_path: Path) -> Path:
 
 def _snapshot(folder: Path) -> dict[Path, tuple[bytes, int]]:
     """Every file's bytes and modification time."""
-    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def _error(capsys: pytest.CaptureFixture) -> str:
@@ -83,8 +84,9 @@ def test_overwrite_moves_the_old_folder_aside_and_deletes_nothing(run, smoke_run
 
     lock, aside = claim_run_folder(run, overwrite=True)
     assert re.fullmatch(r"run\.replaced-\d{8}-\d{6}", aside.name) and aside.parent == run.parent.absolute()
-    assert {p.name: p.read_bytes() for p in aside.iterdir() if p.is_file()} == \
-           {p.name: p.read_bytes() for p in smoke_run.iterdir() if p.is_file()}
+    assert {p.name: p.read_bytes() for p in aside.iterdir() if p.is_file()} == {
+        p.name: p.read_bytes() for p in smoke_run.iterdir() if p.is_file()
+    }
     assert [p.name for p in run.iterdir()] == ["run.lock"]
     with pytest.raises(RunFolderError, match=f"{re.escape(str(run))} is in use"):
         lock_run_folder(run)  # the new run's folder is held until the lock is released
@@ -118,11 +120,13 @@ def test_a_folder_in_use_is_refused_at_once(run, smoke_config_path, tmp_path, ca
 
 def test_resume_refuses_a_metrics_file_shorter_than_the_checkpoint_records(run, capsys):
     recorded = torch.load(run / "state.ckpt", weights_only=True)["metrics_bytes"]
-    cut = (run / "metrics.csv").read_bytes()[:recorded // 2]
+    cut = (run / "metrics.csv").read_bytes()[: recorded // 2]
     (run / "metrics.csv").write_bytes(cut)
     assert main(["fit", "--resume", str(run)]) == 2
-    assert (f"error: {run / 'metrics.csv'} has {len(cut)} bytes, {run / 'state.ckpt'} records {recorded}: "
-            "rows of the rounds the checkpoint holds are missing") in _error(capsys)
+    assert (
+        f"error: {run / 'metrics.csv'} has {len(cut)} bytes, {run / 'state.ckpt'} records {recorded}: "
+        "rows of the rounds the checkpoint holds are missing"
+    ) in _error(capsys)
     assert (run / "metrics.csv").read_bytes() == cut  # not padded with NUL bytes, not resumed
     assert not (run / "resumes.yaml").exists()
     lock_run_folder(run).release()  # a refused resume leaves the folder free
@@ -134,8 +138,10 @@ def test_resume_refuses_a_folder_that_mixes_two_runs(run, smoke_run, smoke_confi
     (run / "config.yaml").write_text(to_yaml(load_config(smoke_config_path, [f"output_dir={run}", "fl.rounds=3"])))
     (run / "metrics.csv").write_text(",".join(CSV_COLUMNS) + "\r\n")
     assert main(["fit", "--resume", str(run)]) == 2
-    assert (f"error: {run / 'config.yaml'} is not the config of run {state['run_id']}, which saved "
-            f"{run / 'state.ckpt'} (their sha256 differ)") in _error(capsys)
+    assert (
+        f"error: {run / 'config.yaml'} is not the config of run {state['run_id']}, which saved "
+        f"{run / 'state.ckpt'} (their sha256 differ)"
+    ) in _error(capsys)
 
     shutil.copy(smoke_run / "config.yaml", run / "config.yaml")  # the same config run again: metrics.csv differs
     assert main(["fit", "--resume", str(run)]) == 2
@@ -147,21 +153,24 @@ def test_resume_refuses_a_folder_that_mixes_two_runs(run, smoke_run, smoke_confi
     metrics[digit] = ord("9") if metrics[digit] != ord("9") else ord("8")  # one Dice value edited
     (run / "metrics.csv").write_bytes(bytes(metrics))
     assert main(["fit", "--resume", str(run)]) == 2
-    assert (f"error: {run / 'metrics.csv'}: its first {state['metrics_bytes']} bytes are not the ones "
-            f"{run / 'state.ckpt'} records") in _error(capsys)
+    assert (
+        f"error: {run / 'metrics.csv'}: its first {state['metrics_bytes']} bytes are not the ones "
+        f"{run / 'state.ckpt'} records"
+    ) in _error(capsys)
     assert not (run / "resumes.yaml").exists()
 
 
 def test_checkpoints_carry_the_run_identity(smoke_run):
-    state, best, last = (torch.load(smoke_run / name, weights_only=True)
-                         for name in ("state.ckpt", "best.ckpt", "last.ckpt"))
+    state, best, last = (
+        torch.load(smoke_run / name, weights_only=True) for name in ("state.ckpt", "best.ckpt", "last.ckpt")
+    )
     assert re.fullmatch(r"[0-9a-f]{32}", state["run_id"])
     config = (smoke_run / "config.yaml").read_bytes()
     for checkpoint in (state, best, last):
         assert checkpoint["run_id"] == state["run_id"]
         assert checkpoint["config_sha256"] == _sha256(config)
         assert checkpoint["seed"] == load_config(smoke_run / "config.yaml").seed
-    assert state["metrics_sha256"] == _sha256((smoke_run / "metrics.csv").read_bytes()[:state["metrics_bytes"]])
+    assert state["metrics_sha256"] == _sha256((smoke_run / "metrics.csv").read_bytes()[: state["metrics_bytes"]])
 
 
 def test_resume_refuses_a_checkpoint_without_a_run_identity(run, capsys):
@@ -170,8 +179,9 @@ def test_resume_refuses_a_checkpoint_without_a_run_identity(run, capsys):
         del state[key]
     torch.save(state, run / "state.ckpt")
     assert main(["fit", "--resume", str(run)]) == 2
-    assert (f"error: {run / 'state.ckpt'} was written by an older lightning-fl that did not record which run it "
-            "belongs to") in _error(capsys)
+    assert (
+        f"error: {run / 'state.ckpt'} was written by an older lightning-fl that did not record which run it belongs to"
+    ) in _error(capsys)
 
 
 def test_resuming_a_finished_run_changes_nothing(run, capsys):
@@ -179,6 +189,8 @@ def test_resuming_a_finished_run_changes_nothing(run, capsys):
     for extra in ([], ["--allow-config-change", "eval.overlap=0.5"]):
         assert main(["fit", "--resume", str(run), *extra]) == 0
         out = capsys.readouterr().out
-        assert out == (f"{run} holds a finished run (round 2 of 2 trained, then tested: summary.json); nothing to do. "
-                       f"To train more rounds: fit --resume {run} --allow-config-change fl.rounds=N\n")
+        assert out == (
+            f"{run} holds a finished run (round 2 of 2 trained, then tested: summary.json); nothing to do. "
+            f"To train more rounds: fit --resume {run} --allow-config-change fl.rounds=N\n"
+        )
         assert _snapshot(run) == before

@@ -176,7 +176,9 @@ def test_organ_hu_in_portal_venous_ranges(phantom, labels):
 
 def test_air_outside_the_body_and_dense_bone(phantom):
     image = phantom[0]
-    corners = np.concatenate([image[:6, :6].ravel(), image[-6:, :6].ravel(), image[:6, -6:].ravel(), image[-6:, -6:].ravel()])
+    corners = np.concatenate(
+        [image[:6, :6].ravel(), image[-6:, :6].ravel(), image[:6, -6:].ravel(), image[-6:, -6:].ravel()]
+    )
     assert abs(corners.mean() + 1000) < 5
     assert (image >= 300).sum() > 500
     assert image.max() >= 700
@@ -295,7 +297,7 @@ def test_failure_leaves_nothing_behind(tmp_path, labels, monkeypatch):
 def test_failure_in_a_worker_process_leaves_nothing_behind(tmp_path, labels):
     cfg = make_synthetic()
     cfg.scanners["kidney"].spacing_mm = [0.0, 4.0, 5.0]  # fails inside the worker that draws it
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (whatever the worker raises, nothing may be left)
         write_federation(tmp_path / "data", cfg, make_sites(), labels)
     assert list(tmp_path.iterdir()) == []
 

@@ -11,31 +11,36 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch.utils.data import RandomSampler
 import monai.transforms as mt
+import torch
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.data.utils import pickle_hashing
 from omegaconf import DictConfig
+from torch.utils.data import RandomSampler
 
 from lightning_fl.config import all_sites
-from lightning_fl.errors import DatalistError
 from lightning_fl.data.transforms import evaluation_transform, training_transform
 from lightning_fl.data.validation import SPLITS, DataCheckError, check_datalist, is_file
+from lightning_fl.errors import DatalistError
 from lightning_fl.labels import LabelSpace
 
 
 @dataclass
 class SiteData:
-    """A site's task in the unified label space and its cases per split (absolute paths)."""
+    """A site's data as training and scoring use it, read once from its datalist.
+
+    Holds the site's name, its foreground classes as indices of the unified label space (the
+    classes it labels: what its marginal loss supervises and what it is scored on) and its cases
+    per split, with absolute image and label paths.
+    """
 
     name: str
-    classes: list[str]
     foreground: list[int]
     splits: dict[str, list[dict[str, str]]]
 
     @property
     def num_training_cases(self) -> int:
+        """How many training cases the site has (its weight under `fl.weighting=cases`)."""
         return len(self.splits["training"])
 
 
@@ -62,9 +67,9 @@ def read_datalist(path: Path, required: tuple[str, ...] = SPLITS) -> dict[str, l
 
 
 def load_site(root: Path, site: DictConfig, labels: LabelSpace, required: tuple[str, ...] = SPLITS) -> SiteData:
+    """A configured site's `SiteData`, its datalist read from `root` (the `required` splits must be there)."""
     return SiteData(
         name=site.name,
-        classes=list(site.classes),
         foreground=labels.foreground(site.classes, where=f"site '{site.name}'"),
         splits=read_datalist(root / site.datalist, required),
     )
@@ -113,8 +118,13 @@ class TrainingStream:
         """`batches` batches for one round; `shard` = (index, count) keeps every count-th patch from index on."""
         self.generator.manual_seed(seed)  # MONAI's DataLoader seeds the transforms (or each worker's) from it
         sampler = RandomSampler(self.dataset, num_samples=batches * self.batch_size, generator=self.generator)
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, generator=self.generator,
-                            num_workers=self.num_workers)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            generator=self.generator,
+            num_workers=self.num_workers,
+        )
         index, count = shard
         for batch in loader:
             yield {key: batch[key][index::count] for key in ("image", "label")}
@@ -125,8 +135,9 @@ def cached_dataset(items: list[dict[str, str]], transform: mt.Compose, data: Dic
     the transforms are part of each entry's key, so a changed pipeline never reads a stale entry),
     else in memory for `data.cache_rate` of the cases. Random transforms run on every draw."""
     if data.cache_dir is not None:
-        return PersistentDataset(items, transform, cache_dir=Path(data.cache_dir).expanduser(),
-                                 hash_transform=pickle_hashing)
+        return PersistentDataset(
+            items, transform, cache_dir=Path(data.cache_dir).expanduser(), hash_transform=pickle_hashing
+        )
     return CacheDataset(items, transform, cache_rate=data.cache_rate, progress=False, num_workers=None)
 
 

@@ -1,4 +1,5 @@
-"""Published datasets → one site's folder and datalist in the unified label space (spec §1).
+"""Published datasets → one site's folder and datalist in the unified label space
+(`docs/explanation/label-space.md`).
 
 `lightning-fl prepare-data --task liver --src Task03_Liver --dst DIR` reads a dataset in its own
 published layout (MSD, KiTS19, AMOS22; `configs/prepare/tasks.yaml` says which task uses which and how
@@ -18,7 +19,6 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import nibabel as nib
 import numpy as np
@@ -28,8 +28,16 @@ from tqdm.auto import tqdm
 
 from lightning_fl.config import CONFIG_DIR, ConfigError
 from lightning_fl.data.datasets import nifti_stem
-from lightning_fl.data.validation import (SPLITS, CaseFiles, DataCheckError, check_cases, check_datalist, entry_problem,
-                                          json_kind, read_json)
+from lightning_fl.data.validation import (
+    SPLITS,
+    CaseFiles,
+    DataCheckError,
+    check_cases,
+    check_datalist,
+    entry_problem,
+    json_kind,
+    read_json,
+)
 from lightning_fl.errors import DatalistError
 from lightning_fl.labels import LabelMap, LabelSpace
 
@@ -40,7 +48,9 @@ AMOS_LAST_CT = 500  # AMOS22 numbers its CT cases 1–500 and its MRI cases abov
 
 @dataclass
 class TaskConfig:
-    layout: Optional[str] = "msd"  # null: a label scheme for `evaluate --label-map` only
+    """One task of `configs/prepare/tasks.yaml`: a published dataset's layout and label values."""
+
+    layout: str | None = "msd"  # null: a label scheme for `evaluate --label-map` only
     labels: dict[int, str] = field(default_factory=dict)  # native value -> unified class name
     background: list[int] = field(default_factory=list)  # other native values, drawn as background
     unlisted: str = "error"  # any value not listed above: "error" or "background"
@@ -49,17 +59,22 @@ class TaskConfig:
     def label_map(self, name: str, labels: LabelSpace, where: str) -> LabelMap:
         """These native label values in the unified label space."""
         values = {int(k): labels.index(v, where=where) for k, v in self.labels.items()}
-        return LabelMap(name, values, frozenset(self.background), self.unlisted == "background", per_organ=self.external)
+        return LabelMap(
+            name, values, frozenset(self.background), self.unlisted == "background", per_organ=self.external
+        )
 
 
 @dataclass
 class Case:
+    """One source case of a published dataset: its image and label files."""
+
     name: str  # file name stem, unique within the task
     image: Path
     label: Path
 
 
 def load_task(task: str, tasks_file: Path = TASKS_FILE) -> TaskConfig:
+    """The task's entry of `tasks_file`, checked; an unknown task or a malformed entry is a `ConfigError`."""
     try:
         tasks = OmegaConf.load(tasks_file).tasks
         if task not in tasks:
@@ -68,13 +83,18 @@ def load_task(task: str, tasks_file: Path = TASKS_FILE) -> TaskConfig:
     except OmegaConfBaseException as err:
         raise ConfigError(f"{tasks_file}: task '{task}': {str(err).splitlines()[0]}") from err
     if cfg.layout not in LAYOUTS + (None,):
-        raise ConfigError(f"{tasks_file}: task '{task}': layout must be one of {list(LAYOUTS)} or null, got '{cfg.layout}'")
+        raise ConfigError(
+            f"{tasks_file}: task '{task}': layout must be one of {list(LAYOUTS)} or null, got '{cfg.layout}'"
+        )
     if cfg.unlisted not in ("error", "background"):
-        raise ConfigError(f"{tasks_file}: task '{task}': unlisted must be 'error' or 'background', got '{cfg.unlisted}'")
+        raise ConfigError(
+            f"{tasks_file}: task '{task}': unlisted must be 'error' or 'background', got '{cfg.unlisted}'"
+        )
     return cfg
 
 
 def label_map(task: str, labels: LabelSpace, tasks_file: Path = TASKS_FILE) -> LabelMap:
+    """The task's native label values mapped into the unified label space `labels`."""
     return load_task(task, tasks_file).label_map(task, labels, where=f"{tasks_file} task '{task}'")
 
 
@@ -83,8 +103,11 @@ def find_cases(src: Path, layout: str) -> list[Case]:
     if not src.is_dir():
         raise DatalistError(f"--src {src} is not a folder")
     if layout == "kits19":
-        cases = [Case(d.name, d / "imaging.nii.gz", d / "segmentation.nii.gz")
-                 for d in sorted(src.glob("case_*")) if (d / "segmentation.nii.gz").exists()]
+        cases = [
+            Case(d.name, d / "imaging.nii.gz", d / "segmentation.nii.gz")
+            for d in sorted(src.glob("case_*"))
+            if (d / "segmentation.nii.gz").exists()
+        ]
     else:
         manifest = src / "dataset.json"
         if not manifest.is_file():
@@ -93,14 +116,20 @@ def find_cases(src: Path, layout: str) -> list[Case]:
         entries, problems = check_datalist(manifest, lists)
         if problems:
             raise DataCheckError(problems)
-        cases = [Case(nifti_stem(e["image"]), Path(e["image"]), Path(e["label"])) for items in entries.values() for e in items]
+        cases = [
+            Case(nifti_stem(e["image"]), Path(e["image"]), Path(e["label"]))
+            for items in entries.values()
+            for e in items
+        ]
         if layout == "amos":  # CT only
             cases = [c for c in cases if int(re.sub(r"\D", "", c.name) or 0) <= AMOS_LAST_CT]
     if not cases:
         raise DatalistError(f"--src {src}: no labelled cases found in the {layout} layout")
     twice = sorted(name for name, n in Counter(c.name for c in cases).items() if n > 1)
     if twice:
-        raise DatalistError(f"--src {src}: cases whose images share a file name {twice[:5]}; each case needs its own name")
+        raise DatalistError(
+            f"--src {src}: cases whose images share a file name {twice[:5]}; each case needs its own name"
+        )
     return cases
 
 
@@ -116,18 +145,22 @@ def split_cases(names: list[str], seed: int, datalist: Path | None, external: bo
             raise DatalistError(f"--datalist {datalist}: cases not in --src: {unknown[:5]}")
         twice = sorted(name for name, n in Counter(listed).items() if n > 1)
         if twice:
-            raise DatalistError(f"--datalist {datalist}: cases listed more than once {twice[:5]}; each case belongs in one split")
+            raise DatalistError(
+                f"--datalist {datalist}: cases listed more than once {twice[:5]}; each case belongs in one split"
+            )
         return splits
     order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
     train, val = round(0.6 * len(order)), round(0.2 * len(order))
-    return {"training": order[:train], "validation": order[train:train + val], "testing": order[train + val:]}
+    return {"training": order[:train], "validation": order[train : train + val], "testing": order[train + val :]}
 
 
 def _given_splits(datalist: Path) -> dict[str, list[str]]:
     """The case names of each split of an existing datalist: entries with an "image", or file or case names."""
     content = read_json(datalist)
     if not isinstance(content, dict):
-        raise DatalistError(f"--datalist {datalist}: expected a JSON object with {list(SPLITS)} lists, got {json_kind(content)}")
+        raise DatalistError(
+            f"--datalist {datalist}: expected a JSON object with {list(SPLITS)} lists, got {json_kind(content)}"
+        )
     splits: dict[str, list[str]] = {}
     for key in SPLITS:
         items = content.get(key, [])
@@ -150,13 +183,23 @@ def remap_label(case: Case, mapping: LabelMap) -> nib.Nifti1Image:
     return remapped
 
 
-def prepare_task(task: str, src: Path, dst: Path, labels: LabelSpace, seed: int = 0,
-                 datalist: Path | None = None, tasks_file: Path = TASKS_FILE, progress: bool = False) -> Path:
+def prepare_task(
+    task: str,
+    src: Path,
+    dst: Path,
+    labels: LabelSpace,
+    seed: int = 0,
+    datalist: Path | None = None,
+    tasks_file: Path = TASKS_FILE,
+    progress: bool = False,
+) -> Path:
     """Write `dst/<task>/` and `dst/<task>.json`; returns the datalist path. Every source case is
     checked first (`validation.check_cases`): one bad case and nothing is written."""
     cfg = load_task(task, tasks_file)
     if cfg.layout is None:
-        raise ConfigError(f"{tasks_file}: task '{task}' is a label scheme for `evaluate --label-map`, not a dataset layout")
+        raise ConfigError(
+            f"{tasks_file}: task '{task}' is a label scheme for `evaluate --label-map`, not a dataset layout"
+        )
     mapping = cfg.label_map(task, labels, where=f"{tasks_file} task '{task}'")
     folder, listing = dst / task, dst / f"{task}.json"
     for path in (folder, listing):

@@ -18,11 +18,10 @@ import multiprocessing
 import os
 import shutil
 import zlib
-from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import nibabel as nib
 import numpy as np
@@ -124,7 +123,7 @@ class _Grid:
     shape: tuple[int, int, int]
 
     @classmethod
-    def for_scan(cls, spacing_mm: Sequence[float], fov_mm: Sequence[float]) -> "_Grid":
+    def for_scan(cls, spacing_mm: Sequence[float], fov_mm: Sequence[float]) -> _Grid:
         """The grid that covers the field of view `fov_mm` (x, y, z) at `spacing_mm`."""
         spacing, fov = (np.asarray([float(v) for v in values]) for values in (spacing_mm, fov_mm))
         if spacing.shape != (3,) or np.any(spacing <= 0):
@@ -195,7 +194,9 @@ class _Body:
         """A nominal position (mm, for a 272 × 206 mm body centred at y = -5, with 20 mm of fat and
         10 mm of muscle wall) in this body: organs follow the abdominal cavity, not the skin."""
         wall = self.fat_mm + self.muscle_mm
-        return np.array([x * (self.half_width - wall) / 106.0, self.centre_y + (y + 5.0) * (self.half_depth - wall) / 73.0, z])
+        return np.array(
+            [x * (self.half_width - wall) / 106.0, self.centre_y + (y + 5.0) * (self.half_depth - wall) / 73.0, z]
+        )
 
 
 class _Canvas:
@@ -217,7 +218,7 @@ class _Canvas:
         self.label = np.zeros(grid.shape, dtype=np.uint8)
         self.cavity = np.zeros(grid.shape, dtype=bool)
 
-    def region(self, centre: np.ndarray, half: Union[float, np.ndarray]) -> tuple[slice, slice, slice]:
+    def region(self, centre: np.ndarray, half: float | np.ndarray) -> tuple[slice, slice, slice]:
         """Voxels whose warped coordinates can fall in the world box centre ± half."""
         return self.grid.box(centre - half - self.reach, centre + half + self.reach)
 
@@ -228,7 +229,7 @@ class _Canvas:
         self,
         sl: tuple[slice, ...],
         mask: np.ndarray,
-        hu: Union[float, np.ndarray],
+        hu: float | np.ndarray,
         label: int = 0,
         enhanced: bool = False,
     ) -> None:
@@ -257,7 +258,7 @@ def _frame(axis: Sequence[float], towards: Sequence[float]) -> np.ndarray:
     return np.stack([u, w, np.cross(u, w)], axis=1)
 
 
-def _local(p: tuple[np.ndarray, ...], rot: np.ndarray, scale: Union[float, np.ndarray]) -> tuple[np.ndarray, ...]:
+def _local(p: tuple[np.ndarray, ...], rot: np.ndarray, scale: float | np.ndarray) -> tuple[np.ndarray, ...]:
     """Coordinates relative to a centre, divided by the organ's per-axis (world) scale, then
     expressed in the frame `rot`."""
     scale = np.broadcast_to(np.asarray(scale, dtype=float), (3,))
@@ -323,7 +324,9 @@ def _paint_bowel(c: _Canvas, rng: np.random.Generator, body: _Body, hu: dict[str
 
 def _paint_duodenum(c: _Canvas, rng: np.random.Generator, body: _Body, hu: dict[str, float]) -> None:
     """C-loop around the pancreatic head: wall with fluid contents."""
-    points = np.array([body.at(*p) for p in [(20, 42, 15), (46, 28, 8), (56, 8, -10), (48, -6, -28), (24, 4, -38), (0, 14, -36)]])
+    points = np.array(
+        [body.at(*p) for p in [(20, 42, 15), (46, 28, 8), (56, 8, -10), (48, -6, -28), (24, 4, -38), (0, 14, -36)]]
+    )
     centre, scale = _pose(rng, points.mean(axis=0))
     points = centre + scale * (points - points.mean(axis=0))
     radius = 11.0 * float(scale.mean())
@@ -410,8 +413,9 @@ def _paint_pancreas(
     return points, radii
 
 
-def _paint_kidneys(c: _Canvas, rng: np.random.Generator, body: _Body, hu: dict[str, float], label: int,
-                   phase: str) -> None:
+def _paint_kidneys(
+    c: _Canvas, rng: np.random.Generator, body: _Body, hu: dict[str, float], label: int, phase: str
+) -> None:
     """Paraspinal beans, the right one lower; long axis craniocaudal with the upper pole tilted
     medially and posteriorly, hilum facing anteromedially; with contrast, cortex brighter than medulla."""
     shared_z = rng.uniform(-ORGAN_JITTER_MM, ORGAN_JITTER_MM)
@@ -477,7 +481,9 @@ def _paint_muscles(c: _Canvas, spine_y: float, hu: dict[str, float]) -> None:
 def _paint_ribs(c: _Canvas, body: _Body, hu: dict[str, float]) -> None:
     """Lower ribs in the upper-abdominal wall, descending as they wrap from the back forward."""
     top = np.array([0.0, body.centre_y, 0.0])
-    sl = c.region(np.array([0.0, 0.0, 50.0]), np.array([c.grid.fov[0], c.grid.fov[1], 90.0]))  # rib levels reach z ≈ -35
+    sl = c.region(
+        np.array([0.0, 0.0, 50.0]), np.array([c.grid.fov[0], c.grid.fov[1], 90.0])
+    )  # rib levels reach z ≈ -35
     x, y, z = c.coords(sl, top)
     angle = np.abs(np.arctan2(x, -y))  # 0 at the back, pi at the front
     mid = body.fat_mm + body.muscle_mm / 2
@@ -509,7 +515,13 @@ def _paint_spine(c: _Canvas, rng: np.random.Generator, spine_y: float, hu: dict[
     mid = (level > disc_h + 3) & (level < period - 2)
     arch = (r <= 16) & (r > 9) & ~disc
     spinous = (np.abs(x) < 4) & (y < canal_y - 12) & (y > canal_y - 38) & mid
-    transverse = (np.abs(y - canal_y - 4) < 5) & (np.abs(x) > 12) & (np.abs(x) < 45) & (level > disc_h + 8) & (level < disc_h + 17)
+    transverse = (
+        (np.abs(y - canal_y - 4) < 5)
+        & (np.abs(x) > 12)
+        & (np.abs(x) < 45)
+        & (level > disc_h + 8)
+        & (level < disc_h + 17)
+    )
     c.paint(sl, arch | spinous | transverse, hu["posterior_elements"])
     c.paint(sl, r <= 9, hu["csf"])
 
@@ -565,22 +577,43 @@ CYST_HU = (0.0, 20.0)
 LESIONS: dict[str, LesionModel] = {
     "liver": LesionModel(
         count_weights=(0.35, 0.2, 0.13, 0.1, 0.08, 0.06, 0.05, 0.03),
-        diameter_median_mm=25.0, diameter_sigma=0.7, diameter_range_mm=(5.0, 120.0),
-        exophytic_probability=0.0, bulges=False, necrosis_min_mm=30.0, necrosis_probability=0.5,
-        cystic_probability=0.0, hu={"portal_venous": (40.0, 80.0), "unenhanced": (25.0, 45.0)}, textured=False,
+        diameter_median_mm=25.0,
+        diameter_sigma=0.7,
+        diameter_range_mm=(5.0, 120.0),
+        exophytic_probability=0.0,
+        bulges=False,
+        necrosis_min_mm=30.0,
+        necrosis_probability=0.5,
+        cystic_probability=0.0,
+        hu={"portal_venous": (40.0, 80.0), "unenhanced": (25.0, 45.0)},
+        textured=False,
     ),
     "kidney": LesionModel(
         count_weights=(201, 7, 2),
-        diameter_median_mm=40.0, diameter_sigma=math.log(5.6 / 2.5) / 1.349, diameter_range_mm=(12.0, 120.0),
+        diameter_median_mm=40.0,
+        diameter_sigma=math.log(5.6 / 2.5) / 1.349,
+        diameter_range_mm=(12.0, 120.0),
         # necrosis in 23 % of all tumours, placed in the larger half (≥ the 4 cm median): 0.23 / 0.5
-        exophytic_probability=0.5, bulges=True, necrosis_min_mm=40.0, necrosis_probability=0.46,
-        cystic_probability=0.0, hu={"portal_venous": (80.0, 140.0), "unenhanced": (25.0, 45.0)}, textured=True,
+        exophytic_probability=0.5,
+        bulges=True,
+        necrosis_min_mm=40.0,
+        necrosis_probability=0.46,
+        cystic_probability=0.0,
+        hu={"portal_venous": (80.0, 140.0), "unenhanced": (25.0, 45.0)},
+        textured=True,
     ),
     "pancreas": LesionModel(
         count_weights=(1.0,),
-        diameter_median_mm=22.5, diameter_sigma=0.4, diameter_range_mm=(9.0, 60.0),
-        exophytic_probability=0.0, bulges=True, necrosis_min_mm=math.inf, necrosis_probability=0.0,
-        cystic_probability=0.25, hu={"portal_venous": (50.0, 70.0), "unenhanced": (30.0, 45.0)}, textured=False,
+        diameter_median_mm=22.5,
+        diameter_sigma=0.4,
+        diameter_range_mm=(9.0, 60.0),
+        exophytic_probability=0.0,
+        bulges=True,
+        necrosis_min_mm=math.inf,
+        necrosis_probability=0.0,
+        cystic_probability=0.25,
+        hu={"portal_venous": (50.0, 70.0), "unenhanced": (30.0, 45.0)},
+        textured=False,
     ),
 }
 # Share of a dataset's cases that show its organ's tumour: every KiTS19 and MSD Task07 case (both
@@ -595,20 +628,29 @@ def draw_lesions(rng: np.random.Generator, organ: str) -> list[Lesion]:
     count = 1 + int(rng.choice(len(weights), p=weights / weights.sum()))
     lesions = []
     for _ in range(count):
-        diameter = float(np.clip(model.diameter_median_mm * np.exp(model.diameter_sigma * rng.standard_normal()),
-                                 *model.diameter_range_mm))
+        diameter = float(
+            np.clip(
+                model.diameter_median_mm * np.exp(model.diameter_sigma * rng.standard_normal()),
+                *model.diameter_range_mm,
+            )
+        )
         cystic = bool(rng.random() < model.cystic_probability)
-        lesions.append(Lesion(
-            diameter_mm=diameter,
-            exophytic=bool(rng.random() < model.exophytic_probability),
-            necrotic=not cystic and diameter >= model.necrosis_min_mm and bool(rng.random() < model.necrosis_probability),
-            cystic=cystic,
-        ))
+        lesions.append(
+            Lesion(
+                diameter_mm=diameter,
+                exophytic=bool(rng.random() < model.exophytic_probability),
+                necrotic=not cystic
+                and diameter >= model.necrosis_min_mm
+                and bool(rng.random() < model.necrosis_probability),
+                cystic=cystic,
+            )
+        )
     return lesions
 
 
-def _paint_tumours(c: _Canvas, rng: np.random.Generator, labels: LabelSpace, probability: Mapping[str, float],
-                   phase: str) -> None:
+def _paint_tumours(
+    c: _Canvas, rng: np.random.Generator, labels: LabelSpace, probability: Mapping[str, float], phase: str
+) -> None:
     """Lesions in each organ that has a tumour class, with the organ's probability: lobulated
     ellipsoids centred in the organ (on its surface for exophytic ones), clipped to the organ, or
     for masses that bulge, to the organ and the fat around it, so a lesion never leaves its organ
@@ -630,8 +672,18 @@ def _paint_tumours(c: _Canvas, rng: np.random.Generator, labels: LabelSpace, pro
             _paint_lesion(c, rng, lesion, model, organ_mask, beyond, box, depth, int(rng.choice(classes)), phase)
 
 
-def _paint_lesion(c: _Canvas, rng: np.random.Generator, lesion: Lesion, model: LesionModel, organ_mask: np.ndarray,
-                  beyond: np.ndarray | None, box: tuple[slice, ...], depth: np.ndarray, label: int, phase: str) -> None:
+def _paint_lesion(
+    c: _Canvas,
+    rng: np.random.Generator,
+    lesion: Lesion,
+    model: LesionModel,
+    organ_mask: np.ndarray,
+    beyond: np.ndarray | None,
+    box: tuple[slice, ...],
+    depth: np.ndarray,
+    label: int,
+    phase: str,
+) -> None:
     """One lesion, within the organ and, where `beyond` is given, the voxels past it it may fill."""
     radius = lesion.diameter_mm / 2
     # Exophytic: centre within 30 % of the radius (or a voxel) of the surface, so about half the mass lies outside.
@@ -661,7 +713,7 @@ def _paint_lesion(c: _Canvas, rng: np.random.Generator, lesion: Lesion, model: L
     if not mask.any():
         return
     if lesion.cystic:
-        hu: Union[float, np.ndarray] = float(rng.uniform(*CYST_HU))
+        hu: float | np.ndarray = float(rng.uniform(*CYST_HU))
     else:
         hu = _lesion_hu(rng, model.hu[phase], model.textured, mask)
         if lesion.necrotic:
@@ -670,8 +722,9 @@ def _paint_lesion(c: _Canvas, rng: np.random.Generator, lesion: Lesion, model: L
     c.paint(sl, mask, hu, label, enhanced=not lesion.cystic)
 
 
-def _lesion_hu(rng: np.random.Generator, hu_range: tuple[float, float], textured: bool,
-               inside: np.ndarray) -> Union[float, np.ndarray]:
+def _lesion_hu(
+    rng: np.random.Generator, hu_range: tuple[float, float], textured: bool, inside: np.ndarray
+) -> float | np.ndarray:
     """One value per lesion, or for heterogeneous lesions a smooth texture stretched over the range."""
     lo, hi = hu_range
     if not textured:
@@ -748,12 +801,14 @@ def tumor_probabilities(site_classes: Sequence[str], labels: LabelSpace, inciden
 
 def manifest_text(synthetic, sites, labels: LabelSpace) -> str:
     """The generator version and every setting a federation depends on, as YAML."""
-    return OmegaConf.to_yaml({
-        "generator_version": GENERATOR_VERSION,
-        "labels": {"classes": list(labels.classes), "tumors": dict(labels.tumor_of)},
-        "sites": [OmegaConf.to_container(OmegaConf.create(site)) for site in sites],
-        "synthetic": OmegaConf.to_container(OmegaConf.create(synthetic)),
-    })
+    return OmegaConf.to_yaml(
+        {
+            "generator_version": GENERATOR_VERSION,
+            "labels": {"classes": list(labels.classes), "tumors": dict(labels.tumor_of)},
+            "sites": [OmegaConf.to_container(OmegaConf.create(site)) for site in sites],
+            "synthetic": OmegaConf.to_container(OmegaConf.create(synthetic)),
+        }
+    )
 
 
 def write_federation(out_dir: Path, synthetic, sites, labels: LabelSpace, progress: bool = False) -> None:
@@ -766,8 +821,12 @@ def write_federation(out_dir: Path, synthetic, sites, labels: LabelSpace, progre
         if len(set(values)) != len(values):
             raise ValueError(f"synthetic sites need distinct {key}s, got {values}")
     plan = [
-        (site, _scanner_of(synthetic, site), labels.annotation_lut(site.classes, f"site '{site.name}'"),
-         tumor_probabilities(site.classes, labels, synthetic.incidental_tumor_probability))
+        (
+            site,
+            _scanner_of(synthetic, site),
+            labels.annotation_lut(site.classes, f"site '{site.name}'"),
+            tumor_probabilities(site.classes, labels, synthetic.incidental_tumor_probability),
+        )
         for site in sites
     ]
     if out_dir.exists():
@@ -776,7 +835,9 @@ def write_federation(out_dir: Path, synthetic, sites, labels: LabelSpace, progre
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        cases = [case for site, scanner, lut, tumours in plan for case in _write_datalist(tmp, site, scanner, lut, tumours)]
+        cases = [
+            case for site, scanner, lut, tumours in plan for case in _write_datalist(tmp, site, scanner, lut, tumours)
+        ]
         jobs = [(tmp, case, synthetic.seed, labels) for case in cases]
         workers = min(os.cpu_count() or 1, len(jobs))
         bar_off = None if progress else True  # tqdm's None: a bar on terminals only
@@ -865,7 +926,9 @@ def _write_datalist(root: Path, site, scanner, lut: np.ndarray, tumor_probabilit
 
 def _write_case(job: tuple[Path, _Case, int, LabelSpace]) -> None:
     root, case, seed, labels = job
-    image, label, affine = make_phantom(_case_rng(seed, case.site, case.index), case.scanner, labels, case.tumor_probability)
+    image, label, affine = make_phantom(
+        _case_rng(seed, case.site, case.index), case.scanner, labels, case.tumor_probability
+    )
     _save_nifti(root / case.image, image, affine)
     _save_nifti(root / case.label, case.lut[label], affine)
 

@@ -1,4 +1,5 @@
-"""MONAI dictionary pipelines built from the `data` config group (spec §3).
+"""MONAI dictionary pipelines built from the `data` config group: the ConDistFL preprocessing and
+training augmentation, with every setting in the config.
 
 The deterministic preprocessing (load, RAS, resample, window, pad, foreground indices) comes
 first so that a cached dataset keeps its output; random cropping and augmentation follow. Images
@@ -12,8 +13,8 @@ import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import monai.transforms as mt
+import numpy as np
 from monai.utils import convert_to_dst_type
 from omegaconf import DictConfig
 
@@ -39,12 +40,16 @@ class RemapLabelsd(mt.MapTransform):
             unexpected = self.mapping.unexpected(native)
             if unexpected:
                 source = label.meta.get("filename_or_obj", key)
-                raise DatalistError(f"{source} has label values {unexpected} that the label map '{self.mapping.name}' does not list")
+                raise DatalistError(
+                    f"{source} has label values {unexpected} that the label map '{self.mapping.name}' does not list"
+                )
             out[key] = convert_to_dst_type(self.mapping.apply(native), label)[0]  # keeps the header
         return out
 
 
-def preprocessing(data: DictConfig, keys: Sequence[str] = KEYS, label_map: LabelMap | None = None) -> list[mt.Transform]:
+def preprocessing(
+    data: DictConfig, keys: Sequence[str] = KEYS, label_map: LabelMap | None = None
+) -> list[mt.Transform]:
     """NIfTI on disk → channel-first RAS volume at `data.spacing_mm`, intensities windowed and scaled;
     `keys` without "label" for images alone (inference)."""
     window = data.intensity
@@ -57,7 +62,10 @@ def preprocessing(data: DictConfig, keys: Sequence[str] = KEYS, label_map: Label
         mt.Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         mt.Spacingd(keys, pixdim=list(data.spacing_mm), mode=modes),
         mt.ScaleIntensityRanged(
-            "image", a_min=window.hu_min, a_max=window.hu_max, clip=True,
+            "image",
+            a_min=window.hu_min,
+            a_max=window.hu_max,
+            clip=True,
             b_min=(window.hu_min - window.center) / window.scale,
             b_max=(window.hu_max - window.center) / window.scale,
         ),
@@ -70,29 +78,58 @@ def _augmentation(aug: DictConfig) -> list[mt.Transform]:
     interp = ("trilinear", "nearest")
     rotate = math.radians(aug.rotate_degrees)
     spatial: list[tuple[float, mt.Transform]] = [
-        (aug.rotate_prob, mt.RandRotated(KEYS, range_x=rotate, range_y=rotate, range_z=rotate,
-                                         prob=aug.rotate_prob, mode=("bilinear", "nearest"))),
-        (aug.zoom_prob, mt.RandZoomd(KEYS, min_zoom=aug.zoom_range[0], max_zoom=aug.zoom_range[1],
-                                     prob=aug.zoom_prob, mode=interp)),
+        (
+            aug.rotate_prob,
+            mt.RandRotated(
+                KEYS, range_x=rotate, range_y=rotate, range_z=rotate, prob=aug.rotate_prob, mode=("bilinear", "nearest")
+            ),
+        ),
+        (
+            aug.zoom_prob,
+            mt.RandZoomd(KEYS, min_zoom=aug.zoom_range[0], max_zoom=aug.zoom_range[1], prob=aug.zoom_prob, mode=interp),
+        ),
     ]
     intensity: list[tuple[float, mt.Transform]] = [
         (aug.noise_prob, mt.RandGaussianNoised("image", prob=aug.noise_prob, std=aug.noise_std)),
-        (aug.smooth_prob, mt.RandGaussianSmoothd(
-            "image", sigma_x=tuple(aug.smooth_sigma), sigma_y=tuple(aug.smooth_sigma),
-            sigma_z=tuple(aug.smooth_sigma), prob=aug.smooth_prob)),
-        (aug.brightness_prob, mt.RandScaleIntensityd(
-            "image", factors=(aug.brightness_range[0] - 1, aug.brightness_range[1] - 1),
-            prob=aug.brightness_prob)),
-        (aug.contrast_prob, mt.RandScaleIntensityFixedMeand(
-            "image", factors=(aug.contrast_range[0] - 1, aug.contrast_range[1] - 1),
-            preserve_range=True, prob=aug.contrast_prob)),
-        (aug.lowres_prob, mt.RandSimulateLowResolutiond(
-            "image", zoom_range=tuple(aug.lowres_range), prob=aug.lowres_prob)),
-        (aug.gamma_prob, mt.RandAdjustContrastd(
-            "image", gamma=tuple(aug.gamma_range), retain_stats=True, prob=aug.gamma_prob)),
-        (aug.inverse_gamma_prob, mt.RandAdjustContrastd(
-            "image", gamma=tuple(aug.gamma_range), invert_image=True, retain_stats=True,
-            prob=aug.inverse_gamma_prob)),
+        (
+            aug.smooth_prob,
+            mt.RandGaussianSmoothd(
+                "image",
+                sigma_x=tuple(aug.smooth_sigma),
+                sigma_y=tuple(aug.smooth_sigma),
+                sigma_z=tuple(aug.smooth_sigma),
+                prob=aug.smooth_prob,
+            ),
+        ),
+        (
+            aug.brightness_prob,
+            mt.RandScaleIntensityd(
+                "image", factors=(aug.brightness_range[0] - 1, aug.brightness_range[1] - 1), prob=aug.brightness_prob
+            ),
+        ),
+        (
+            aug.contrast_prob,
+            mt.RandScaleIntensityFixedMeand(
+                "image",
+                factors=(aug.contrast_range[0] - 1, aug.contrast_range[1] - 1),
+                preserve_range=True,
+                prob=aug.contrast_prob,
+            ),
+        ),
+        (
+            aug.lowres_prob,
+            mt.RandSimulateLowResolutiond("image", zoom_range=tuple(aug.lowres_range), prob=aug.lowres_prob),
+        ),
+        (
+            aug.gamma_prob,
+            mt.RandAdjustContrastd("image", gamma=tuple(aug.gamma_range), retain_stats=True, prob=aug.gamma_prob),
+        ),
+        (
+            aug.inverse_gamma_prob,
+            mt.RandAdjustContrastd(
+                "image", gamma=tuple(aug.gamma_range), invert_image=True, retain_stats=True, prob=aug.inverse_gamma_prob
+            ),
+        ),
     ]
     flips = [(aug.flip_prob, mt.RandFlipd(KEYS, spatial_axis=axis, prob=aug.flip_prob)) for axis in range(3)]
     return [t for p, t in spatial + intensity + flips if p > 0]
@@ -108,18 +145,31 @@ def training_transform(data: DictConfig, classes: Sequence[int]) -> mt.Compose:
         ratios = [1.0 if c in classes else 0.0 for c in range(max(classes) + 1)]
         indices = mt.ClassesToIndicesd("label", num_classes=len(ratios))
         crop = mt.RandCropByLabelClassesd(
-            KEYS, label_key="label", spatial_size=list(data.patch_size), ratios=ratios, num_classes=len(ratios),
-            num_samples=data.samples_per_volume, indices_key="label_cls_indices", warn=False,
+            KEYS,
+            label_key="label",
+            spatial_size=list(data.patch_size),
+            ratios=ratios,
+            num_classes=len(ratios),
+            num_samples=data.samples_per_volume,
+            indices_key="label_cls_indices",
+            warn=False,
         )
     else:
         pos, neg = data.pos_neg_ratio
         indices = mt.FgBgToIndicesd("label")
         crop = mt.RandCropByPosNegLabeld(
-            KEYS, label_key="label", spatial_size=list(data.patch_size), pos=pos, neg=neg,
-            num_samples=data.samples_per_volume, fg_indices_key="label_fg_indices", bg_indices_key="label_bg_indices",
+            KEYS,
+            label_key="label",
+            spatial_size=list(data.patch_size),
+            pos=pos,
+            neg=neg,
+            num_samples=data.samples_per_volume,
+            fg_indices_key="label_fg_indices",
+            bg_indices_key="label_bg_indices",
         )
     return mt.Compose(
-        preprocessing(data) + [mt.SpatialPadd(KEYS, spatial_size=list(data.patch_size)), indices, crop]
+        preprocessing(data)
+        + [mt.SpatialPadd(KEYS, spatial_size=list(data.patch_size)), indices, crop]
         + _augmentation(data.augmentation)
     )
 

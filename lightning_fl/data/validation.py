@@ -39,6 +39,8 @@ Entries = dict[str, list[dict[str, str] | None]]  # split -> its entries, paths 
 
 @dataclass(frozen=True)
 class Problem:
+    """One thing wrong with the data, naming what lists the case, the case and what is wrong."""
+
     source: str  # what lists the case: "site 'liver'", "task 'spleen'", a datalist
     case: str  # "split[i] file name", "case 'name'", the datalist; "" for problems of the source itself
     what: str
@@ -55,7 +57,9 @@ class DataCheckError(DatalistError):
         self.problems = list(problems)
         lines = "\n".join(f"  - {printable(str(p))}" for p in self.problems)
         single = len(self.problems) == 1
-        super().__init__(printable(str(self.problems[0])) if single else f"{len(self.problems)} data problem(s) found:\n{lines}")
+        super().__init__(
+            printable(str(self.problems[0])) if single else f"{len(self.problems)} data problem(s) found:\n{lines}"
+        )
 
 
 def printable(text: str) -> str:
@@ -122,10 +126,13 @@ def entry_problem(entry: Any, keys: Sequence[str] = CASE_KEYS) -> str | None:
     return None
 
 
-def check_datalist(path: Path, splits: Sequence[str] = SPLITS, source: str | None = None) -> tuple[Entries, list[Problem]]:
+def check_datalist(
+    path: Path, splits: Sequence[str] = SPLITS, source: str | None = None
+) -> tuple[Entries, list[Problem]]:
     """Each split's entries, and every structural problem: the file missing or not UTF-8 JSON, not an
     object, a split missing, empty or not a list, an entry without an image and a label path. The
     problems name `source` (default: the datalist) and the datalist's entry."""
+
     def problem(where: str, what: str) -> Problem:
         return Problem(str(path), where, what) if source is None else Problem(source, f"{path} {where}".rstrip(), what)
 
@@ -143,7 +150,13 @@ def check_datalist(path: Path, splits: Sequence[str] = SPLITS, source: str | Non
     for split in splits:
         items = content.get(split)
         if not isinstance(items, list) or not items:
-            got = "" if isinstance(items, list) else " (it is missing)" if split not in content else f", got {json_kind(items)}"
+            got = (
+                ""
+                if isinstance(items, list)
+                else " (it is missing)"
+                if split not in content
+                else f", got {json_kind(items)}"
+            )
             problems.append(problem("", f"expected a non-empty '{split}' list of {wanted}{got}"))
             continue
         entries[split] = []
@@ -156,8 +169,12 @@ def check_datalist(path: Path, splits: Sequence[str] = SPLITS, source: str | Non
 
 def datalist_cases(entries: Entries) -> list[CaseFiles]:
     """The well-formed entries as cases, named `split[i] image file name`."""
-    return [CaseFiles(f"{split}[{i}] {Path(item['image']).name}", split, Path(item["image"]), Path(item["label"]))
-            for split, items in entries.items() for i, item in enumerate(items) if item is not None]
+    return [
+        CaseFiles(f"{split}[{i}] {Path(item['image']).name}", split, Path(item["image"]), Path(item["label"]))
+        for split, items in entries.items()
+        for i, item in enumerate(items)
+        if item is not None
+    ]
 
 
 Volume = nib.spatialimages.SpatialImage
@@ -182,7 +199,11 @@ def _read(path: Path, name: str) -> tuple[Volume | None, np.ndarray | None, list
     except Exception as err:  # noqa: BLE001 - truncated or corrupt voxel data
         return volume, None, [f"{name} unreadable voxel data ({type(err).__name__}: {_first_line(err)}): {path}"]
     if not (np.issubdtype(voxels.dtype, np.integer) or np.issubdtype(voxels.dtype, np.floating)):
-        return volume, None, [f"{name} voxels are of type {voxels.dtype}; expected real numbers (integers or floats): {path}"]
+        return (
+            volume,
+            None,
+            [f"{name} voxels are of type {voxels.dtype}; expected real numbers (integers or floats): {path}"],
+        )
     if np.issubdtype(voxels.dtype, np.floating) and not np.isfinite(voxels).all():
         return volume, voxels, [f"{name} has {int((~np.isfinite(voxels)).sum())} NaN or infinite voxels: {path}"]
     return volume, voxels, []
@@ -200,12 +221,16 @@ def _affine_problem(affine: np.ndarray, shape: tuple[int, ...]) -> str | None:
         return "a non-finite affine (NaN or infinite entries)"
     sizes = nib.affines.voxel_sizes(affine)
     if not sizes.all() or abs(np.linalg.det(affine[:3, :3])) < MIN_ORTHOGONALITY * np.prod(sizes):
-        return (f"a degenerate affine (voxel sizes {[round(float(s), 4) for s in sizes]} mm, determinant "
-                f"{np.linalg.det(affine[:3, :3]):.3g}); expected voxel sizes above 0 along three independent axes")
+        return (
+            f"a degenerate affine (voxel sizes {[round(float(s), 4) for s in sizes]} mm, determinant "
+            f"{np.linalg.det(affine[:3, :3]):.3g}); expected voxel sizes above 0 along three independent axes"
+        )
     extent = sizes * np.array(shape)
     if extent.max() > MAX_EXTENT_MM:
-        return (f"a field of view of {[round(float(e)) for e in extent]} mm; expected at most {MAX_EXTENT_MM:.0f} mm "
-                "along each axis (are the voxel sizes in mm?)")
+        return (
+            f"a field of view of {[round(float(e)) for e in extent]} mm; expected at most {MAX_EXTENT_MM:.0f} mm "
+            "along each axis (are the voxel sizes in mm?)"
+        )
     return None
 
 
@@ -216,7 +241,9 @@ def check_image(path: Path) -> tuple[Volume | None, list[str], str | None]:
     return image, problems, fingerprint
 
 
-def check_label(path: Path, allowed: Collection[int] | None, mapping: LabelMap | None = None) -> tuple[Volume | None, list[str]]:
+def check_label(
+    path: Path, allowed: Collection[int] | None, mapping: LabelMap | None = None
+) -> tuple[Volume | None, list[str]]:
     """A label's header and problems: it holds whole class numbers, among `allowed` (None: any)
     and, with a `mapping` from another label scheme, among the values it lists."""
     label, voxels, problems = _read(path, "label")
@@ -226,8 +253,10 @@ def check_label(path: Path, allowed: Collection[int] | None, mapping: LabelMap |
     fractional = values[values != np.round(values)]
     if fractional.size:
         count = int(np.isin(voxels, fractional).sum())
-        return label, [f"label has {count} voxels of fractional values (e.g. {[round(float(v), 4) for v in fractional[:3]]}); "
-                       f"expected whole class numbers: {path}"]
+        return label, [
+            f"label has {count} voxels of fractional values (e.g. {[round(float(v), 4) for v in fractional[:3]]}); "
+            f"expected whole class numbers: {path}"
+        ]
     values = values.astype(np.int64)
     if allowed is not None and (unexpected := [int(v) for v in values if v not in allowed]):
         problems.append(f"label values {unexpected[:10]} are not among the classes {sorted(allowed)}: {path}")
@@ -245,8 +274,9 @@ def grid_mismatch(image: Volume, label: Volume) -> str | None:
     return None
 
 
-def check_case(image_path: Path, label_path: Path, allowed: Collection[int] | None,
-               mapping: LabelMap | None = None) -> tuple[list[str], str | None]:
+def check_case(
+    image_path: Path, label_path: Path, allowed: Collection[int] | None, mapping: LabelMap | None = None
+) -> tuple[list[str], str | None]:
     """Problems of one case, and a fingerprint of its image voxels (to find the same case twice)."""
     image, problems, fingerprint = check_image(image_path)
     label, label_problems = check_label(label_path, allowed, mapping)
@@ -256,8 +286,9 @@ def check_case(image_path: Path, label_path: Path, allowed: Collection[int] | No
     return problems, fingerprint
 
 
-def check_cases(source: str, cases: Iterable[CaseFiles], allowed: Collection[int] | None,
-                mapping: LabelMap | None = None) -> list[Problem]:
+def check_cases(
+    source: str, cases: Iterable[CaseFiles], allowed: Collection[int] | None, mapping: LabelMap | None = None
+) -> list[Problem]:
     """Every problem of every case, then each image found more than once (identical voxels):
     twice in one split, or in several splits (a leak)."""
     problems: list[Problem] = []
@@ -269,7 +300,11 @@ def check_cases(source: str, cases: Iterable[CaseFiles], allowed: Collection[int
             seen[fingerprint].append(case)
     for places in (p for p in seen.values() if len(p) > 1):
         leak = len({p.split for p in places}) > 1
-        what = "the same image is in several splits (a leak)" if leak else "the same image is listed more than once in one split"
+        what = (
+            "the same image is in several splits (a leak)"
+            if leak
+            else "the same image is listed more than once in one split"
+        )
         problems.append(Problem(source, " and ".join(p.where for p in places), what))
     return problems
 
