@@ -26,7 +26,7 @@ import math
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -187,7 +187,7 @@ class DataConfig:
     root: str = "???"  # folder holding the datalists
     sites: list[SiteConfig] = field(default_factory=list)
     external: list[SiteConfig] = field(default_factory=list)  # test-only sites, labelled per organ
-    synthetic: SyntheticConfig | None = None  # generate the phantom federation into root if missing
+    synthetic: Optional[SyntheticConfig] = None  # generate the phantom federation into root if missing
     spacing_mm: list[float] = ranged([1.44423774, 1.44423774, 2.87368553], gt=0, length=3)
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
     patch_size: list[int] = ranged([224, 224, 64], ge=1, length=3)
@@ -200,7 +200,7 @@ class DataConfig:
     cache_rate: float = ranged(
         1.0, **PROBABILITY
     )  # share of the cases kept in memory after preprocessing (CacheDataset)
-    cache_dir: str | None = None  # set: preprocessed cases are kept on disk there instead (PersistentDataset)
+    cache_dir: Optional[str] = None  # set: preprocessed cases are kept on disk there instead (PersistentDataset)
     num_workers: int = ranged(0, ge=0)  # data-loader processes per site; part of the random stream, so of the results
     check_before_fit: bool = True  # read every file once and list all data problems before training
 
@@ -291,10 +291,10 @@ class WandbConfig:
     # "offline" (sync later with `wandb sync`), "online" or "disabled"
     mode: str = ranged("offline", choices=("offline", "online", "disabled"))
     project: str = "lightning-fl"
-    entity: str | None = None
-    name: str | None = None
-    group: str | None = None  # runs compared together, e.g. a sweep
-    job_type: str | None = None  # the run's role in its group, e.g. a sweep's variant
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None  # runs compared together, e.g. a sweep
+    job_type: Optional[str] = None  # the run's role in its group, e.g. a sweep's variant
     tags: list[str] = field(default_factory=list)
 
 

@@ -19,6 +19,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import nibabel as nib
 import numpy as np
@@ -50,7 +51,7 @@ AMOS_LAST_CT = 500  # AMOS22 numbers its CT cases 1–500 and its MRI cases abov
 class TaskConfig:
     """One task of `configs/prepare/tasks.yaml`: a published dataset's layout and label values."""
 
-    layout: str | None = "msd"  # null: a label scheme for `evaluate --label-map` only
+    layout: Optional[str] = "msd"  # null: a label scheme for `evaluate --label-map` only
     labels: dict[int, str] = field(default_factory=dict)  # native value -> unified class name
     background: list[int] = field(default_factory=list)  # other native values, drawn as background
     unlisted: str = "error"  # any value not listed above: "error" or "background"
