@@ -37,6 +37,7 @@ def test_an_output_folder_that_cannot_be_created_is_a_clear_error(cli, data_home
     assert f"cannot create the run folder {blocker / 'run'}: Not a directory" in result.stderr
 
 
+@pytest.mark.slow
 def test_damaged_and_foreign_checkpoints_are_refused(cli, data_home, smoke_run, tmp_path):
     damaged = tmp_path / "damaged"
     shutil.copytree(smoke_run, damaged)

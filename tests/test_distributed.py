@@ -136,6 +136,7 @@ def test_a_data_parallel_site_averages_its_gradients_across_ranks(cli, data_home
     assert (out / "last.ckpt").is_file() and (out / "metrics.csv").is_file()
 
 
+@pytest.mark.slow
 def test_a_rank_that_fails_stops_every_rank(cli, data_home, smoke_run, tmp_path):
     """Rank 0 cannot read one of its site's images: rank 1 must stop too, not wait for it forever."""
     root = tmp_path / "federation"

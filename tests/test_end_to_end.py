@@ -94,6 +94,7 @@ def test_cli_reports_config_mistakes_without_a_traceback(cli, override, message)
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_missing_real_data_and_missing_gpu_are_clear_errors(cli, tmp_path):
     paper = [
         "fit",

@@ -112,6 +112,7 @@ def _encode(unified: np.ndarray, codes: dict[int, int], other: int) -> np.ndarra
     return native
 
 
+@pytest.mark.slow
 def test_label_maps_score_the_same_anatomy_alike_and_refuse_unknown_values(cli, tmp_path, smoke_run, data_home):
     """The same labels written with TotalSegmentator ids and with AMOS ids give the same per-organ
     Dice; a value the AMOS map does not list is an error that names the file."""
@@ -195,6 +196,7 @@ def oriented_inputs(tmp_path_factory, smoke_run, data_home) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_infer_writes_each_input_grid_whatever_its_orientation(cli, tmp_path, smoke_run, oriented_inputs):
     result = cli(
         "infer",
@@ -224,6 +226,7 @@ def test_infer_writes_each_input_grid_whatever_its_orientation(cli, tmp_path, sm
     assert len(np.unique(first)) >= 3 and all((first == o).mean() > 0.999 for o in others)  # one anatomy, three headers
 
 
+@pytest.mark.slow
 def test_exported_torchscript_predicts_what_the_checkpoint_predicts(cli, tmp_path, smoke_run, oriented_inputs):
     assert (
         cli("export", "--checkpoint", str(smoke_run / "best.ckpt"), "--output", str(tmp_path / "export")).returncode
@@ -243,6 +246,7 @@ def test_exported_torchscript_predicts_what_the_checkpoint_predicts(cli, tmp_pat
     assert np.array_equal(read(tmp_path / "ckpt" / "phantom_LPS.nii.gz"), read(tmp_path / "ts" / "phantom_LPS.nii.gz"))
 
 
+@pytest.mark.slow
 def test_infer_and_evaluate_errors_name_what_is_wrong(cli, tmp_path, smoke_run, oriented_inputs):
     ckpt = str(smoke_run / "best.ckpt")
     cases = [
@@ -389,6 +393,7 @@ def test_infer_skips_a_bad_input_goes_on_and_says_what_it_wrote(tmp_path, smoke_
         assert nib.load(out / source.name).shape == (16, 16, 16)
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_real_ct_infer_keeps_its_grid_and_scores_against_totalsegmentator(cli, realdata, tmp_path, smoke_run):
     ct, reference = realdata / "ts_example_ct.nii.gz", realdata / "ts_example_ct_pred_total_fast.nii.gz"

@@ -53,6 +53,7 @@ def test_a_run_killed_mid_round_resumes_to_the_same_result(cli, data_home, smoke
     lock_run_folder(killed).release()  # the killed run's lock went with its processes, the resumed one's at its end
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_config_unless_asked(cli, data_home, smoke_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run)
