@@ -55,19 +55,23 @@ def evaluate(
     eval_cfg: DictConfig,
     prepare: Callable[[Tensor], Tensor],
     pred_lut: Tensor | None = None,
+    first_case: Callable[[Tensor, Tensor, Tensor], None] | None = None,
 ) -> dict[int, list[float]]:
     """Per-case Dice of each class over a loader of whole volumes.
 
     `prepare` moves an image to the model's device and memory format; `pred_lut` remaps predicted
-    classes first (organ-level scoring of the external set).
+    classes first (organ-level scoring of the external set). `first_case` receives the first batch's
+    image, label and class map as scored, so a caller can show a case without predicting it again.
     """
     scores: dict[int, list[float]] = {c: [] for c in classes}
-    for batch in batches:
+    for index, batch in enumerate(batches):
         image = prepare(batch["image"].as_subclass(torch.Tensor))
         label = batch["label"].as_subclass(torch.Tensor).to(image.device).long()
         pred = predict_labels(model, image, eval_cfg)
         if pred_lut is not None:
             pred = pred_lut.to(pred.device)[pred]
+        if index == 0 and first_case is not None:
+            first_case(image, label, pred)
         for c, values in zip(classes, dice_per_class(pred, label, classes).T):
             scores[c] += values.tolist()
     return scores
@@ -168,10 +172,12 @@ def score_cases(
     eval_cfg: DictConfig,
     prepare: Callable[[Tensor], Tensor],
     per_organ: bool = False,
+    first_case: Callable[[Tensor, Tensor, Tensor], None] | None = None,
 ) -> dict[str, list[float]]:
-    """Per-case Dice of each class, by class name; `per_organ` merges predicted tumours into their organ."""
+    """Per-case Dice of each class, by class name; `per_organ` merges predicted tumours into their
+    organ; `first_case` as in `evaluate`."""
     lut = torch.as_tensor(labels.organ_lut()) if per_organ else None
-    scores = evaluate(model, loader, classes, eval_cfg, prepare, pred_lut=lut)
+    scores = evaluate(model, loader, classes, eval_cfg, prepare, pred_lut=lut, first_case=first_case)
     return {labels.classes[c]: values for c, values in scores.items()}
 
 

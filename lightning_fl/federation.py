@@ -31,6 +31,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from lightning_fl.analysis import write_run_plots
 from lightning_fl.checkpoint import (
     LOCK_FILE,
     STATE_FILE,
@@ -62,7 +63,7 @@ from lightning_fl.errors import RunStopped
 from lightning_fl.evaluation import nanmean, score_cases
 from lightning_fl.inference import Predictor
 from lightning_fl.labels import LabelSpace, label_space_from_config
-from lightning_fl.loggers import RunLogger, format_table
+from lightning_fl.loggers import Overlay, RunLogger, format_table
 from lightning_fl.networks import build_network
 from lightning_fl.scores import CASES_FILE, EXTERNAL, GLOBAL, TEST, CaseRow, case_table, headline_rows, pooled
 from lightning_fl.site import StateDict, freeze
@@ -123,6 +124,7 @@ class RoundRecord:
     scores: dict[str, float] = field(default_factory=dict)  # validated model → mean Dice
     improved: set[str] = field(default_factory=set)
     seconds: float = 0.0
+    overlays: dict[str, Overlay] = field(default_factory=dict)  # site → its first validation case, when shown
 
 
 def checkpoint_name(kind: str, model: str) -> str:
@@ -287,7 +289,9 @@ class Federation:
         if not ((r + 1) % self.cfg.eval.every == 0 or r == self.cfg.fl.rounds - 1):
             return
         pairs = [(m, site) for m in self.topology.models for site in self.topology.validated_on(m)]
-        scores = self.score(self.models, pairs, "validation")
+        every = self.cfg.logger.wandb.image_every
+        show = self.cfg.logger.wandb.mode != "disabled" and every > 0 and (r + 1) % every == 0
+        scores = self.score(self.models, pairs, "validation", record.overlays if show else None)
         record.validation = {pair: {c: nanmean(v) for c, v in dice.items()} for pair, dice in scores.items()}
         for model in self.topology.models:
             record.scores[model] = nanmean(
@@ -318,11 +322,22 @@ class Federation:
         self._on_main(f"saving round {record.round + 1}", lambda: self._save_state(logger, resumable))
 
     # ---------------------------------------------------------------- scoring
-    def score(self, states: dict[str, StateDict], pairs: list[tuple[str, str]], split: str) -> Scores:
+    def score(
+        self,
+        states: dict[str, StateDict],
+        pairs: list[tuple[str, str]],
+        split: str,
+        overlays: dict[str, Overlay] | None = None,
+    ) -> Scores:
         """Per-case Dice per class of each (model, site) pair: a training site's `split` with its own
         classes, an external site's test cases per organ. Each rank scores the sites it owns and
-        loads each volume once; the scores are then shared."""
+        loads each volume once; the scores are then shared. Given `overlays`, rank 0's gets each
+        site's first case as scored (no second inference)."""
         rank = self.fabric.global_rank
+        shown: dict[str, Overlay] = {}
+
+        def keep(site: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None:
+            return None if overlays is None else lambda *case: shown.__setitem__(site, Overlay.of(*case))
 
         def mine() -> Scores:
             out, loaded = {}, None
@@ -341,10 +356,13 @@ class Federation:
                         self.cfg.eval,
                         self.predictor.prepare,
                         site in self.external,
+                        keep(site),
                     )
             return out
 
         scores = merge_from_ranks(self.fabric, checked_on_every_rank(self.fabric, f"scoring the {split} split", mine))
+        if overlays is not None:
+            overlays.update(merge_from_ranks(self.fabric, shown, only_to=0))
         return {pair: scores[pair] for pair in pairs}
 
     def _scorer(self, site: str) -> int:
@@ -402,6 +420,7 @@ class Federation:
         for key in memory[0]:  # host, and GPU where there is one: one value per rank
             summary[f"peak_{key}_memory_mb"] = [memory[rank][key] for rank in range(self.fabric.world_size)]
         self._on_main("writing the summary", lambda: self._finish(logger, summary))
+        self._on_main("plotting the run", lambda: write_run_plots(self.output_dir))
         return summary
 
     def _on_main(self, what: str, write: Callable[[], T]) -> T | None:
@@ -457,14 +476,17 @@ class Federation:
             save_model(
                 self.output_dir / checkpoint_name("last", model), self.models[model], round=r, score=score, **meta
             )
+        sent = sum(state_bytes(self.models[self.topology.model_of[name]]) for name in record.updates)
+        received = sum(state_bytes(u.delta) for u in record.updates.values() if u.delta is not None)
         logger.scalars(
-            {"time/round_s": record.seconds}
+            {"time/round_s": record.seconds, "comm/bytes_sent": sent, "comm/bytes_received": received}
             | {
-                ("validation/mean_dice" if model == GLOBAL else f"validation/{model}/mean_dice"): score
+                ("val/mean_dice" if model == GLOBAL else f"val/{model}/mean_dice"): score
                 for model, score in record.scores.items()
                 if not math.isnan(score)
             }
         )
+        logger.overlays(record.overlays, dict(enumerate(self.labels.classes)))
         logger.commit(r)
 
     def _record_dropped(self, logger: RunLogger, r: int, dropped: dict[str, str]) -> None:
@@ -490,14 +512,21 @@ class Federation:
             for item, v in zip(self.scored_sites[site].splits["testing"], values, strict=True)
         ]
 
+        summary = self._summary(headline_rows(rows), means)
+
         def record() -> None:
             for (model, site), dice in means.items():
                 logger.dice(self.best[model].round, self._phase(site), site, model, dice)
+            headline = {f"test/dice/{c}": v for c, v in summary["test_dice"].items()} | {
+                f"external/{e}/dice/{c}": v for e, organs in summary["external_dice"].items() for c, v in organs.items()
+            }
+            logger.scalars({k: v for k, v in headline.items() if not math.isnan(v)})
+            logger.table("test/per_class", *summary_rows(summary))
             logger.commit(self.cfg.fl.rounds)
             atomic_write_text(self.output_dir / CASES_FILE, case_table(rows))
 
         self._on_main("writing the test scores", record)
-        return self._summary(headline_rows(rows), means)
+        return summary
 
     def _phase(self, site: str) -> str:
         return EXTERNAL if site in self.external else TEST
@@ -531,6 +560,29 @@ def _json_safe(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+def state_bytes(state: StateDict) -> int:
+    """What sending a state dict costs: its tensors' bytes (W&B's `comm/` metrics)."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def summary_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """The header and rows of the end-of-run per-class table (the console's and W&B's): each
+    class's test Dice, then one column per external site (None: not scored there), then the means."""
+    external = summary["external_dice"]
+
+    def value(v: float | None) -> float | None:
+        return None if v is None or math.isnan(v) else v
+
+    rows = [
+        [name, value(dice), *(value(organs.get(name)) for organs in external.values())]
+        for name, dice in summary["test_dice"].items()
+    ]
+    rows.append(
+        ["mean", value(summary["test_mean_dice"]), *(value(nanmean(list(o.values()))) for o in external.values())]
+    )
+    return ["class", "test Dice", *(f"{name} Dice" for name in external)], rows
+
+
 def summary_table(summary: dict[str, Any]) -> str:
     """The end-of-run table: each class's test Dice at the sites that label it, and per organ on
     each external site (a column each); a standalone run adds each site's model on every site."""
@@ -538,13 +590,8 @@ def summary_table(summary: dict[str, Any]) -> str:
     def fmt(value: float | None) -> str:
         return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
 
-    external = summary["external_dice"]
-    rows = [
-        [name, fmt(dice), *(fmt(organs.get(name)) for organs in external.values())]
-        for name, dice in summary["test_dice"].items()
-    ]
-    rows.append(["mean", fmt(summary["test_mean_dice"]), *(fmt(nanmean(list(o.values()))) for o in external.values())])
-    header = ["class", "test Dice", *(f"{name} Dice" for name in external)]
+    header, numbers = summary_rows(summary)
+    rows = [[name, *map(fmt, values)] for name, *values in numbers]
     if "cross_site" not in summary:
         title = (
             f"Best global model: after round {summary['best_round'] + 1} of {summary['rounds']}, "

@@ -2,7 +2,8 @@
 
 Sites log their step metrics with `self.log_dict` as any LightningModule does; under Fabric these
 reach `StepMeans`, which the round loop reads once per site and round. W&B runs offline unless the
-config says otherwise (`wandb sync <run>/wandb/offline-run-*` uploads later).
+config says otherwise (`wandb sync <run>/wandb/offline-run-*` uploads later); the metric names and
+what each holds: docs/reference/outputs.md, "W&B".
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ import csv
 import math
 import os
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from lightning.fabric.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,6 +26,26 @@ from lightning_fl.checkpoint import OutputError
 
 LOSS_COLUMNS = ("loss", "supervised", "condist", "condist_weight", "proximal", "lr")
 CSV_COLUMNS = ("round", "phase", "site", "model", "class", "dice") + LOSS_COLUMNS + ("note",)
+WANDB_PHASE = {"validation": "val"}  # metrics.csv's phase → the W&B key's first part (others as they are)
+
+
+@dataclass
+class Overlay:
+    """One axial slice of a case, its ground truth and the model's prediction, for a W&B mask overlay."""
+
+    image: np.ndarray  # uint8 grey levels
+    truth: np.ndarray  # class indices
+    prediction: np.ndarray
+
+    @staticmethod
+    def of(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) -> Overlay:
+        """The slice (last spatial axis: axial) with the most ground-truth foreground of a batch's
+        first volume `[B, C, H, W, D]`, transposed so that rows run anterior–posterior."""
+        truth = label[0, 0]
+        z = int((truth > 0).sum((0, 1)).argmax())
+        grey = image[0, 0, :, :, z].float()
+        grey = (grey - grey.min()) / (grey.max() - grey.min()).clamp_min(1e-8) * 255
+        return Overlay(*(t.T.to(torch.uint8).cpu().numpy() for t in (grey, truth[:, :, z], pred[0, 0, :, :, z])))
 
 
 class StepMeans(Logger):
@@ -89,13 +113,14 @@ class RunLogger:
 
         os.environ.setdefault("WANDB_SILENT", "true")
         settings = cfg.logger.wandb
-        return wandb.init(
+        run = wandb.init(
             project=settings.project,
             entity=settings.entity,
             name=settings.name,
             group=settings.group,
             job_type=settings.job_type,
             tags=list(settings.tags),
+            notes=settings.notes,
             mode=settings.mode,
             dir=str(output_dir),
             config=OmegaConf.to_container(cfg, resolve=True),
@@ -103,6 +128,10 @@ class RunLogger:
             id=run_id,
             resume="allow" if run_id else None,
         )
+        run.define_metric("round")  # the x-axis of every chart, not W&B's own step
+        run.define_metric("*", step_metric="round")
+        run.define_metric("val/*", step_metric="round", summary="max")  # the best validated Dice
+        return run
 
     @property
     def wandb_id(self) -> str | None:
@@ -131,10 +160,8 @@ class RunLogger:
             self._write(
                 {"round": round_index, "phase": phase, "site": site, "model": model, "class": name, "dice": value}
             )
-            if not math.isnan(value):  # a standalone site's model: its name in the key
-                self._pending[f"{phase}/{site}/{name}" if model == "global" else f"{phase}/{model}/{site}/{name}"] = (
-                    value
-                )
+            if not math.isnan(value):
+                self._pending[f"{dice_prefix(phase, site, model)}/{name}"] = value
 
     def dropped(self, round_index: int, site: str, reason: str) -> None:
         """A site whose update this round was not aggregated, and why."""
@@ -144,6 +171,32 @@ class RunLogger:
     def scalars(self, values: Mapping[str, float]) -> None:
         """Values for W&B only (not metrics.csv), sent with the round's next `commit`."""
         self._pending |= dict(values)
+
+    def overlays(self, overlays: Mapping[str, Overlay], class_labels: Mapping[int, str]) -> None:
+        """Each site's validation slice with ground truth and prediction as W&B masks (`overlay/<site>`)."""
+        if self._wandb is None:
+            return
+        import wandb
+
+        labels = dict(class_labels)
+        self._pending |= {
+            f"overlay/{site}": wandb.Image(
+                o.image,
+                caption=f"{site}: first validation case",
+                masks={
+                    "ground_truth": {"mask_data": o.truth, "class_labels": labels},
+                    "prediction": {"mask_data": o.prediction, "class_labels": labels},
+                },
+            )
+            for site, o in overlays.items()
+        }
+
+    def table(self, key: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """A W&B table sent with the next `commit` (not metrics.csv)."""
+        if self._wandb is not None:
+            import wandb
+
+            self._pending[key] = wandb.Table(columns=list(header), data=[list(r) for r in rows])
 
     def commit(self, round_index: int) -> None:
         """Flush the CSV and send everything gathered for this round to W&B in one step."""
@@ -164,6 +217,13 @@ class RunLogger:
             self._csv.writerow({key: _format(row.get(key)) for key in CSV_COLUMNS})
         except OSError as err:
             raise OutputError(f"cannot write {self.path}: {err.strerror or err}") from err
+
+
+def dice_prefix(phase: str, site: str, model: str) -> str:
+    """`val/<site>/dice` (the global model, or a standalone site's own); another site's model on
+    this site: `test/<site>/model_<model>/dice`."""
+    scope = site if model in ("global", site) else f"{site}/model_{model}"
+    return f"{WANDB_PHASE.get(phase, phase)}/{scope}/dice"
 
 
 def _format(value: Any) -> Any:

@@ -5,6 +5,7 @@ mean ± std over seeds, and paired bootstrap differences between variants over t
     <output_dir>/runs/<variant>/seed<seed>/      a `fit` run folder (its test_cases.csv feeds the tables)
     <output_dir>/runs/<variant>/seed<seed>.log   the run's stdout and stderr, appended at every start
     <output_dir>/results.csv, results.md         rebuilt from the finished runs (also by --tables-only)
+    <output_dir>/comparison.png                   the test table as bars (and aggregation_frequency.png)
 
 A run is its own process so that one crash costs one run, and so that runs can train side by side
 (`--parallel`); a run's folder tells what is left to do (see `decide`).
@@ -31,9 +32,17 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import yaml
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from lightning_fl.analysis import (
+    COMPARISON_PLOT,
+    FREQUENCY_PLOT,
+    comparison_figure,
+    frequency_figure,
+    run_mean,
+    write_png,
+)
 from lightning_fl.checkpoint import STATE_FILE, atomic_write_text
 from lightning_fl.config import CONFIG_DIR, ConfigError, config_changes, load_config
 from lightning_fl.errors import RunStopped
@@ -443,9 +452,10 @@ def run_sweep(
         print("\n" + summary_table(runs, outcomes))
     results, missing = collect_results(runs)
     write_tables(sweep, results, missing, command, run_costs(runs))
+    plots = write_plots(sweep, results, runs)
     print(
         f"tables of {len(results)} of {len(runs)} runs: {sweep.output_dir / 'results.md'}, "
-        f"{sweep.output_dir / 'results.csv'}"
+        f"{sweep.output_dir / 'results.csv'}" + "".join(f", {path}" for path in plots)
     )
     failed = [run for run in runs if run.name in outcomes and outcomes[run.name].failed]
     if failed:
@@ -769,3 +779,49 @@ def write_tables(
     """Write the sweep's `results.csv` and `results.md` into its output folder."""
     atomic_write_text(sweep.output_dir / "results.csv", results_csv(results))
     atomic_write_text(sweep.output_dir / "results.md", results_markdown(sweep, results, missing, command, costs))
+
+
+def _method_key(cfg: DictConfig) -> str:
+    """A variant's config but for how often it aggregates (fl.rounds, fl.local_steps, eval.every)
+    and what runs it (seed, folder, logger, fabric): the variants of one method share it."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("seed", "output_dir", "logger", "fabric"):
+        config.pop(key, None)
+    for section, key in (("fl", "rounds"), ("fl", "local_steps"), ("eval", "every")):
+        config[section].pop(key, None)
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def frequency_points(
+    runs: list[Run], per_run: dict[tuple[str, int], dict[str, float]]
+) -> dict[str, dict[int, list[float]]]:
+    """Method → local steps per round → each finished run's test mean Dice. A method is the
+    variants whose configs differ only in how often they aggregate, named by their names' common
+    prefix (`condistfl_6steps`, `condistfl_24steps` → `condistfl`)."""
+    methods: dict[str, list[str]] = {}
+    steps = {}
+    for run in runs:
+        if run.variant not in steps:
+            steps[run.variant] = run.cfg.fl.local_steps
+            methods.setdefault(_method_key(run.cfg), []).append(run.variant)
+    points: dict[str, dict[int, list[float]]] = {}
+    for variants in methods.values():
+        label = os.path.commonprefix(variants).rstrip("_-") or variants[0]
+        for (variant, _), dice in per_run.items():
+            if variant in variants:
+                points.setdefault(label, {}).setdefault(steps[variant], []).append(run_mean(dice))
+    return points
+
+
+def write_plots(sweep: Sweep, results: Results, runs: list[Run]) -> list[Path]:
+    """`comparison.png` beside results.md: its test table (the same rows) as bars, mean ± std over
+    seeds; `aggregation_frequency.png` where the finished variants differ in fl.local_steps. The paths written."""
+    if not results:
+        return []
+    per_run = {key: _class_means(headline_rows(rows), TEST) for key, rows in results.items()}
+    variants = [v for v in sweep.variants if any(key[0] == v for key in per_run)]
+    figures = {COMPARISON_PLOT: comparison_figure(variants, per_run)}
+    points = frequency_points(runs, per_run)
+    if len({s for by_steps in points.values() for s in by_steps}) > 1:
+        figures[FREQUENCY_PLOT] = frequency_figure(points)
+    return [write_png(sweep.output_dir / name, fig) for name, fig in figures.items()]

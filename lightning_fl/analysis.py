@@ -1,0 +1,231 @@
+"""A run's curves and scores read back from its folder, and the plots of a run and of a sweep.
+
+`fit` writes a run's plots into its folder when it ends, `sweep` its comparison beside results.md,
+and notebooks load and plot runs with the same functions. csv and numpy only (pandas is a dev
+dependency); figures are `matplotlib.figure.Figure`s drawn on the Agg canvas, never through pyplot,
+so nothing here changes the backend of a notebook or other caller.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from lightning_fl.checkpoint import atomic_write_bytes
+from lightning_fl.scores import CASES_FILE, CaseRow, read_test_cases
+
+METRICS_FILE, SUMMARY_FILE = "metrics.csv", "summary.json"
+LOSSES = ("loss", "supervised", "condist", "proximal")  # training losses, in metrics.csv's column order
+SCHEDULES = ("condist_weight", "lr")  # per-round values the losses are weighted or stepped with
+SCHEDULE_NAMES = {"condist_weight": "ConDist weight", "lr": "learning rate"}
+DICE_PLOT, FINAL_PLOT, LOSS_PLOT = "dice_over_rounds.png", "final_dice.png", "losses.png"
+COMPARISON_PLOT, FREQUENCY_PLOT = "comparison.png", "aggregation_frequency.png"
+
+Curves = tuple[list[int], dict[str, np.ndarray]]  # rounds, and name → one value per round (NaN: none)
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """What a run folder holds for analysis; absent files are empty (a run cut off before its test)."""
+
+    folder: Path
+    metrics: list[dict[str, str]]  # metrics.csv's rows as written (empty cells: "")
+    summary: dict[str, Any]
+    cases: list[CaseRow]
+
+
+def load_run(folder: Path | str) -> RunFiles:
+    """metrics.csv, summary.json and test_cases.csv of a run folder."""
+    folder = Path(folder)
+    metrics, summary, cases = folder / METRICS_FILE, folder / SUMMARY_FILE, folder / CASES_FILE
+    return RunFiles(
+        folder,
+        list(csv.DictReader(metrics.open(newline=""))) if metrics.is_file() else [],
+        json.loads(summary.read_text()) if summary.is_file() else {},
+        read_test_cases(cases) if cases.is_file() else [],
+    )
+
+
+def _number(cell: str) -> float:
+    return float(cell) if cell else math.nan
+
+
+def _curves(rows: list[dict[str, str]], name_of: Any, value_of: Any) -> Curves:
+    """Per name and round, the mean over the rows of that round (the sites); NaN where none has a value."""
+    rounds = sorted({int(r["round"]) for r in rows})
+    at = {r: i for i, r in enumerate(rounds)}
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, np.ndarray] = {}
+    for row in rows:
+        for name, value in value_of(row):
+            if not math.isnan(value):
+                key = name_of(row, name)
+                sums.setdefault(key, np.zeros(len(rounds)))[at[int(row["round"])]] += value
+                counts.setdefault(key, np.zeros(len(rounds)))[at[int(row["round"])]] += 1
+    with np.errstate(invalid="ignore"):
+        return rounds, {key: sums[key] / counts[key] for key in sums}
+
+
+def validation_dice(rows: list[dict[str, str]], per_site: bool = False) -> Curves:
+    """Each class's validation Dice per validated round: the mean over the sites that label it (and
+    over the models that score it: a standalone run's site models), or per `site/class`."""
+    rows = [r for r in rows if r["phase"] == "validation"]
+    return _curves(
+        rows,
+        lambda r, name: f"{r['site']}/{name}" if per_site else name,
+        lambda r: [(r["class"], _number(r["dice"]))],
+    )
+
+
+def training_curves(rows: list[dict[str, str]]) -> Curves:
+    """The mean over sites of each training loss and schedule the train rows have: a method without
+    ConDist or FedProx has no condist, condist_weight or proximal column values, and none appear."""
+    rows = [r for r in rows if r["phase"] == "train"]
+    return _curves(rows, lambda r, name: name, lambda r: [(c, _number(r[c])) for c in LOSSES + SCHEDULES])
+
+
+def write_png(path: Path, fig: Figure) -> Path:
+    """The figure drawn by Agg into a PNG at `path`, written atomically (a reader never sees half of it)."""
+    out = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(out)
+    atomic_write_bytes(path, lambda f: f.write(out.getvalue()))
+    return path
+
+
+def _lines(ax: Any, rounds: list[int], curves: Mapping[str, np.ndarray]) -> None:
+    x = np.array(rounds) + 1  # rounds are shown from 1, as the console does
+    for name, values in curves.items():
+        ax.plot(x, values, marker="o", markersize=3, label=name)
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def dice_over_rounds_figure(rows: list[dict[str, str]]) -> Figure | None:
+    """Validation Dice per class over rounds, and their mean (what selects the best round)."""
+    rounds, dice = validation_dice(rows)
+    if not dice:
+        return None
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    _lines(ax, rounds, dice)
+    stack = np.vstack(list(dice.values()))
+    counts = (~np.isnan(stack)).sum(axis=0)
+    mean = np.where(counts > 0, np.nansum(stack, axis=0) / np.maximum(counts, 1), np.nan)  # NaN, no warning
+    ax.plot(np.array(rounds) + 1, mean, color="black", linewidth=2.5, label="mean")
+    ax.set(ylabel="validation Dice", ylim=(0, 1), title="Validation Dice per class (mean over the sites labelling it)")
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def final_dice_figure(summary: Mapping[str, Any]) -> Figure | None:
+    """Test Dice per class and each external site's per organ, of the best model(s): grouped bars."""
+    test = summary.get("test_dice") or {}
+    if not test:
+        return None
+    groups = {"test": test} | {f"external: {site}": organs for site, organs in summary.get("external_dice", {}).items()}
+    classes = list(test)
+    fig = Figure(figsize=(max(6, 1.1 * len(classes) + 2), 4), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(groups)
+    for i, (name, dice) in enumerate(groups.items()):
+        values = [math.nan if dice.get(c) is None else dice[c] for c in classes]
+        ax.bar(np.arange(len(classes)) + (i - (len(groups) - 1) / 2) * width, values, width, label=name)
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    best = summary.get("best_round")
+    which = f"the best global model (round {best + 1})" if isinstance(best, int) else "each site's own best model"
+    ax.set(ylabel="Dice", ylim=(0, 1), title=f"Test and external Dice of {which}")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def losses_figure(rows: list[dict[str, str]]) -> Figure | None:
+    """The training losses (mean over sites) and, beside them, the ConDist weight and learning rate."""
+    rounds, curves = training_curves(rows)
+    losses = {k: v for k, v in curves.items() if k in LOSSES}
+    if not losses:
+        return None
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    _lines(left, rounds, losses)
+    left.set(ylabel="mean over sites", title="Training losses")
+    left.legend(fontsize=7)
+    schedules = {k: v for k, v in curves.items() if k in SCHEDULES}
+    _lines(right, rounds, schedules)
+    right.set(yscale="log", title=" and ".join(SCHEDULE_NAMES[k] for k in schedules))
+    right.legend(fontsize=7)
+    return fig
+
+
+def write_run_plots(folder: Path | str) -> list[Path]:
+    """The run's plots, as PNGs in its folder (those its files allow); the paths written."""
+    run = load_run(folder)
+    figures = {
+        DICE_PLOT: dice_over_rounds_figure(run.metrics),
+        FINAL_PLOT: final_dice_figure(run.summary),
+        LOSS_PLOT: losses_figure(run.metrics),
+    }
+    return [write_png(run.folder / name, fig) for name, fig in figures.items() if fig is not None]
+
+
+# ---------------------------------------------------------------- sweeps
+def _over_seeds(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample std of the finite values (std 0 for one, NaN for none)."""
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return math.nan, math.nan
+    return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
+
+
+def run_mean(dice: Mapping[str, float]) -> float:
+    """A run's mean over its classes (those with a value), as the tables' mean row."""
+    finite = [v for v in dice.values() if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def comparison_figure(variants: Sequence[str], per_run: Mapping[tuple[str, int], Mapping[str, float]]) -> Figure:
+    """Per class and their mean, each variant's test Dice as mean ± std over seeds: grouped bars."""
+    classes = list(dict.fromkeys(c for dice in per_run.values() for c in dice)) + ["mean"]
+    fig = Figure(figsize=(min(14, max(6, 0.3 * len(classes) * len(variants) + 2)), 5), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(variants)
+    for i, variant in enumerate(variants):
+        runs = [dice for (v, _), dice in per_run.items() if v == variant]
+        stats = [_over_seeds([run_mean(d) if c == "mean" else d.get(c, math.nan) for d in runs]) for c in classes]
+        x = np.arange(len(classes)) + (i - (len(variants) - 1) / 2) * width
+        ax.bar(x, [m for m, _ in stats], width, yerr=[s for _, s in stats], capsize=2, label=variant)
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    ax.set(ylabel="test Dice (mean ± std over seeds)", ylim=(0, 1), title="Test Dice per class")
+    fig.legend(loc="outside lower center", fontsize=8, ncol=min(6, len(variants)))  # clear of the bars
+    return fig
+
+
+def frequency_figure(points: Mapping[str, Mapping[int, Sequence[float]]]) -> Figure:
+    """Test mean Dice (mean ± std over seeds) against local steps per round, one line per method:
+    `points` = method → local steps → each seed's test mean Dice."""
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for method, by_steps in points.items():
+        steps = sorted(by_steps)
+        stats = [_over_seeds(by_steps[s]) for s in steps]
+        ax.errorbar(steps, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=method)
+    ticks = sorted({s for by_steps in points.values() for s in by_steps})
+    ax.set_xscale("log")
+    ax.set_xticks(ticks, [str(s) for s in ticks])
+    ax.minorticks_off()
+    ax.set(xlabel="local steps per round", ylabel="test mean Dice (mean ± std over seeds)", ylim=(0, 1))
+    ax.set_title("Aggregation frequency")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
