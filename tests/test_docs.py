@@ -1,0 +1,34 @@
+"""The README is the way in: short, every relative link resolving, no path outside the repository."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from conftest import REPO
+
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+DOCUMENTS = [REPO / "README.md", REPO / "benchmarks" / "README.md", REPO / "configs" / "README.md"]
+
+
+def _relative_links(path: Path) -> list[str]:
+    return [target for target in LINK.findall(path.read_text()) if "://" not in target]
+
+
+def test_the_readme_is_short_and_its_links_resolve():
+    readme = REPO / "README.md"
+    assert len(readme.read_text().splitlines()) <= 120
+    links = _relative_links(readme)
+    assert len(links) >= 10  # the documentation table: every page is reachable from the README
+    for path in DOCUMENTS:
+        missing = [t for t in _relative_links(path) if not (path.parent / t).exists()]
+        assert not missing, f"{path.relative_to(REPO)} links to missing files: {missing}"
+
+
+def test_no_document_names_a_path_outside_the_repository():
+    documents = [*DOCUMENTS, *sorted((REPO / "docs").rglob("*.md"))]
+    for path in documents:
+        text = path.read_text()
+        assert "../shared" not in text and "/work/" not in text, path.relative_to(REPO)
+        for target in _relative_links(path):
+            assert (path.parent / target).resolve().is_relative_to(REPO), (path.relative_to(REPO), target)
