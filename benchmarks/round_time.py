@@ -71,7 +71,9 @@ def instrument(federation: Federation, times: PhaseTimes) -> None:
     f.train_clients = counted_round
     f.aggregate = times.wrap("aggregation", f.aggregate)
     score = f.score
-    f.score = lambda states, pairs, split: times.wrap(split, score)(states, pairs, split)  # validation, or testing
+    f.score = lambda states, pairs, split, *rest: times.wrap(split, score)(
+        states, pairs, split, *rest
+    )  # validation, or testing
     f._save_state = times.wrap("state file", f._save_state)
     fed_module.save_model = times.wrap("model files", fed_module.save_model)
     f._record_round = times.wrap("model files + logging", f._record_round)

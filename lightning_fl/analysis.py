@@ -12,9 +12,11 @@ import csv
 import io
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -95,12 +97,30 @@ def training_curves(rows: list[dict[str, str]]) -> Curves:
     return _curves(rows, lambda r, name: name, lambda r: [(c, _number(r[c])) for c in LOSSES + SCHEDULES])
 
 
-def write_png(path: Path, fig: Figure) -> Path:
-    """The figure drawn by Agg into a PNG at `path`, written atomically (a reader never sees half of it)."""
+def png_bytes(fig: Figure) -> bytes:
+    """The figure drawn by Agg as PNG bytes (no pyplot, so no backend is touched)."""
     out = io.BytesIO()
     FigureCanvasAgg(fig).print_png(out)
-    atomic_write_bytes(path, lambda f: f.write(out.getvalue()))
+    return out.getvalue()
+
+
+def write_png(path: Path, fig: Figure) -> Path:
+    """The figure drawn by Agg into a PNG at `path`, written atomically (a reader never sees half of it)."""
+    png = png_bytes(fig)
+    atomic_write_bytes(path, lambda f: f.write(png))
     return path
+
+
+def show(fig: Figure, name: str, folder: Path | str | None = None) -> Any:
+    """A notebook's figure: an `IPython.display.Image` of it (the notebook shows it whatever its
+    backend), also written to `folder/name` when a folder is given (what CI checks)."""
+    from IPython.display import Image  # a notebook's dependency, not the package's
+
+    png = png_bytes(fig)
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(Path(folder) / name, lambda f: f.write(png))
+    return Image(png)
 
 
 def _lines(ax: Any, rounds: list[int], curves: Mapping[str, np.ndarray]) -> None:
@@ -229,3 +249,163 @@ def frequency_figure(points: Mapping[str, Mapping[int, Sequence[float]]]) -> Fig
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return fig
+
+
+# ---------------------------------------------------------------- a sweep's results folder
+RESULTS_FILE, RUNS_DIR = "results.csv", "runs"
+PerRun = dict[tuple[str, int], dict[str, float]]  # (variant, seed) → class → test Dice
+
+
+def load_results(folder: Path | str) -> list[dict[str, Any]]:
+    """A sweep's results.csv (one row per run × phase × model × site × class), seed and cases as
+    ints and dice as a float (NaN: no case has the class)."""
+    rows = list(csv.DictReader((Path(folder) / RESULTS_FILE).open(newline="")))
+    return [r | {"seed": int(r["seed"]), "cases": int(r["cases"]), "dice": _number(r["dice"])} for r in rows]
+
+
+def _is_standalone(rows: Sequence[Mapping[str, Any]], variant: str) -> bool:
+    """Each site has its own model: no row of the variant is the global model's."""
+    return all(r["model"] != "global" for r in rows if r["variant"] == variant)
+
+
+def variants_of(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(r["variant"] for r in rows))
+
+
+def test_dice_per_run(rows: Sequence[Mapping[str, Any]]) -> PerRun:
+    """Per run, each class's test Dice pooled over the cases of the sites that label it, from the
+    headline model's rows (the global model, or a standalone site's own model on its own site):
+    the numbers of results.md's test table and comparison.png."""
+    standalone = set(standalone_variants(rows))
+    sums: dict[tuple[str, int], dict[str, list[float]]] = {}
+    for r in rows:
+        headline = r["model"] == (r["site"] if r["variant"] in standalone else "global")
+        if r["phase"] == "test" and headline:
+            total = sums.setdefault((r["variant"], r["seed"]), {}).setdefault(r["class"], [0.0, 0])
+            if r["cases"]:
+                total[0] += r["dice"] * r["cases"]
+                total[1] += r["cases"]
+    return {key: {c: s / n if n else math.nan for c, (s, n) in by.items()} for key, by in sums.items()}
+
+
+def comparison_rows(per_run: PerRun) -> tuple[list[str], list[list[str]]]:
+    """results.md's test table: rows = classes and their mean, columns = variants, cells mean ± std
+    over seeds (the mean alone for one seed)."""
+    variants = list(dict.fromkeys(v for v, _ in per_run))
+    classes = list(dict.fromkeys(c for dice in per_run.values() for c in dice))
+
+    def cell(variant: str, value: Any) -> str:
+        values = [value(d) for (v, _), d in per_run.items() if v == variant]
+        mean, std = _over_seeds(values)
+        return "n/a" if math.isnan(mean) else f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {std:.3f}"
+
+    rows = [[c, *(cell(v, lambda d, c=c: d.get(c, math.nan)) for v in variants)] for c in classes]
+    return ["class", *variants], rows + [["mean", *(cell(v, run_mean) for v in variants)]]
+
+
+def sweep_run_folders(folder: Path | str) -> dict[tuple[str, int], Path]:
+    """(variant, seed) → the run folder under `runs/<variant>/seed<seed>/`."""
+    return {
+        (run.parent.name, int(run.name.removeprefix("seed"))): run
+        for run in sorted((Path(folder) / RUNS_DIR).glob("*/seed*"))
+        if run.is_dir() and run.name.removeprefix("seed").isdigit()
+    }
+
+
+def sweep_validation_dice(folder: Path | str) -> dict[str, Curves]:
+    """Per variant, each class's validation Dice over rounds (as `validation_dice`), mean over its seeds."""
+    by_variant: dict[str, list[Curves]] = {}
+    for (variant, _), run in sweep_run_folders(folder).items():
+        by_variant.setdefault(variant, []).append(validation_dice(load_run(run).metrics))
+    out: dict[str, Curves] = {}
+    for variant, curves in by_variant.items():
+        rounds = sorted({r for rs, _ in curves for r in rs})
+        stacks: dict[str, list[np.ndarray]] = {}
+        for rs, dice in curves:
+            at = [rounds.index(r) for r in rs]
+            for cls, values in dice.items():
+                row = np.full(len(rounds), np.nan)
+                row[at] = values
+                stacks.setdefault(cls, []).append(row)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a round no seed validated stays NaN
+            out[variant] = rounds, {cls: np.nanmean(np.vstack(rows), axis=0) for cls, rows in stacks.items()}
+    return out
+
+
+def sweep_dice_figure(curves: Mapping[str, Curves]) -> Figure | None:
+    """One panel per class: each variant's validation Dice over rounds (mean over seeds)."""
+    classes = list(dict.fromkeys(c for _, dice in curves.values() for c in dice))
+    if not classes:
+        return None
+    columns = min(4, len(classes))
+    rows = math.ceil(len(classes) / columns)
+    fig = Figure(figsize=(3.2 * columns, 2.6 * rows + 0.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns, sharey=True, squeeze=False)).ravel()
+    for ax, cls in zip(axes, classes):
+        for variant, (rounds, dice) in curves.items():
+            if cls in dice:
+                ax.plot(np.array(rounds) + 1, dice[cls], marker="o", markersize=3, label=variant)
+        ax.set(title=cls, xlabel="round", ylim=(0, 1))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    for ax in axes[len(classes) :]:
+        ax.set_axis_off()
+    axes[0].set_ylabel("validation Dice")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", fontsize=8, ncol=min(6, len(curves)))
+    fig.suptitle("Validation Dice per class over rounds (mean over seeds)")
+    return fig
+
+
+def standalone_variants(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The variants whose sites each have their own model (`method=standalone`)."""
+    return [v for v in variants_of(rows) if _is_standalone(rows, v)]
+
+
+def cross_site_matrix(rows: Sequence[Mapping[str, Any]], variant: str) -> tuple[list[str], list[str], np.ndarray]:
+    """A standalone variant's every site model (rows) on every site's test split and class
+    (columns `site/class`), mean over seeds: results.md's cross-site table."""
+    test = [r for r in rows if r["variant"] == variant and r["phase"] == "test"]
+    models = list(dict.fromkeys(r["model"] for r in test))
+    columns = list(dict.fromkeys(f"{r['site']}/{r['class']}" for r in test))
+    values: dict[tuple[str, str], list[float]] = {}
+    for r in test:
+        values.setdefault((r["model"], f"{r['site']}/{r['class']}"), []).append(r["dice"])
+    matrix = np.full((len(models), len(columns)), np.nan)
+    for (model, column), seeds in values.items():
+        finite = [v for v in seeds if not math.isnan(v)]
+        if finite:
+            matrix[models.index(model), columns.index(column)] = np.mean(finite)
+    return models, columns, matrix
+
+
+def cross_site_figure(models: Sequence[str], columns: Sequence[str], matrix: np.ndarray, title: str) -> Figure:
+    """The cross-site matrix as a heatmap with its values written in (blank: not scored)."""
+    fig = Figure(figsize=(max(5, 0.9 * len(columns) + 2), max(3, 0.6 * len(models) + 1.5)), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(np.ma.masked_invalid(matrix), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    for (i, j), value in np.ndenumerate(matrix):
+        if not math.isnan(value):
+            color = "white" if value < 0.5 else "black"
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
+    ax.set_xticks(range(len(columns)), columns, rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(len(models)), models, fontsize=8)
+    ax.set(xlabel="test split / class", ylabel="site model", title=title)
+    fig.colorbar(image, ax=ax, label="test Dice (mean over seeds)")
+    return fig
+
+
+def sweep_frequency_points(folder: Path | str, per_run: PerRun) -> dict[str, dict[int, list[float]]]:
+    """`sweep.frequency_points` from the runs' saved config.yaml (no sweep file needed): method →
+    local steps per round → each seed's test mean Dice."""
+    from omegaconf import OmegaConf
+
+    from lightning_fl.sweep import frequency_points  # sweep imports this module: here, not at the top
+
+    runs = [
+        SimpleNamespace(variant=variant, cfg=OmegaConf.load(run / "config.yaml"))
+        for (variant, _), run in sweep_run_folders(folder).items()
+        if (run / "config.yaml").is_file()
+    ]
+    return frequency_points(runs, {key: dice for key, dice in per_run.items() if key[0] in {r.variant for r in runs}})

@@ -11,12 +11,21 @@ import numpy as np
 import pytest
 from conftest import REPO
 from matplotlib.image import imread
-from test_sweep import _finish, _rows, _write_cases, _write_sweep
+from test_sweep import RESULTS, _finish, _rows, _write_cases, _write_sweep
 
 from lightning_fl import analysis
 from lightning_fl.cli import main
 from lightning_fl.loggers import CSV_COLUMNS
-from lightning_fl.sweep import _class_means, collect_results, frequency_points, headline_rows, load_sweep, plan_runs
+from lightning_fl.sweep import (
+    _class_means,
+    collect_results,
+    frequency_points,
+    headline_rows,
+    load_sweep,
+    plan_runs,
+    results_csv,
+    results_markdown,
+)
 
 SMOKE = REPO / "configs" / "smoke.yaml"
 
@@ -151,8 +160,52 @@ def test_the_frequency_plot_has_one_line_per_method_and_needs_varied_local_steps
         "fedavg_4steps": {4: 2},  # a method alone keeps its variant's name
     }
     assert points["condistfl"][1][0] == pytest.approx(np.mean([0.7, 0.5, 0.9]))  # seed 0: its classes' mean
+    assert analysis.sweep_frequency_points(tmp_path / "varied" / "out", per_run) == points  # from config.yaml
 
     path = _finished_sweep(tmp_path / "same", {"a": [], "b": ["method=fedavg"]})
     assert main(["sweep", str(path), "--tables-only"]) == 0
     assert (tmp_path / "same" / "out" / analysis.COMPARISON_PLOT).is_file()
     assert not (tmp_path / "same" / "out" / analysis.FREQUENCY_PLOT).exists()
+
+
+def _results_folder(folder: Path) -> Path:
+    """A sweep's results folder holding the results.csv of test_sweep's RESULTS (variants a, b and
+    the standalone solo, seeds 0 and 1)."""
+    (folder / analysis.RESULTS_FILE).write_text(results_csv(RESULTS))
+    return folder
+
+
+def test_the_sweep_table_read_from_results_csv_is_the_one_results_md_has(tmp_path):
+    rows = analysis.load_results(_results_folder(tmp_path))
+    per_run = analysis.test_dice_per_run(rows)
+    assert per_run == {key: pytest.approx(_class_means(headline_rows(r), "test")) for key, r in RESULTS.items()}
+    header, table = analysis.comparison_rows(per_run)
+    assert header == ["class", "a", "b", "solo"]
+    sweep = load_sweep(_write_sweep(tmp_path, SMOKE, seeds=[0, 1], variants={"a": [], "b": [], "solo": []}))
+    md = results_markdown(sweep, RESULTS, [], "")
+    test = md[md.index("## Test") : md.index("## external")]
+    for row in table:
+        assert "| " + " | ".join(row) + " |" in test
+    assert analysis.standalone_variants(rows) == ["solo"]
+    models, columns, matrix = analysis.cross_site_matrix(rows, "solo")
+    assert (models, columns) == (["liver", "spleen"], ["liver/liver", "spleen/spleen"])
+    assert matrix == pytest.approx(np.array([[0.8, 0.0], [0.15, 0.9]]))  # results.md's cross-site table
+    _assert_image(
+        analysis.write_png(tmp_path / "cross.png", analysis.cross_site_figure(models, columns, matrix, "solo"))
+    )
+
+
+def test_the_sweep_curves_are_each_variants_validation_dice_mean_over_seeds(tmp_path):
+    for variant, seed, shift in (("a", 0, 0.0), ("a", 1, 0.2), ("b", 0, 0.1)):
+        (tmp_path / "runs" / variant / f"seed{seed}").mkdir(parents=True)
+        rounds = range(2) if variant == "a" else range(3)
+        row = {"phase": "validation", "site": "liver", "model": "global", "class": "liver"}
+        validation = [row | {"round": r, "dice": 0.3 * r + shift} for r in rounds]
+        _write_metrics(tmp_path / "runs" / variant / f"seed{seed}" / "metrics.csv", validation)
+    (tmp_path / "runs" / "a" / "seed0.log").write_text("")  # a sweep's log beside the folders is no run
+    assert list(analysis.sweep_run_folders(tmp_path)) == [("a", 0), ("a", 1), ("b", 0)]
+    curves = analysis.sweep_validation_dice(tmp_path)
+    assert curves["a"][0] == [0, 1] and curves["a"][1]["liver"] == pytest.approx([0.1, 0.4])
+    assert curves["b"][0] == [0, 1, 2] and curves["b"][1]["liver"] == pytest.approx([0.1, 0.4, 0.7])
+    _assert_image(analysis.write_png(tmp_path / "curves.png", analysis.sweep_dice_figure(curves)))
+    assert analysis.sweep_dice_figure({}) is None
