@@ -1,10 +1,13 @@
-"""The one timer the benchmark scripts share (not a script itself)."""
+"""What the benchmark scripts share: the timer and the real CT volumes argument (not a script itself)."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -30,3 +33,20 @@ def median_times(
             sync()
             spent.append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
+
+
+REALDATA = Path(__file__).resolve().parent.parent.parent / "shared" / "realdata"  # beside the development checkout
+
+
+def add_realdata_argument(parser: argparse.ArgumentParser) -> None:
+    """`--realdata DIR`: the real CT volumes folder the benchmark reads in place."""
+    parser.add_argument(
+        "--realdata", type=Path, default=REALDATA, help="the real CT volumes folder (default: %(default)s)"
+    )
+
+
+def require_realdata(folder: Path, names: Iterable[str]) -> None:
+    """Stop with one line naming the missing volumes, not a traceback."""
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        sys.exit(f"error: {folder} lacks {missing}; pass --realdata DIR (the real CT volumes folder)")

@@ -42,8 +42,7 @@ def step_timer(cfg, fabric: L.Fabric, condist: bool, batch: dict[str, torch.Tens
     torch.manual_seed(0)
     site = Site(
         [foreground],
-        labels.background_groups(foreground),
-        labels.num_classes,
+        labels,
         student=build_network(cfg.model, 1, labels.num_classes),
         teacher=build_network(cfg.model, 1, labels.num_classes),
         cfg=cfg,

@@ -14,14 +14,13 @@ TorchScript model labels like the checkpoint.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
-from _timing import median_times
+from _timing import add_realdata_argument, median_times, require_realdata
 from omegaconf import OmegaConf
 
 from lightning_fl.checkpoint import save_model
@@ -58,19 +57,12 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--torchscript", action="store_true", help="also export model.ts and compare its labels")
-    parser.add_argument(
-        "--realdata",
-        type=Path,
-        default=REPO.parent / "shared" / "realdata",
-        help="the real CT volumes folder (default: %(default)s)",
-    )
+    add_realdata_argument(parser)
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="e.g. fabric.accelerator=cpu eval.sw_batch_size=2"
     )
     args = parser.parse_args()
-    missing = [name for name in VOLUMES if not (args.realdata / name).is_file()]
-    if missing:
-        sys.exit(f"error: {args.realdata} lacks {missing}; pass --realdata DIR (the real CT volumes folder)")
+    require_realdata(args.realdata, VOLUMES)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         checkpoint = args.checkpoint or seeded_checkpoint(args.config, args.overrides, folder)

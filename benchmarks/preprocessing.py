@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import monai.transforms as mt
 import torch
-from _timing import median_times
+from _timing import add_realdata_argument, median_times, require_realdata
 from monai.data import PersistentDataset
 
 from lightning_fl.config import load_config
@@ -63,12 +62,7 @@ def shape(sizes: Iterable[int]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "condistfl_paper.yaml")
-    parser.add_argument(
-        "--realdata",
-        type=Path,
-        default=REPO.parent / "shared" / "realdata",
-        help="the real CT volumes folder (default: %(default)s)",
-    )
+    add_realdata_argument(parser)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--draws", type=int, default=16, help="training sample draws averaged per repeat")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
@@ -76,12 +70,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.patch_size=[128,128,64]")
     args = parser.parse_args()
+    require_realdata(args.realdata, [f for pair in CASES.values() for f in pair])
     files = {name: [args.realdata / f for f in pair] for name, pair in CASES.items()}
-    missing = [str(p) for pair in files.values() for p in pair if not p.is_file()]
-    if missing:
-        sys.exit(
-            f"real CT data not found in {args.realdata.resolve()} (missing {', '.join(missing)}); pass --realdata DIR"
-        )
     if args.threads:
         torch.set_num_threads(args.threads)
     data = load_config(args.config, args.overrides).data

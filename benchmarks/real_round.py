@@ -26,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _timing import add_realdata_argument, require_realdata
+
 from lightning_fl.config import load_config
 from lightning_fl.data.prepare import prepare_task
 from lightning_fl.distributed import resolve_precision
@@ -77,18 +79,12 @@ def round_summary(data: Path, out: Path, steps: int, overrides: list[str]) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs=2, default=[10, 40], metavar=("FEW", "MANY"))
-    parser.add_argument(
-        "--realdata",
-        type=Path,
-        default=REPO.parent / "shared" / "realdata",
-        help="the real CT volumes folder (default: %(default)s)",
-    )
+    add_realdata_argument(parser)
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="e.g. data.num_workers=8 fabric.accelerator=gpu"
     )
     args = parser.parse_args()
-    if not (args.realdata / "spleen_8_ct.nii.gz").is_file():
-        sys.exit(f"error: {args.realdata} has no spleen_8_ct.nii.gz; pass --realdata DIR (the real CT volumes folder)")
+    require_realdata(args.realdata, ["spleen_8_ct.nii.gz"])
     few, many = args.steps
     if not 0 < few < many:
         sys.exit("error: --steps FEW MANY needs 0 < FEW < MANY")

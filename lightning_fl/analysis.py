@@ -12,20 +12,21 @@ import csv
 import io
 import json
 import math
+import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_fl.checkpoint import atomic_write_bytes
-from lightning_fl.scores import CASES_FILE, CaseRow, read_test_cases
+from lightning_fl.scores import CASES_FILE, GLOBAL, TEST, CaseRow, read_test_cases
 
 METRICS_FILE, SUMMARY_FILE = "metrics.csv", "summary.json"
 LOSSES = ("loss", "supervised", "condist", "proximal")  # training losses, in metrics.csv's column order
@@ -104,9 +105,9 @@ def png_bytes(fig: Figure) -> bytes:
     return out.getvalue()
 
 
-def write_png(path: Path, fig: Figure) -> Path:
-    """The figure drawn by Agg into a PNG at `path`, written atomically (a reader never sees half of it)."""
-    png = png_bytes(fig)
+def write_png(path: Path, fig: Figure | bytes) -> Path:
+    """The figure (or its PNG bytes) into a PNG at `path`, written atomically (a reader never sees half of it)."""
+    png = fig if isinstance(fig, bytes) else png_bytes(fig)
     atomic_write_bytes(path, lambda f: f.write(png))
     return path
 
@@ -119,7 +120,7 @@ def show(fig: Figure, name: str, folder: Path | str | None = None) -> Any:
     png = png_bytes(fig)
     if folder is not None:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(Path(folder) / name, lambda f: f.write(png))
+        write_png(Path(folder) / name, png)
     return Image(png)
 
 
@@ -200,12 +201,19 @@ def write_run_plots(folder: Path | str) -> list[Path]:
 
 
 # ---------------------------------------------------------------- sweeps
-def _over_seeds(values: Sequence[float]) -> tuple[float, float]:
+def over_seeds(values: Iterable[float]) -> tuple[float, float]:
     """Mean and sample std of the finite values (std 0 for one, NaN for none)."""
     finite = [v for v in values if not math.isnan(v)]
     if not finite:
         return math.nan, math.nan
     return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
+
+
+def mean_std(values: Iterable[float]) -> str:
+    """A table cell over seeds: `mean ± std` (sample std), the mean alone for one seed, n/a for none."""
+    finite = [v for v in values if not math.isnan(v)]
+    mean, std = over_seeds(finite)
+    return "n/a" if not finite else f"{mean:.3f}" if len(finite) == 1 else f"{mean:.3f} ± {std:.3f}"
 
 
 def run_mean(dice: Mapping[str, float]) -> float:
@@ -222,7 +230,7 @@ def comparison_figure(variants: Sequence[str], per_run: Mapping[tuple[str, int],
     width = 0.8 / len(variants)
     for i, variant in enumerate(variants):
         runs = [dice for (v, _), dice in per_run.items() if v == variant]
-        stats = [_over_seeds([run_mean(d) if c == "mean" else d.get(c, math.nan) for d in runs]) for c in classes]
+        stats = [over_seeds([run_mean(d) if c == "mean" else d.get(c, math.nan) for d in runs]) for c in classes]
         x = np.arange(len(classes)) + (i - (len(variants) - 1) / 2) * width
         ax.bar(x, [m for m, _ in stats], width, yerr=[s for _, s in stats], capsize=2, label=variant)
     ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
@@ -238,7 +246,7 @@ def frequency_figure(points: Mapping[str, Mapping[int, Sequence[float]]]) -> Fig
     ax = fig.subplots()
     for method, by_steps in points.items():
         steps = sorted(by_steps)
-        stats = [_over_seeds(by_steps[s]) for s in steps]
+        stats = [over_seeds(by_steps[s]) for s in steps]
         ax.errorbar(steps, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=method)
     ticks = sorted({s for by_steps in points.values() for s in by_steps})
     ax.set_xscale("log")
@@ -265,7 +273,7 @@ def load_results(folder: Path | str) -> list[dict[str, Any]]:
 
 def _is_standalone(rows: Sequence[Mapping[str, Any]], variant: str) -> bool:
     """Each site has its own model: no row of the variant is the global model's."""
-    return all(r["model"] != "global" for r in rows if r["variant"] == variant)
+    return all(r["model"] != GLOBAL for r in rows if r["variant"] == variant)
 
 
 def variants_of(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -279,8 +287,8 @@ def test_dice_per_run(rows: Sequence[Mapping[str, Any]]) -> PerRun:
     standalone = set(standalone_variants(rows))
     sums: dict[tuple[str, int], dict[str, list[float]]] = {}
     for r in rows:
-        headline = r["model"] == (r["site"] if r["variant"] in standalone else "global")
-        if r["phase"] == "test" and headline:
+        headline = r["model"] == (r["site"] if r["variant"] in standalone else GLOBAL)
+        if r["phase"] == TEST and headline:
             total = sums.setdefault((r["variant"], r["seed"]), {}).setdefault(r["class"], [0.0, 0])
             if r["cases"]:
                 total[0] += r["dice"] * r["cases"]
@@ -295,9 +303,7 @@ def comparison_rows(per_run: PerRun) -> tuple[list[str], list[list[str]]]:
     classes = list(dict.fromkeys(c for dice in per_run.values() for c in dice))
 
     def cell(variant: str, value: Any) -> str:
-        values = [value(d) for (v, _), d in per_run.items() if v == variant]
-        mean, std = _over_seeds(values)
-        return "n/a" if math.isnan(mean) else f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {std:.3f}"
+        return mean_std(value(d) for (v, _), d in per_run.items() if v == variant)
 
     rows = [[c, *(cell(v, lambda d, c=c: d.get(c, math.nan)) for v in variants)] for c in classes]
     return ["class", *variants], rows + [["mean", *(cell(v, run_mean) for v in variants)]]
@@ -366,7 +372,7 @@ def standalone_variants(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 def cross_site_matrix(rows: Sequence[Mapping[str, Any]], variant: str) -> tuple[list[str], list[str], np.ndarray]:
     """A standalone variant's every site model (rows) on every site's test split and class
     (columns `site/class`), mean over seeds: results.md's cross-site table."""
-    test = [r for r in rows if r["variant"] == variant and r["phase"] == "test"]
+    test = [r for r in rows if r["variant"] == variant and r["phase"] == TEST]
     models = list(dict.fromkeys(r["model"] for r in test))
     columns = list(dict.fromkeys(f"{r['site']}/{r['class']}" for r in test))
     values: dict[tuple[str, str], list[float]] = {}
@@ -381,7 +387,8 @@ def cross_site_matrix(rows: Sequence[Mapping[str, Any]], variant: str) -> tuple[
 
 
 def cross_site_figure(models: Sequence[str], columns: Sequence[str], matrix: np.ndarray, title: str) -> Figure:
-    """The cross-site matrix as a heatmap with its values written in (blank: not scored)."""
+    """A cross-site matrix (models × `site/class`) as a heatmap with its values written in (blank:
+    not scored): a sweep's standalone variant, or `evaluate --cross-site`."""
     fig = Figure(figsize=(max(5, 0.9 * len(columns) + 2), max(3, 0.6 * len(models) + 1.5)), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(np.ma.masked_invalid(matrix), vmin=0, vmax=1, cmap="viridis", aspect="auto")
@@ -391,21 +398,43 @@ def cross_site_figure(models: Sequence[str], columns: Sequence[str], matrix: np.
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
     ax.set_xticks(range(len(columns)), columns, rotation=40, ha="right", fontsize=8)
     ax.set_yticks(range(len(models)), models, fontsize=8)
-    ax.set(xlabel="test split / class", ylabel="site model", title=title)
-    fig.colorbar(image, ax=ax, label="test Dice (mean over seeds)")
+    ax.set(xlabel="test split / class", ylabel="model", title=title)
+    fig.colorbar(image, ax=ax, label="Dice")
     return fig
 
 
+def _method_key(cfg: DictConfig) -> str:
+    """A variant's config but for how often it aggregates (fl.rounds, fl.local_steps, eval.every)
+    and what runs it (seed, folder, logger, fabric): the variants of one method share it."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("seed", "output_dir", "logger", "fabric"):
+        config.pop(key, None)
+    for section, key in (("fl", "rounds"), ("fl", "local_steps"), ("eval", "every")):
+        config[section].pop(key, None)
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def frequency_points(configs: Mapping[str, DictConfig], per_run: PerRun) -> dict[str, dict[int, list[float]]]:
+    """Method → local steps per round → each finished run's test mean Dice, from each variant's
+    config. A method is the variants whose configs differ only in how often they aggregate, named
+    by their names' common prefix (`condistfl_6steps`, `condistfl_24steps` → `condistfl`)."""
+    methods: dict[str, list[str]] = {}
+    for variant, cfg in configs.items():
+        methods.setdefault(_method_key(cfg), []).append(variant)
+    points: dict[str, dict[int, list[float]]] = {}
+    for variants in methods.values():
+        label = os.path.commonprefix(variants).rstrip("_-") or variants[0]
+        for (variant, _), dice in per_run.items():
+            if variant in variants:
+                points.setdefault(label, {}).setdefault(configs[variant].fl.local_steps, []).append(run_mean(dice))
+    return points
+
+
 def sweep_frequency_points(folder: Path | str, per_run: PerRun) -> dict[str, dict[int, list[float]]]:
-    """`sweep.frequency_points` from the runs' saved config.yaml (no sweep file needed): method →
-    local steps per round → each seed's test mean Dice."""
-    from omegaconf import OmegaConf
-
-    from lightning_fl.sweep import frequency_points  # sweep imports this module: here, not at the top
-
-    runs = [
-        SimpleNamespace(variant=variant, cfg=OmegaConf.load(run / "config.yaml"))
+    """`frequency_points` from the runs' saved config.yaml (no sweep file needed)."""
+    configs = {
+        variant: OmegaConf.load(run / "config.yaml")
         for (variant, _), run in sweep_run_folders(folder).items()
         if (run / "config.yaml").is_file()
-    ]
-    return frequency_points(runs, {key: dice for key, dice in per_run.items() if key[0] in {r.variant for r in runs}})
+    }
+    return frequency_points(configs, {key: dice for key, dice in per_run.items() if key[0] in configs})

@@ -77,8 +77,7 @@ class SiteClient:
         tasks = [d.foreground for d in sources]
         site = Site(
             tasks,
-            labels.background_groups(tasks[0], cfg.method.background_groups),
-            labels.num_classes,
+            labels,
             student=student,
             teacher=teacher,
             cfg=cfg,

@@ -197,9 +197,8 @@ class DataConfig:
     samples_per_volume: int = ranged(2, ge=1)
     batch_size: int = ranged(2, ge=1)  # volumes per step; each gives samples_per_volume patches
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
-    cache_rate: float = ranged(
-        1.0, **PROBABILITY
-    )  # share of the cases kept in memory after preprocessing (CacheDataset)
+    # share of the cases kept in memory after preprocessing (CacheDataset)
+    cache_rate: float = ranged(1.0, **PROBABILITY)
     cache_dir: Optional[str] = None  # set: preprocessed cases are kept on disk there instead (PersistentDataset)
     num_workers: int = ranged(0, ge=0)  # data-loader processes per site; part of the random stream, so of the results
     check_before_fit: bool = True  # read every file once and list all data problems before training
@@ -265,23 +264,21 @@ class EvalConfig:
     overlap: float = ranged(0.5, ge=0, lt=1)  # of neighbouring sliding windows
     sw_batch_size: int = ranged(4, ge=1)
     blend_mode: str = ranged("gaussian", choices=("gaussian", "constant"))
-    every: int = ranged(
-        1, ge=1
-    )  # validate the global model every this many rounds, and after the last; the best is chosen among those
+    # validate the global model every this many rounds, and after the last; the best is chosen among those
+    every: int = ranged(1, ge=1)
 
 
 @dataclass
 class FabricConfig:
-    """Passed to Lightning Fabric; processes = devices × num_nodes (see README, "Scaling out")."""
+    """Passed to Lightning Fabric; processes = devices × num_nodes (docs/how-to/scaling-out.md)."""
 
     accelerator: str = ranged("auto", choices=("auto", "cpu", "gpu", "cuda"))
     # processes per node; "auto": on a CPU one per site up to the number of cores (sites train in
     # parallel, a thread each), on GPUs one per GPU
     devices: Any = 1
     num_nodes: int = ranged(1, ge=1)
-    strategy: str = ranged(
-        "auto", choices=("auto", "ddp", "ddp_spawn")
-    )  # with several processes: launched as scripts, or spawned
+    # with several processes: launched as scripts, or spawned
+    strategy: str = ranged("auto", choices=("auto", "ddp", "ddp_spawn"))
     # "auto": bf16-mixed where the hardware has bf16, else 32-true (16-mixed on GPUs without bf16)
     precision: str = ranged("auto", choices=("auto", "32-true", "bf16-mixed", "16-mixed"))
 

@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.metrics import compute_dice
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lightning_fl.analysis import cross_site_figure, png_bytes
 from lightning_fl.checkpoint import atomic_write_bytes, atomic_write_text
 from lightning_fl.config import ConfigError
 from lightning_fl.data.datasets import evaluation_loader, prepare_data_root, read_datalist
@@ -120,36 +122,11 @@ def cross_site_csv(scores: Mapping[str, Mapping[str, Mapping[str, float]]]) -> s
 
 
 def cross_site_heatmap(scores: Mapping[str, Mapping[str, Mapping[str, float]]], title: str) -> bytes:
-    """PNG: models × (site, class) Dice, annotated, on a fixed 0–1 colour scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    """PNG: models × (site, class) Dice, annotated, on a fixed 0–1 colour scale (the sweeps' heatmap)."""
     models = list(scores)
     columns = [(site, c) for site, dice in scores[models[0]].items() for c in dice]
     values = np.array([[scores[m][site].get(c, math.nan) for site, c in columns] for m in models])
-    fig, ax = plt.subplots(figsize=(0.9 * len(columns) + 3, 0.5 * len(models) + 2.2), layout="constrained")
-    image = ax.imshow(np.ma.masked_invalid(values), vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(columns)), [f"{site}: {c}" for site, c in columns], rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(models)), models, fontsize=8)
-    for (i, j), value in np.ndenumerate(values):
-        ax.text(
-            j,
-            i,
-            "n/a" if math.isnan(value) else f"{value:.3f}",
-            ha="center",
-            va="center",
-            fontsize=7,
-            color="white" if value < 0.6 else "black",
-        )
-    fig.colorbar(image, ax=ax, label="Dice")
-    ax.set_title(title, fontsize=9)
-    out = io.BytesIO()
-    fig.savefig(out, format="png", dpi=120)
-    plt.close(fig)
-    return out.getvalue()
+    return png_bytes(cross_site_figure(models, [f"{site}/{c}" for site, c in columns], values, title))
 
 
 @dataclass

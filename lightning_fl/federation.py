@@ -476,7 +476,8 @@ class Federation:
             save_model(
                 self.output_dir / checkpoint_name("last", model), self.models[model], round=r, score=score, **meta
             )
-        sent = sum(state_bytes(self.models[self.topology.model_of[name]]) for name in record.updates)
+        size = {model: state_bytes(state) for model, state in self.models.items()}  # each model once
+        sent = sum(size[self.topology.model_of[name]] for name in record.updates)
         received = sum(state_bytes(u.delta) for u in record.updates.values() if u.delta is not None)
         logger.scalars(
             {"time/round_s": record.seconds, "comm/bytes_sent": sent, "comm/bytes_received": received}

@@ -23,6 +23,7 @@ from lightning.fabric.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_fl.checkpoint import OutputError
+from lightning_fl.scores import GLOBAL
 
 LOSS_COLUMNS = ("loss", "supervised", "condist", "condist_weight", "proximal", "lr")
 CSV_COLUMNS = ("round", "phase", "site", "model", "class", "dice") + LOSS_COLUMNS + ("note",)
@@ -222,7 +223,7 @@ class RunLogger:
 def dice_prefix(phase: str, site: str, model: str) -> str:
     """`val/<site>/dice` (the global model, or a standalone site's own); another site's model on
     this site: `test/<site>/model_<model>/dice`."""
-    scope = site if model in ("global", site) else f"{site}/model_{model}"
+    scope = site if model in (GLOBAL, site) else f"{site}/model_{model}"
     return f"{WANDB_PHASE.get(phase, phase)}/{scope}/dice"
 
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from lightning_fl.labels import LabelSpace
 from lightning_fl.losses import ConDistDiceLoss, MarginalDiceCELoss, deep_supervision_weights
 from lightning_fl.strategies import StateDict
 
@@ -55,8 +56,7 @@ class Site(L.LightningModule):
     def __init__(
         self,
         tasks: list[list[int]],
-        background_groups: list[list[int]],
-        num_classes: int,
+        labels: LabelSpace,
         student: nn.Module,
         teacher: nn.Module,
         cfg: DictConfig,
@@ -70,9 +70,9 @@ class Site(L.LightningModule):
         self.supervised_losses = nn.ModuleList(MarginalDiceCELoss(task, ce=cfg.method.ce) for task in tasks)
         self.condist_loss = (
             ConDistDiceLoss(
-                num_classes,
+                labels.num_classes,
                 tasks[0],
-                background_groups,
+                labels.background_groups(tasks[0], cfg.method.background_groups),
                 cfg.method.temperature,
                 foreground_filter=cfg.method.foreground_filter,
             )

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from lightning_fl.analysis import (
@@ -40,6 +40,8 @@ from lightning_fl.analysis import (
     FREQUENCY_PLOT,
     comparison_figure,
     frequency_figure,
+    frequency_points,
+    mean_std,
     run_mean,
     write_png,
 )
@@ -547,16 +549,6 @@ def _class_means(rows: list[CaseRow], phase: str, site: str | None = None) -> di
     return {cls: _mean(v) for cls, v in pooled(rows, phase, site).items()}
 
 
-def mean_std(values: Iterable[float]) -> str:
-    """`mean ± std` over seeds (sample std), the mean alone for one seed, n/a for none."""
-    finite = [v for v in values if not math.isnan(v)]
-    if not finite:
-        return "n/a"
-    if len(finite) == 1:
-        return f"{finite[0]:.3f}"
-    return f"{np.mean(finite):.3f} ± {np.std(finite, ddof=1):.3f}"
-
-
 def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = [header, ["---"] * len(header), *rows]
     return ["| " + " | ".join(line) + " |" for line in lines] + [""]
@@ -571,8 +563,7 @@ def _seed_table(sweep: Sweep, per_run: dict[tuple[str, int], dict[str, float]]) 
         return mean_std(value(per_run[(variant, seed)]) for seed in sweep.seeds if (variant, seed) in per_run)
 
     rows = [[cls, *(over_seeds(v, lambda m, c=cls: m.get(c, math.nan)) for v in variants)] for cls in classes]
-    class_mean = lambda m: _mean([x for x in m.values() if not math.isnan(x)])  # noqa: E731
-    rows.append(["mean", *(over_seeds(v, class_mean) for v in variants)])
+    rows.append(["mean", *(over_seeds(v, run_mean) for v in variants)])
     return _markdown(["class", *variants], rows)
 
 
@@ -781,38 +772,6 @@ def write_tables(
     atomic_write_text(sweep.output_dir / "results.md", results_markdown(sweep, results, missing, command, costs))
 
 
-def _method_key(cfg: DictConfig) -> str:
-    """A variant's config but for how often it aggregates (fl.rounds, fl.local_steps, eval.every)
-    and what runs it (seed, folder, logger, fabric): the variants of one method share it."""
-    config = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("seed", "output_dir", "logger", "fabric"):
-        config.pop(key, None)
-    for section, key in (("fl", "rounds"), ("fl", "local_steps"), ("eval", "every")):
-        config[section].pop(key, None)
-    return json.dumps(config, sort_keys=True, default=str)
-
-
-def frequency_points(
-    runs: list[Run], per_run: dict[tuple[str, int], dict[str, float]]
-) -> dict[str, dict[int, list[float]]]:
-    """Method → local steps per round → each finished run's test mean Dice. A method is the
-    variants whose configs differ only in how often they aggregate, named by their names' common
-    prefix (`condistfl_6steps`, `condistfl_24steps` → `condistfl`)."""
-    methods: dict[str, list[str]] = {}
-    steps = {}
-    for run in runs:
-        if run.variant not in steps:
-            steps[run.variant] = run.cfg.fl.local_steps
-            methods.setdefault(_method_key(run.cfg), []).append(run.variant)
-    points: dict[str, dict[int, list[float]]] = {}
-    for variants in methods.values():
-        label = os.path.commonprefix(variants).rstrip("_-") or variants[0]
-        for (variant, _), dice in per_run.items():
-            if variant in variants:
-                points.setdefault(label, {}).setdefault(steps[variant], []).append(run_mean(dice))
-    return points
-
-
 def write_plots(sweep: Sweep, results: Results, runs: list[Run]) -> list[Path]:
     """`comparison.png` beside results.md: its test table (the same rows) as bars, mean ± std over
     seeds; `aggregation_frequency.png` where the finished variants differ in fl.local_steps. The paths written."""
@@ -821,7 +780,7 @@ def write_plots(sweep: Sweep, results: Results, runs: list[Run]) -> list[Path]:
     per_run = {key: _class_means(headline_rows(rows), TEST) for key, rows in results.items()}
     variants = [v for v in sweep.variants if any(key[0] == v for key in per_run)]
     figures = {COMPARISON_PLOT: comparison_figure(variants, per_run)}
-    points = frequency_points(runs, per_run)
+    points = frequency_points({run.variant: run.cfg for run in runs}, per_run)
     if len({s for by_steps in points.values() for s in by_steps}) > 1:
         figures[FREQUENCY_PLOT] = frequency_figure(points)
     return [write_png(sweep.output_dir / name, fig) for name, fig in figures.items()]

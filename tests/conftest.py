@@ -9,6 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from omegaconf import DictConfig
+
+from lightning_fl.labels import label_space_from_config
+from lightning_fl.networks import build_network
+from lightning_fl.site import Site
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -65,6 +71,14 @@ class Cli:
             stdout=output,
             stderr=output,
         )
+
+
+def make_site(cfg: DictConfig, foreground: list[int]) -> Site:
+    """A real Site of one data source labelling `foreground`, with seeded fresh student and teacher networks."""
+    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    torch.manual_seed(0)
+    student, teacher = (build_network(cfg.model, 1, labels.num_classes) for _ in range(2))
+    return Site([foreground], labels, student=student, teacher=teacher, cfg=cfg, steps_per_round=cfg.fl.local_steps)
 
 
 @pytest.fixture(scope="session")

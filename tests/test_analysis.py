@@ -19,7 +19,6 @@ from lightning_fl.loggers import CSV_COLUMNS
 from lightning_fl.sweep import (
     _class_means,
     collect_results,
-    frequency_points,
     headline_rows,
     load_sweep,
     plan_runs,
@@ -154,7 +153,7 @@ def test_the_frequency_plot_has_one_line_per_method_and_needs_varied_local_steps
     runs = plan_runs(load_sweep(_finished_sweep(tmp_path / "varied", variants)))
     results, _ = collect_results(runs)
     per_run = {key: _class_means(headline_rows(rows), "test") for key, rows in results.items()}
-    points = frequency_points(runs, per_run)
+    points = analysis.frequency_points({run.variant: run.cfg for run in runs}, per_run)
     assert {m: {s: len(v) for s, v in by.items()} for m, by in points.items()} == {
         "condistfl": {1: 2, 4: 2},
         "fedavg_4steps": {4: 2},  # a method alone keeps its variant's name

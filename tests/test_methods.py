@@ -9,6 +9,7 @@ import csv
 import lightning as L
 import pytest
 import torch
+from conftest import make_site
 from omegaconf import OmegaConf
 
 from lightning_fl.config import CONFIG_DIR, ConfigError, MethodConfig, load_config, with_overrides
@@ -16,7 +17,6 @@ from lightning_fl.distributed import build_fabric
 from lightning_fl.federation import Federation
 from lightning_fl.labels import label_space_from_config
 from lightning_fl.losses import ConDistDiceLoss
-from lightning_fl.networks import build_network
 from lightning_fl.site import Site, condist_weight
 
 METHODS = ("condistfl", "fedavg", "fedopt", "fedprox", "standalone", "centralized")
@@ -62,18 +62,7 @@ def test_group_choice_mistakes_are_named(smoke_config_path):
 
 # ---------------------------------------------------------------- FedProx
 def _site(cfg, foreground: list[int]) -> tuple[Site, L.Fabric]:
-    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
-    torch.manual_seed(0)
-    site = Site(
-        [foreground],
-        labels.background_groups(foreground, cfg.method.background_groups),
-        labels.num_classes,
-        student=build_network(cfg.model, 1, labels.num_classes),
-        teacher=build_network(cfg.model, 1, labels.num_classes),
-        cfg=cfg,
-        steps_per_round=cfg.fl.local_steps,
-    )
-    return site, L.Fabric(accelerator="cpu", devices=1, precision="32-true")
+    return make_site(cfg, foreground), L.Fabric(accelerator="cpu", devices=1, precision="32-true")
 
 
 def test_fedprox_adds_mu_times_the_distance_to_the_global_model_to_the_gradient(smoke_config_path):

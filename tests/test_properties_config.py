@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import make_site
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -24,8 +25,6 @@ from lightning_fl.config import CONFIG_DIR, ConfigError, Rule, load_config, with
 from lightning_fl.data.transforms import training_transform
 from lightning_fl.inference import sliding_logits
 from lightning_fl.labels import label_space_from_config
-from lightning_fl.networks import build_network
-from lightning_fl.site import Site
 from lightning_fl.strategies import build_strategy
 from lightning_fl.sweep import load_sweep, plan_runs
 
@@ -153,15 +152,7 @@ def _exercise(cfg: Any, key: str, case: dict[str, str]) -> str:
     elif key.startswith(("model.", "optim.", "method.")):
         fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
         foreground = labels.foreground(cfg.data.sites[0].classes)
-        site = Site(
-            [foreground],
-            labels.background_groups(foreground, cfg.method.background_groups),
-            labels.num_classes,
-            student=build_network(cfg.model, 1, labels.num_classes),
-            teacher=build_network(cfg.model, 1, labels.num_classes),
-            cfg=cfg,
-            steps_per_round=cfg.fl.local_steps,
-        )
+        site = make_site(cfg, foreground)
         optimizers = site.configure_optimizers()
         module, optimizer = fabric.setup(site, optimizers["optimizer"])
         batch = {
