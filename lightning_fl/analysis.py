@@ -19,13 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_fl.checkpoint import atomic_write_bytes
+from lightning_fl.loggers import RUN_RECORD, Overlay
 from lightning_fl.scores import CASES_FILE, GLOBAL, TEST, CaseRow, read_test_cases
 
 METRICS_FILE, SUMMARY_FILE = "metrics.csv", "summary.json"
@@ -33,6 +37,7 @@ LOSSES = ("loss", "supervised", "condist", "proximal")  # training losses, in me
 SCHEDULES = ("condist_weight", "lr")  # per-round values the losses are weighted or stepped with
 SCHEDULE_NAMES = {"condist_weight": "ConDist weight", "lr": "learning rate"}
 DICE_PLOT, FINAL_PLOT, LOSS_PLOT = "dice_over_rounds.png", "final_dice.png", "losses.png"
+OVERLAY_PLOT = "overlays.png"
 COMPARISON_PLOT, FREQUENCY_PLOT = "comparison.png", "aggregation_frequency.png"
 
 Curves = tuple[list[int], dict[str, np.ndarray]]  # rounds, and name → one value per round (NaN: none)
@@ -58,6 +63,24 @@ def load_run(folder: Path | str) -> RunFiles:
         json.loads(summary.read_text()) if summary.is_file() else {},
         read_test_cases(cases) if cases.is_file() else [],
     )
+
+
+def download_wandb_runs(path: str, to: Path | str, group: str | None = None, api: Any = None) -> list[Path]:
+    """The run folders' record files of the W&B runs of project `path` ("entity/project"), of one
+    `group` (a sweep) if given, downloaded to `to/<run id>/` for `load_run`: a notebook's way to
+    read runs made on other machines. Needs network and a W&B login (`api`: a `wandb.Api()`; offline
+    runs are there once `wandb sync` has uploaded them)."""
+    if api is None:
+        import wandb
+
+        api = wandb.Api()
+    folders = []
+    for run in api.runs(path, filters={"group": group} if group else None):
+        folder = Path(to) / run.id
+        for file in run.files(names=list(RUN_RECORD)):  # those it has: a run cut off has no summary
+            file.download(root=str(folder), replace=True, exist_ok=True)
+        folders.append(folder)
+    return folders
 
 
 def _number(cell: str) -> float:
@@ -189,13 +212,44 @@ def losses_figure(rows: list[dict[str, str]]) -> Figure | None:
     return fig
 
 
-def write_run_plots(folder: Path | str) -> list[Path]:
-    """The run's plots, as PNGs in its folder (those its files allow); the paths written."""
+def overlay_figure(overlays: Mapping[str, Overlay], classes: Sequence[str], title: str) -> Figure | None:
+    """Per site, its slice with the ground truth and, beside it, with the prediction, in one colour
+    per class (background clear) and a legend of the classes shown."""
+    if not overlays:
+        return None
+    colours = matplotlib.colormaps["tab10"].resampled(max(len(classes) - 1, 1))
+    cmap = ListedColormap([(0, 0, 0, 0)] + [colours(i) for i in range(len(classes) - 1)])
+    fig = Figure(figsize=(2.4 * len(overlays), 5.4), layout="constrained")
+    axes = fig.subplots(2, len(overlays), squeeze=False)
+    shown: set[int] = set()
+    for column, (site, overlay) in enumerate(overlays.items()):
+        for row, (name, mask) in enumerate((("ground truth", overlay.truth), ("prediction", overlay.prediction))):
+            ax = axes[row, column]
+            ax.imshow(overlay.image, cmap="gray", interpolation="nearest")
+            ax.imshow(mask, cmap=cmap, vmin=0, vmax=len(classes) - 1, alpha=0.55, interpolation="nearest")
+            ax.set_title(f"{site}: {name}", fontsize=9)
+            ax.set_axis_off()
+            shown |= {int(c) for c in np.unique(mask) if c > 0}
+    handles = [Patch(color=cmap(c), label=classes[c]) for c in sorted(shown)]
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def write_run_plots(
+    folder: Path | str, overlays: Mapping[str, Overlay] | None = None, classes: Sequence[str] = ()
+) -> list[Path]:
+    """The run's plots, as PNGs in its folder (those its files allow, and the last validated
+    round's `overlays` when given); the paths written."""
     run = load_run(folder)
     figures = {
         DICE_PLOT: dice_over_rounds_figure(run.metrics),
         FINAL_PLOT: final_dice_figure(run.summary),
         LOSS_PLOT: losses_figure(run.metrics),
+        OVERLAY_PLOT: overlay_figure(
+            overlays or {}, classes, "The last round's model on each site's first validation case (axial slice)"
+        ),
     }
     return [write_png(run.folder / name, fig) for name, fig in figures.items() if fig is not None]
 

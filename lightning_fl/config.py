@@ -294,7 +294,8 @@ class WandbConfig:
     job_type: Optional[str] = None  # the run's role in its group, e.g. a sweep's variant
     tags: list[str] = field(default_factory=list)
     notes: Optional[str] = None  # a free-text description shown with the run
-    # every this many rounds (on a validated one), one mask overlay per site: 0 turns them off
+    # every this many rounds (on a validated one) and after the last, one mask overlay per site:
+    # 0 leaves only the last round's
     image_every: int = ranged(4, ge=0)
 
 

@@ -290,7 +290,8 @@ class Federation:
             return
         pairs = [(m, site) for m in self.topology.models for site in self.topology.validated_on(m)]
         every = self.cfg.logger.wandb.image_every
-        show = self.cfg.logger.wandb.mode != "disabled" and every > 0 and (r + 1) % every == 0
+        last = r == self.cfg.fl.rounds - 1  # the run folder's overlays.png
+        show = last or (self.cfg.logger.wandb.mode != "disabled" and every > 0 and (r + 1) % every == 0)
         scores = self.score(self.models, pairs, "validation", record.overlays if show else None)
         record.validation = {pair: {c: nanmean(v) for c, v in dice.items()} for pair, dice in scores.items()}
         for model in self.topology.models:
@@ -390,6 +391,7 @@ class Federation:
         logger = self._on_main("creating the run folder", self._start_outputs)
         first_round = 0 if self.resume is None else self.resume["round"] + 1
         round_times: list[float] = []
+        overlays: dict[str, Overlay] = {}  # the last round's, for overlays.png
         start = time.perf_counter()
         rounds = tqdm(
             range(first_round, cfg.fl.rounds),
@@ -407,6 +409,7 @@ class Federation:
             self.select(record)
             record.seconds = time.perf_counter() - round_start
             round_times.append(record.seconds)
+            overlays = record.overlays
             self.save(logger, record)
             score, best = nanmean(list(record.scores.values())), nanmean([b.score for b in self.best.values()])
             rounds.set_postfix(val_dice=f"{score:.3f}", best=f"{best:.3f}")
@@ -420,7 +423,7 @@ class Federation:
         for key in memory[0]:  # host, and GPU where there is one: one value per rank
             summary[f"peak_{key}_memory_mb"] = [memory[rank][key] for rank in range(self.fabric.world_size)]
         self._on_main("writing the summary", lambda: self._finish(logger, summary))
-        self._on_main("plotting the run", lambda: write_run_plots(self.output_dir))
+        self._on_main("plotting the run", lambda: write_run_plots(self.output_dir, overlays, self.labels.classes))
         return summary
 
     def _on_main(self, what: str, write: Callable[[], T]) -> T | None:

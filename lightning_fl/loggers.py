@@ -27,6 +27,7 @@ from lightning_fl.scores import GLOBAL
 
 LOSS_COLUMNS = ("loss", "supervised", "condist", "condist_weight", "proximal", "lr")
 CSV_COLUMNS = ("round", "phase", "site", "model", "class", "dice") + LOSS_COLUMNS + ("note",)
+RUN_RECORD = ("config.yaml", "metrics.csv", "summary.json", "test_cases.csv")  # saved in the W&B run too
 WANDB_PHASE = {"validation": "val"}  # metrics.csv's phase → the W&B key's first part (others as they are)
 
 
@@ -207,10 +208,15 @@ class RunLogger:
         self._pending = {}
 
     def finish(self, summary: Mapping[str, Any]) -> None:
-        """Close metrics.csv and end the W&B run with the run's summary."""
+        """Close metrics.csv and end the W&B run with the run's summary and the run folder's record
+        files (`RUN_RECORD`), which `analysis.download_wandb_runs` fetches back for the same loaders."""
         self._file.close()
         if self._wandb is not None:
             self._wandb.summary.update(dict(summary))
+            folder = self.path.parent
+            for name in RUN_RECORD:
+                if (folder / name).is_file():
+                    self._wandb.save(str(folder / name), base_path=str(folder), policy="now")
             self._wandb.finish()
 
     def _write(self, row: dict[str, Any]) -> None:

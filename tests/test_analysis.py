@@ -15,7 +15,7 @@ from test_sweep import RESULTS, _finish, _rows, _write_cases, _write_sweep
 
 from lightning_fl import analysis
 from lightning_fl.cli import main
-from lightning_fl.loggers import CSV_COLUMNS
+from lightning_fl.loggers import CSV_COLUMNS, Overlay
 from lightning_fl.sweep import (
     _class_means,
     collect_results,
@@ -42,8 +42,33 @@ def _metrics(path: Path) -> list[dict[str, str]]:
 
 
 def test_a_run_writes_its_plots_into_its_folder(smoke_run):
-    for name in (analysis.DICE_PLOT, analysis.FINAL_PLOT, analysis.LOSS_PLOT):
+    for name in (analysis.DICE_PLOT, analysis.FINAL_PLOT, analysis.LOSS_PLOT, analysis.OVERLAY_PLOT):
         _assert_image(smoke_run / name)
+
+
+def test_the_overlays_show_each_sites_truth_and_prediction_in_one_colour_per_class(tmp_path):
+    classes = ["background", "liver", "spleen"]
+    image = np.tile(np.arange(16, dtype=np.uint8) * 16, (16, 1))
+    truth = np.zeros((16, 16), dtype=np.uint8)
+    truth[4:8, 4:8] = 1
+    prediction = np.zeros_like(truth)
+    prediction[8:12, 8:12] = 2
+    overlays = {"liver": Overlay(image, truth, prediction), "spleen": Overlay(image, prediction, prediction)}
+    fig = analysis.overlay_figure(overlays, classes, "title")
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in axes] == [
+        "liver: ground truth",
+        "spleen: ground truth",
+        "liver: prediction",
+        "spleen: prediction",
+    ]
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["liver", "spleen"]  # the classes shown, not background
+    masks = [ax.get_images()[1] for ax in axes]  # above the grey slice
+    assert all(m.get_clim() == (0, 2) for m in masks)  # one colour per class index, whatever a slice holds
+    assert analysis.overlay_figure({}, classes, "title") is None
+    assert analysis.write_run_plots(tmp_path, overlays, classes) == [tmp_path / analysis.OVERLAY_PLOT]
+    _assert_image(tmp_path / analysis.OVERLAY_PLOT)
 
 
 def test_the_loaders_return_the_rounds_and_classes_metrics_csv_has(smoke_run):

@@ -8,9 +8,12 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from matplotlib.image import imread
 
+from lightning_fl.analysis import OVERLAY_PLOT
 from lightning_fl.config import ConfigError, load_config
 from lightning_fl.data.datasets import TrainingStream, load_site, prepare_data_root
 from lightning_fl.distributed import place_sites, site_seed
@@ -110,6 +113,8 @@ def test_two_processes_give_the_weights_of_one(cli, data_home, tmp_path, monkeyp
     assert max((first[k].float() - second[k].float()).abs().max().item() for k in first) <= 1e-6
     assert _dice_rows(one) == _dice_rows(two)  # validation every round, then test and external
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    # the last round's overlays: rank 1 scored two of the sites, and rank 0 drew them all
+    assert np.array_equal(imread(one / OVERLAY_PLOT), imread(two / OVERLAY_PLOT))
     summary = json.loads((two / "summary.json").read_text())
     assert len(summary["peak_host_memory_mb"]) == 2 and len(summary["round_time_s"]) == 2
     spawned = tmp_path / "spawned"  # the other start method: processes spawned with the run function

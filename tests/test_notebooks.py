@@ -67,6 +67,8 @@ def test_the_analysis_notebook_plots_each_of_several_runs(smoke_sweep, monkeypat
     assert {p.name for p in tmp_path.iterdir()} == expected
     for name in expected:
         _assert_image(tmp_path / name)
+    images = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) == len(expected) + 2  # and each run's overlays.png
 
 
 def test_the_sweep_notebook_shows_the_table_curves_heatmap_and_frequency(smoke_sweep, monkeypatch, tmp_path):

@@ -1,59 +1,23 @@
-"""The W&B run of a fit, read back from its offline files: the metric names, `round` as their step,
-the per-class table, the mask overlays and the bytes each round sends.
-
-wandb 0.31 has no Python reader of a `.wandb` file (its internal datastore moved to wandb-core), so
-`records` reads the log format it writes (LevelDB's: 32 KiB blocks of checksummed chunks) and
-parses each record with wandb's own protobuf."""
+"""The W&B run of a fit, read back from its offline files (tests/wandb_records.py): the metric
+names, `round` as their step, the per-class table, the mask overlays, the bytes each round sends,
+and the run folder's record files that a notebook downloads again."""
 
 from __future__ import annotations
 
 import json
-import struct
-from collections.abc import Iterator
+import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 from PIL import Image
 from wandb.proto import wandb_internal_pb2
+from wandb_records import history, nested, offline_run
+from wandb_records import run_records as read_run
 
+from lightning_fl import analysis
 from lightning_fl.config import load_config
 from lightning_fl.labels import label_space_from_config
-
-BLOCK, CHUNK_HEADER = 32768, 7
-FULL, LAST = 1, 4  # chunk types that end a record
-
-
-def records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
-    """Every record of a `.wandb` file, in order."""
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
-    pos, parts = CHUNK_HEADER, b""  # the file's own header is as long as a chunk's
-    while pos + CHUNK_HEADER <= len(data):
-        left = BLOCK - pos % BLOCK
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + CHUNK_HEADER])
-        if left < CHUNK_HEADER or (kind == 0 and length == 0):  # a block's zero padding
-            pos += left
-            continue
-        parts += data[pos + CHUNK_HEADER : pos + CHUNK_HEADER + length]
-        pos += CHUNK_HEADER + length
-        if kind in (FULL, LAST):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(parts)
-            parts = b""
-            yield record
-
-
-def _nested(items: Any) -> dict[str, Any]:
-    """History or config items (flattened `nested_key` paths) as nested dicts."""
-    out: dict[str, Any] = {}
-    for item in items:
-        *parents, leaf = list(item.nested_key) or [item.key]
-        node = out
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = json.loads(item.value_json)
-    return out
+from lightning_fl.loggers import RUN_RECORD
 
 
 @pytest.fixture(scope="module")
@@ -74,18 +38,12 @@ def wandb_run(cli, data_home, smoke_config_path, tmp_path_factory) -> Path:
         data_home=data_home,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    (run,) = (out / "wandb").glob("offline-run-*")
-    return run
+    return offline_run(out)
 
 
 @pytest.fixture(scope="module")
 def run_records(wandb_run: Path) -> list[wandb_internal_pb2.Record]:
-    (path,) = wandb_run.glob("run-*.wandb")
-    return list(records(path))
-
-
-def _history(run_records: list[wandb_internal_pb2.Record]) -> list[dict[str, Any]]:
-    return [_nested(r.history.item) for r in run_records if r.WhichOneof("record_type") == "history"]
+    return read_run(wandb_run)
 
 
 def test_run_identity_and_config(run_records):
@@ -97,7 +55,7 @@ def test_run_identity_and_config(run_records):
         ["demo"],
         "a note",
     )
-    config = _nested(i for r in run_records if r.WhichOneof("record_type") == "config" for i in r.config.update)
+    config = nested(i for r in run_records if r.WhichOneof("record_type") == "config" for i in r.config.update)
     assert config["fl"]["rounds"] == 2 and config["logger"]["wandb"]["image_every"] == 1  # the resolved config
 
 
@@ -108,7 +66,7 @@ def test_metrics_are_named_by_phase_site_and_class_with_round_as_step(run_record
     (val,) = [m for m in metrics if m.glob_name == "val/*"]
     assert val.step_metric == "round" and val.summary.max  # the best validation Dice in the summary
 
-    rows = _history(run_records)
+    rows = history(run_records)
     assert [row["round"] for row in rows] == [0, 1, 2]  # two rounds, then the test scores
     for row in rows[:2]:
         assert {"val/liver/dice/liver", "val/kidney/dice/kidney_tumor", "val/mean_dice"} <= row.keys()
@@ -121,7 +79,7 @@ def test_metrics_are_named_by_phase_site_and_class_with_round_as_step(run_record
 
 
 def test_per_class_table(run_records, wandb_run, smoke_config_path):
-    (table,) = [row["test/per_class"] for row in _history(run_records) if "test/per_class" in row]
+    (table,) = [row["test/per_class"] for row in history(run_records) if "test/per_class" in row]
     assert table["_type"] == "table-file"
     content = json.loads((wandb_run / "files" / table["path"]).read_text())
     assert content["columns"] == ["class", "test Dice", "external Dice", "unenhanced Dice"]
@@ -135,7 +93,7 @@ def test_per_class_table(run_records, wandb_run, smoke_config_path):
 def test_mask_overlays_with_class_labels(run_records, wandb_run, smoke_config_path):
     cfg = load_config(smoke_config_path, ["output_dir=unused"])
     classes = label_space_from_config(cfg.labels.classes, cfg.labels.tumors).classes
-    rows = _history(run_records)
+    rows = history(run_records)
     for row in rows[:2]:  # image_every=1: every round, each site's first validation case
         assert {f"overlay/{s.name}" for s in cfg.data.sites} <= row.keys()
     image = rows[0]["overlay/liver"]
@@ -143,8 +101,89 @@ def test_mask_overlays_with_class_labels(run_records, wandb_run, smoke_config_pa
     truth = Image.open(wandb_run / "files" / image["masks"]["ground_truth"]["path"])
     picture = Image.open(wandb_run / "files" / image["path"])
     assert truth.size == picture.size and truth.getextrema()[1] > 0  # the slice shows the liver
-    config = _nested(i for r in run_records if r.WhichOneof("record_type") == "config" for i in r.config.update)
+    config = nested(i for r in run_records if r.WhichOneof("record_type") == "config" for i in r.config.update)
     labels = config["_wandb"]["mask/class_labels"]
     for mask in ("ground_truth", "prediction"):
         entry = labels[f"overlay/liver_wandb_delimeter_{mask}"]["value"]
         assert entry == {str(i): name for i, name in enumerate(classes)}
+
+
+class _SyncedRun:
+    """What `wandb.Api().runs(...)` yields for a run once `wandb sync` uploaded it: its id, name and
+    files, here served from the offline run's `files/` folder that the upload sends."""
+
+    def __init__(self, offline: Path) -> None:
+        self.id, self.name, self._files = offline.name.rsplit("-", 1)[-1], "smoke", offline / "files"
+
+    def files(self, names: list[str]) -> list[_SyncedFile]:
+        return [_SyncedFile(self._files / n) for n in names if (self._files / n).exists()]
+
+
+class _SyncedFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def download(self, root: str, replace: bool, exist_ok: bool) -> None:
+        assert replace and exist_ok  # a second download of the same runs overwrites
+        Path(root).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.path, Path(root) / self.path.name)
+
+
+class _Api:
+    def __init__(self, offline: Path) -> None:
+        self.offline, self.asked = offline, []
+
+    def runs(self, path: str, filters: dict | None) -> list[_SyncedRun]:
+        self.asked.append((path, filters))
+        return [_SyncedRun(self.offline)]
+
+
+def test_the_run_record_travels_with_the_wandb_run_and_loads_back(wandb_run, tmp_path):
+    """The W&B API itself needs network and an account: not tested here. What it would serve is:
+    the run folder's record files, saved into the W&B run, which load as the folder itself does."""
+    folder = wandb_run.parent.parent
+    for name in RUN_RECORD:
+        saved = wandb_run / "files" / name
+        assert saved.read_bytes() == (folder / name).read_bytes(), name
+    api = _Api(wandb_run)
+    (downloaded,) = analysis.download_wandb_runs("me/lightning-fl", tmp_path, group="g", api=api)
+    assert api.asked == [("me/lightning-fl", {"group": "g"})]
+    assert sorted(p.name for p in downloaded.iterdir()) == sorted(RUN_RECORD)
+    assert analysis.load_run(downloaded).metrics == analysis.load_run(folder).metrics
+    assert analysis.load_run(downloaded).summary == analysis.load_run(folder).summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "method, keys",
+    [
+        (
+            "standalone",  # one model per site: named in the keys where it scores another site
+            {"train/liver/loss", "val/liver/dice/liver", "val/liver/mean_dice", "test/liver/dice/liver"}
+            | {"test/spleen/model_liver/dice/spleen", "external/external/model_kidney/dice/kidney"},
+        ),
+        (
+            "centralized",  # one pooled client, one model scored on every site
+            {"train/pooled/loss", "val/liver/dice/liver", "val/mean_dice", "test/dice/kidney"}
+            | {"external/external/dice/liver"},
+        ),
+    ],
+)
+def test_standalone_and_centralized_runs_name_their_clients_and_models(
+    cli, data_home, smoke_config_path, tmp_path, method, keys
+):
+    result = cli(
+        "fit",
+        "--config",
+        str(smoke_config_path),
+        f"method={method}",
+        f"output_dir={tmp_path}",
+        "logger.wandb.mode=offline",
+        "fl.rounds=1",
+        "fl.local_steps=1",
+        data_home=data_home,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = {key for row in history(read_run(offline_run(tmp_path))) for key in row}
+    assert keys <= logged, sorted(keys - logged)
+    assert not any(key.startswith("val/global") or "/model_global/" in key for key in logged)
