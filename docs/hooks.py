@@ -5,8 +5,9 @@ from `lightning_fl.cli.build_parser()`; one that holds `<!-- generated: config -
 config key of the schema (`lightning_fl.config.RunConfig` and the dataclasses inside it) with its
 type, default, accepted values (its `Rule`) and the comment written beside it in the source.
 Everything is read by introspection, so keys and options that are added or removed show up
-without touching this file. The committed sweep plots (`experiments/results/<sweep>/*.png`, outside
-docs_dir) are added to the site as `results/<sweep>/<name>.png`, so that pages can show them.
+without touching this file. The committed plots of the sweeps and the demo
+(`experiments/results/<name>/*.png`, outside docs_dir) are added to the site as
+`results/<name>/<file>.png`, so that pages can show them.
 """
 
 from __future__ import annotations
@@ -22,15 +23,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKERS = {"<!-- generated: cli -->": "cli", "<!-- generated: config -->": "config"}
-SWEEP_PLOTS = "experiments/results/*/*.png"  # relative to ROOT; served as results/<sweep>/<name>.png
+RESULT_PLOTS = "experiments/results/*/*.png"  # relative to ROOT; served as results/<name>/<file>.png
 
 
 def on_files(files, config):  # MkDocs calls it with these two
-    """The committed sweep plots as site files (docs/ cannot link outside itself under --strict)."""
+    """The committed result plots as site files (docs/ cannot link outside itself under --strict)."""
     from mkdocs.structure.files import File
 
-    src_dir = ROOT / "experiments"  # so a file's page path (what links name) is results/<sweep>/<name>.png
-    for path in sorted(src_dir.glob(SWEEP_PLOTS.removeprefix("experiments/"))):
+    src_dir = ROOT / "experiments"  # so a file's page path (what links name) is results/<name>/<file>.png
+    for path in sorted(src_dir.glob(RESULT_PLOTS.removeprefix("experiments/"))):
         uri = path.relative_to(src_dir).as_posix()
         files.append(File(uri, str(src_dir), config["site_dir"], config["use_directory_urls"]))
     return files
