@@ -363,7 +363,8 @@ class Federation:
 
         scores = merge_from_ranks(self.fabric, checked_on_every_rank(self.fabric, f"scoring the {split} split", mine))
         if overlays is not None:
-            overlays.update(merge_from_ranks(self.fabric, shown, only_to=0))
+            gathered = merge_from_ranks(self.fabric, shown, only_to=0)  # in rank order
+            overlays.update({site: gathered[site] for site in self.scored_sites if site in gathered})
         return {pair: scores[pair] for pair in pairs}
 
     def _scorer(self, site: str) -> int:
