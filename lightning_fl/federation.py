@@ -132,21 +132,201 @@ def checkpoint_name(kind: str, model: str) -> str:
     return f"{kind}.ckpt" if model == GLOBAL else f"{kind}_{model}.ckpt"
 
 
-class Federation:
-    """One training run on this rank: the server side of the simulation and the round loop.
+class Server:
+    """The server side of a run: each model's weights, server strategy and best round so far, and
+    the run folder they are recorded in (metrics.csv, W&B, best/last checkpoints, state.ckpt).
+
+    It exists so that the simulation (`Federation`) and a real FL engine (`lightning_fl.flare`)
+    run the same round bookkeeping: given the round's client updates, drop the failed, aggregate,
+    record the validation Dice, select the best round and save. `fabric` is None on an engine's
+    server (one process, which writes the files); `network` gives the initial weights and the
+    architecture saved states are checked against.
+    """
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        labels: LabelSpace,
+        topology: Topology,
+        network: torch.nn.Module,
+        fabric: L.Fabric | None = None,
+        resume: dict[str, Any] | None = None,
+    ) -> None:
+        self.cfg, self.labels, self.topology, self.network, self.fabric = cfg, labels, topology, network, fabric
+        self.resume, self.output_dir = resume, Path(cfg.output_dir)
+        self.is_main = fabric is None or fabric.global_rank == 0
+        initial = {k: v.detach().clone() for k, v in network.state_dict().items()}
+        self.models: dict[str, StateDict] = {m: initial for m in topology.models}
+        self.strategies = {m: build_strategy(cfg.fl, initial) for m in topology.models}
+        self.best = {m: Best() for m in topology.models}
+        self.identity: dict[str, Any] = {}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        """Continue after the round `state` was saved at: models, servers and best rounds."""
+        path = self.output_dir / STATE_FILE
+        if list(state["models"]) != self.topology.models:
+            raise CheckpointError(
+                f"{path} holds the models {list(state['models'])}, but method.training="
+                f"{self.cfg.method.training} trains {self.topology.models}"
+            )
+        for model, saved in state["models"].items():
+            check_compatible(path, saved["state"], state["classes"], self.network, list(self.labels.classes))
+            self.models[model] = saved["state"]
+            self.strategies[model].load_state_dict(saved["strategy"])
+            self.best[model] = Best(**saved["best"])
+
+    def _client_states(self) -> dict[str, dict[str, Any]]:
+        """The clients' optimizer and schedule states for state.ckpt: an engine's sites keep their own."""
+        return {}
+
+    def is_validated(self, round_index: int) -> bool:
+        """Every `eval.every` rounds and the last one."""
+        return (round_index + 1) % self.cfg.eval.every == 0 or round_index == self.cfg.fl.rounds - 1
+
+    def record_validation(self, record: RoundRecord, validation: dict[tuple[str, str], dict[str, float]]) -> None:
+        """Each (model, site)'s Dice per class, and each model's mean over its sites and classes."""
+        record.validation = validation
+        for model in self.topology.models:
+            record.scores[model] = nanmean(
+                [d for (m, _), dice in validation.items() if m == model for d in dice.values()]
+            )
+
+    def drop_failed(self, logger: RunLogger | None, round_index: int, updates: dict[str, ClientUpdate]) -> None:
+        """Record the clients whose round failed; stop when fewer than `fl.min_sites` updates are left."""
+        dropped = {name: u.metrics["dropped"] for name, u in updates.items() if u.delta is None}
+        if dropped:
+            self._on_main("recording dropped sites", lambda: self._record_dropped(logger, round_index, dropped))
+        sent = len(updates) - len(dropped)
+        if sent < self.cfg.fl.min_sites:
+            raise RunStopped(
+                f"round {round_index + 1}: {sent} of {len(updates)} sites sent an update, fewer than fl.min_sites="
+                f"{self.cfg.fl.min_sites}; dropped: {'; '.join(f'{k}: {v}' for k, v in dropped.items())}. "
+                f"The last good global model is {self.output_dir / 'last.ckpt'}"
+                + (f" (round {round_index})" if round_index else " (none yet: this was the first round)")
+            )
+
+    def aggregate(self, updates: dict[str, ClientUpdate]) -> None:
+        """Each model's strategy turns its clients' updates into its next weights; a model none of
+        whose clients sent one keeps its weights."""
+        for model in self.topology.models:
+            sent = [u for name, u in updates.items() if u.delta is not None and self.topology.model_of[name] == model]
+            if sent:
+                weights = [float(u.num_cases) if self.cfg.fl.weighting == "cases" else 1.0 for u in sent]
+                self.models[model] = self.strategies[model].aggregate(
+                    self.models[model], [u.delta for u in sent], weights
+                )
+
+    def select(self, record: RoundRecord) -> None:
+        """A model's best round is its best validated one (the first validated round at least)."""
+        for model, score in record.scores.items():
+            best = self.best[model]
+            if score > best.score or best.state is None:
+                self.best[model] = Best(record.round, score, self.models[model])
+                record.improved.add(model)
+
+    def save(self, logger: RunLogger | None, record: RoundRecord) -> None:
+        """metrics.csv, W&B and the checkpoints, then state.ckpt."""
+        sites = self._client_states()
+        self._on_main(f"writing round {record.round + 1}", lambda: self._record_round(logger, record))
+        resumable = {
+            "round": record.round,
+            "classes": list(self.labels.classes),
+            "sites": sites,
+            "models": {
+                m: {"state": self.models[m], "strategy": self.strategies[m].state_dict(), "best": vars(self.best[m])}
+                for m in self.topology.models
+            },
+        }
+        self._on_main(f"saving round {record.round + 1}", lambda: self._save_state(logger, resumable))
+
+    def _on_main(self, what: str, write: Callable[[], T]) -> T | None:
+        """Files, W&B and the console belong to rank 0; every rank learns if writing failed."""
+        if self.fabric is None:
+            return write()
+        return checked_on_every_rank(self.fabric, what, lambda: write() if self.is_main else None)
+
+    def _start_outputs(self) -> RunLogger:
+        """The run folder, its resolved config and the metrics logger; a resumed run keeps its
+        folder, config and identity and continues its metrics and W&B run. The identity, stored in
+        every checkpoint, ties them to the run's config.yaml (see `check_same_run`)."""
+        if self.resume is not None:
+            self.identity = {key: self.resume[key] for key in IDENTITY}
+            return RunLogger(self.output_dir, self.cfg, resume=(self.resume["metrics_bytes"], self.resume["wandb_id"]))
+        config = self.output_dir / "config.yaml"
+        atomic_write_text(config, to_yaml(self.cfg))  # creates the folder
+        self.identity = {"run_id": uuid.uuid4().hex, "config_sha256": file_sha256(config), "seed": self.cfg.seed}
+        return RunLogger(self.output_dir, self.cfg)
+
+    def _save_state(self, logger: RunLogger, resumable: dict[str, Any]) -> None:
+        """`state.ckpt`: everything `fit --resume` needs, written last, so it never points past
+        what metrics.csv and the model files hold."""
+        metrics_bytes = logger.position()
+        save_state(
+            self.output_dir / STATE_FILE,
+            resumable
+            | self.identity
+            | {
+                "metrics_bytes": metrics_bytes,
+                "metrics_sha256": file_sha256(logger.path, metrics_bytes),
+                "wandb_id": logger.wandb_id,
+            },
+        )
+
+    def _record_round(self, logger: RunLogger, record: RoundRecord) -> None:
+        """metrics.csv, W&B and the checkpoints of one round."""
+        r = record.round
+        for name, update in record.updates.items():
+            if update.delta is not None:
+                logger.train(r, name, update.metrics)
+        for (model, site), dice in record.validation.items():
+            logger.dice(r, "validation", site, model, dice)
+        meta = {
+            "classes": list(self.labels.classes),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            **self.identity,
+        }
+        for model in self.topology.models:
+            score = record.scores.get(model, math.nan)
+            if model in record.improved:
+                save_model(
+                    self.output_dir / checkpoint_name("best", model), self.models[model], round=r, score=score, **meta
+                )
+            save_model(
+                self.output_dir / checkpoint_name("last", model), self.models[model], round=r, score=score, **meta
+            )
+        size = {model: state_bytes(state) for model, state in self.models.items()}  # each model once
+        sent = sum(size[self.topology.model_of[name]] for name in record.updates)
+        received = sum(state_bytes(u.delta) for u in record.updates.values() if u.delta is not None)
+        logger.scalars(
+            {"time/round_s": record.seconds, "comm/bytes_sent": sent, "comm/bytes_received": received}
+            | {
+                ("val/mean_dice" if model == GLOBAL else f"val/{model}/mean_dice"): score
+                for model, score in record.scores.items()
+                if not math.isnan(score)
+            }
+        )
+        logger.overlays(record.overlays, dict(enumerate(self.labels.classes)))
+        logger.commit(r)
+
+    def _record_dropped(self, logger: RunLogger, r: int, dropped: dict[str, str]) -> None:
+        for name, reason in dropped.items():
+            print(f"warning: round {r + 1}: dropped the update of site '{name}': {reason}", file=sys.stderr)
+            logger.dropped(r, name, reason)
+
+
+class Federation(Server):
+    """One simulated training run on this rank: the `Server` with its clients and the round loop.
 
     It exists to own everything that lives for the whole run, so that each round is a sequence of
     small phases over it (`fit`: train the clients, drop the failed, aggregate, validate, select,
-    save; then test). It holds the config and the Fabric; the label space; each site's data; the
-    topology (`Topology`) and the placement of clients on ranks; the clients this rank trains; the
-    current weights of every model, each model's server strategy and its best round so far; and the
-    one shared network that scores a model and serves as the sites' frozen teacher.
+    save; then test). Beside the server's state it holds the Fabric; each site's data; the placement
+    of clients on ranks; the clients this rank trains; and the one shared network that scores a
+    model and serves as the sites' frozen teacher.
     """
 
     def __init__(self, cfg: DictConfig, fabric: L.Fabric, resume: dict[str, Any] | None = None) -> None:
-        self.cfg, self.fabric, self.resume = cfg, fabric, resume
+        self.cfg, self.fabric = cfg, fabric
         self._loaders: dict[str, Any] = {}
-        self.output_dir = Path(cfg.output_dir)
         self.labels: LabelSpace = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
         fabric.seed_everything(cfg.seed, verbose=False)  # the same initial model on every rank
         if fabric.device.type == "cuda":
@@ -164,8 +344,9 @@ class Federation:
             list(self.topology.clients),
             [sum(cost[s] for s in sites) for sites in self.topology.clients.values()],
         )
-        self.is_main = fabric.global_rank == 0
-        self.hide_bars = True if not self.is_main else (None if cfg.logger.progress else True)  # None: terminals only
+        self.hide_bars = (
+            True if fabric.global_rank != 0 else (None if cfg.logger.progress else True)
+        )  # None: terminals only
         student = self._network()  # one per process, shared by its clients (site.py)
         mine = [name for name in self.topology.clients if self.placement.trains(name)]
         self.clients: dict[str, SiteClient] = checked_on_every_rank(
@@ -179,18 +360,12 @@ class Federation:
         ) in self.clients.items():  # DDP's constructor is a collective of the client's ranks: after the check
             if client.shard[1] > 1:
                 client.data_parallel(self.placement.groups[name])
-        initial = self._network_state()
-        self.models: dict[str, StateDict] = {m: initial for m in self.topology.models}
-        self.strategies = {m: build_strategy(cfg.fl, initial) for m in self.topology.models}
-        self.best = {m: Best() for m in self.topology.models}
+        super().__init__(cfg, self.labels, self.topology, self.network, fabric, resume)
         if resume is not None:
             self._load_state(resume)
 
     def _network(self) -> torch.nn.Module:
         return build_network(self.cfg.model, in_channels=1, out_channels=self.labels.num_classes)
-
-    def _network_state(self) -> StateDict:
-        return {k: v.detach().clone() for k, v in self.network.state_dict().items()}
 
     def _client(self, name: str, student: torch.nn.Module, shares_rank: bool) -> SiteClient:
         return SiteClient(
@@ -209,19 +384,9 @@ class Federation:
 
     # ---------------------------------------------------------------- resumable state
     def _load_state(self, state: dict[str, Any]) -> None:
-        """Continue after the round `state` was saved at: models, servers, best rounds, each client's
-        optimizer and schedule. Data order, augmentation and dropout need nothing: they are seeded per round."""
-        path = self.output_dir / STATE_FILE
-        if list(state["models"]) != self.topology.models:
-            raise CheckpointError(
-                f"{path} holds the models {list(state['models'])}, but method.training="
-                f"{self.cfg.method.training} trains {self.topology.models}"
-            )
-        for model, saved in state["models"].items():
-            check_compatible(path, saved["state"], state["classes"], self.network, list(self.labels.classes))
-            self.models[model] = saved["state"]
-            self.strategies[model].load_state_dict(saved["strategy"])
-            self.best[model] = Best(**saved["best"])
+        """The server's state (`Server._load_state`) and each client's optimizer and schedule. Data
+        order, augmentation and dropout need nothing: they are seeded per round."""
+        super()._load_state(state)
         for name, client in self.clients.items():
             client.load_state_dict(state["sites"][name])
 
@@ -258,69 +423,19 @@ class Federation:
         deltas = broadcast_states({name: mine[name].delta if name in mine else None for name in kept}, kept, template)
         return {name: ClientUpdate(deltas.get(name), *reports[name]) for name in owners}
 
-    def drop_failed(self, logger: RunLogger | None, round_index: int, updates: dict[str, ClientUpdate]) -> None:
-        """Record the clients whose round failed; stop when fewer than `fl.min_sites` updates are left."""
-        dropped = {name: u.metrics["dropped"] for name, u in updates.items() if u.delta is None}
-        if dropped:
-            self._on_main("recording dropped sites", lambda: self._record_dropped(logger, round_index, dropped))
-        sent = len(updates) - len(dropped)
-        if sent < self.cfg.fl.min_sites:
-            raise RunStopped(
-                f"round {round_index + 1}: {sent} of {len(updates)} sites sent an update, fewer than fl.min_sites="
-                f"{self.cfg.fl.min_sites}; dropped: {'; '.join(f'{k}: {v}' for k, v in dropped.items())}. "
-                f"The last good global model is {self.output_dir / 'last.ckpt'}"
-                + (f" (round {round_index})" if round_index else " (none yet: this was the first round)")
-            )
-
-    def aggregate(self, updates: dict[str, ClientUpdate]) -> None:
-        """Each model's strategy turns its clients' updates into its next weights; a model none of
-        whose clients sent one keeps its weights."""
-        for model in self.topology.models:
-            sent = [u for name, u in updates.items() if u.delta is not None and self.topology.model_of[name] == model]
-            if sent:
-                weights = [float(u.num_cases) if self.cfg.fl.weighting == "cases" else 1.0 for u in sent]
-                self.models[model] = self.strategies[model].aggregate(
-                    self.models[model], [u.delta for u in sent], weights
-                )
-
     def validate(self, record: RoundRecord) -> None:
         """On validation rounds, each model's Dice on the sites it is trained on, and its mean."""
         r = record.round
-        if not ((r + 1) % self.cfg.eval.every == 0 or r == self.cfg.fl.rounds - 1):
+        if not self.is_validated(r):
             return
         pairs = [(m, site) for m in self.topology.models for site in self.topology.validated_on(m)]
         every = self.cfg.logger.wandb.image_every
         last = r == self.cfg.fl.rounds - 1  # the run folder's overlays.png
         show = last or (self.cfg.logger.wandb.mode != "disabled" and every > 0 and (r + 1) % every == 0)
         scores = self.score(self.models, pairs, "validation", record.overlays if show else None)
-        record.validation = {pair: {c: nanmean(v) for c, v in dice.items()} for pair, dice in scores.items()}
-        for model in self.topology.models:
-            record.scores[model] = nanmean(
-                [d for (m, _), dice in record.validation.items() if m == model for d in dice.values()]
-            )
-
-    def select(self, record: RoundRecord) -> None:
-        """A model's best round is its best validated one (the first validated round at least)."""
-        for model, score in record.scores.items():
-            best = self.best[model]
-            if score > best.score or best.state is None:
-                self.best[model] = Best(record.round, score, self.models[model])
-                record.improved.add(model)
-
-    def save(self, logger: RunLogger | None, record: RoundRecord) -> None:
-        """metrics.csv, W&B and the checkpoints, then state.ckpt."""
-        sites = self._client_states()
-        self._on_main(f"writing round {record.round + 1}", lambda: self._record_round(logger, record))
-        resumable = {
-            "round": record.round,
-            "classes": list(self.labels.classes),
-            "sites": sites,
-            "models": {
-                m: {"state": self.models[m], "strategy": self.strategies[m].state_dict(), "best": vars(self.best[m])}
-                for m in self.topology.models
-            },
-        }
-        self._on_main(f"saving round {record.round + 1}", lambda: self._save_state(logger, resumable))
+        self.record_validation(
+            record, {pair: {c: nanmean(v) for c, v in dice.items()} for pair, dice in scores.items()}
+        )
 
     # ---------------------------------------------------------------- scoring
     def score(
@@ -426,78 +541,6 @@ class Federation:
         self._on_main("writing the summary", lambda: self._finish(logger, summary))
         self._on_main("plotting the run", lambda: write_run_plots(self.output_dir, overlays, self.labels.classes))
         return summary
-
-    def _on_main(self, what: str, write: Callable[[], T]) -> T | None:
-        """Files, W&B and the console belong to rank 0; every rank learns if writing failed."""
-        return checked_on_every_rank(self.fabric, what, lambda: write() if self.is_main else None)
-
-    def _start_outputs(self) -> RunLogger:
-        """The run folder, its resolved config and the metrics logger; a resumed run keeps its
-        folder, config and identity and continues its metrics and W&B run. The identity, stored in
-        every checkpoint, ties them to the run's config.yaml (see `check_same_run`)."""
-        if self.resume is not None:
-            self.identity = {key: self.resume[key] for key in IDENTITY}
-            return RunLogger(self.output_dir, self.cfg, resume=(self.resume["metrics_bytes"], self.resume["wandb_id"]))
-        config = self.output_dir / "config.yaml"
-        atomic_write_text(config, to_yaml(self.cfg))  # creates the folder
-        self.identity = {"run_id": uuid.uuid4().hex, "config_sha256": file_sha256(config), "seed": self.cfg.seed}
-        return RunLogger(self.output_dir, self.cfg)
-
-    def _save_state(self, logger: RunLogger, resumable: dict[str, Any]) -> None:
-        """`state.ckpt`: everything `fit --resume` needs, written last, so it never points past
-        what metrics.csv and the model files hold."""
-        metrics_bytes = logger.position()
-        save_state(
-            self.output_dir / STATE_FILE,
-            resumable
-            | self.identity
-            | {
-                "metrics_bytes": metrics_bytes,
-                "metrics_sha256": file_sha256(logger.path, metrics_bytes),
-                "wandb_id": logger.wandb_id,
-            },
-        )
-
-    def _record_round(self, logger: RunLogger, record: RoundRecord) -> None:
-        """metrics.csv, W&B and the checkpoints of one round."""
-        r = record.round
-        for name, update in record.updates.items():
-            if update.delta is not None:
-                logger.train(r, name, update.metrics)
-        for (model, site), dice in record.validation.items():
-            logger.dice(r, "validation", site, model, dice)
-        meta = {
-            "classes": list(self.labels.classes),
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
-            **self.identity,
-        }
-        for model in self.topology.models:
-            score = record.scores.get(model, math.nan)
-            if model in record.improved:
-                save_model(
-                    self.output_dir / checkpoint_name("best", model), self.models[model], round=r, score=score, **meta
-                )
-            save_model(
-                self.output_dir / checkpoint_name("last", model), self.models[model], round=r, score=score, **meta
-            )
-        size = {model: state_bytes(state) for model, state in self.models.items()}  # each model once
-        sent = sum(size[self.topology.model_of[name]] for name in record.updates)
-        received = sum(state_bytes(u.delta) for u in record.updates.values() if u.delta is not None)
-        logger.scalars(
-            {"time/round_s": record.seconds, "comm/bytes_sent": sent, "comm/bytes_received": received}
-            | {
-                ("val/mean_dice" if model == GLOBAL else f"val/{model}/mean_dice"): score
-                for model, score in record.scores.items()
-                if not math.isnan(score)
-            }
-        )
-        logger.overlays(record.overlays, dict(enumerate(self.labels.classes)))
-        logger.commit(r)
-
-    def _record_dropped(self, logger: RunLogger, r: int, dropped: dict[str, str]) -> None:
-        for name, reason in dropped.items():
-            print(f"warning: round {r + 1}: dropped the update of site '{name}': {reason}", file=sys.stderr)
-            logger.dropped(r, name, reason)
 
     def _finish(self, logger: RunLogger, summary: dict[str, Any]) -> None:
         atomic_write_text(self.output_dir / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
