@@ -9,6 +9,7 @@ lightning-fl evaluate --checkpoint CKPT [CKPT ...] (--datalist F [--label-map NA
 lightning-fl infer    --checkpoint CKPT_OR_TS --input FILE_OR_DIR --output DIR [--probabilities]     label maps
 lightning-fl export   --checkpoint CKPT --output DIR                  TorchScript model.ts + metadata.json
 lightning-fl sweep    FILE [--parallel N] [--rerun-changed] [--tables-only]   variants × seeds, then tables
+lightning-fl export-nvflare [--config FILE] [key=value ...] --output JOB_DIR [--site NAME=DATA_ROOT ...]   NVFlare job
 """
 
 from __future__ import annotations
@@ -177,6 +178,27 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote {ts_path} and {meta_path}")
 
 
+def _export_nvflare(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.overrides)
+    roots = {}
+    for item in args.site:
+        name, sep, root = item.partition("=")
+        if not sep or not name or not root:
+            raise ConfigError(f"--site {item}: expected NAME=DATA_ROOT, e.g. --site liver=/data/liver")
+        roots[name] = root
+    if args.task_timeout < 0:
+        raise ConfigError(f"--task-timeout: expected seconds ≥ 0 (0: wait for ever), got {args.task_timeout}")
+    try:
+        from lightning_fl.flare.job import export_job
+    except ModuleNotFoundError as err:
+        if err.name is None or not err.name.startswith("nvflare"):
+            raise
+        raise ConfigError('export-nvflare needs NVIDIA FLARE: pip install "lightning-fl[nvflare]"') from err
+    job = export_job(cfg, args.output, roots, args.task_timeout, args.resume, args.overwrite)
+    sites = ",".join(s.name for s in cfg.data.sites)
+    print(f"wrote the NVFlare job {job}; try it with: nvflare simulator {job} -w /tmp/nvflare-ws -c {sites}")
+
+
 def _sweep(args: argparse.Namespace) -> None:
     if args.parallel < 1:
         raise ConfigError(f"--parallel: expected how many runs train at once, a whole number ≥ 1, got {args.parallel}")
@@ -314,6 +336,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="rebuild results.csv and results.md from the finished runs, train nothing",
     )
     sweep.set_defaults(run=_sweep)
+    flare = commands.add_parser(
+        "export-nvflare", help="the config as an NVIDIA FLARE job (server workflow + one Client API app per site)"
+    )
+    _config_args(flare)
+    flare.add_argument("--output", type=Path, required=True, help="the job folder to write")
+    flare.add_argument(
+        "--site",
+        action="append",
+        default=[],
+        metavar="NAME=DATA_ROOT",
+        help="a site's data root on its own machine (repeat per site; default: the config's data.root)",
+    )
+    flare.add_argument(
+        "--task-timeout",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="how long a round waits for the sites; one that has not answered is dropped for the round (0: for ever)",
+    )
+    flare.add_argument(
+        "--resume", action="store_true", help="the job continues the run in output_dir from its state.ckpt"
+    )
+    flare.add_argument("--overwrite", action="store_true", help="replace the job folder if it exists")
+    flare.set_defaults(run=_export_nvflare)
     return parser
 
 

@@ -179,6 +179,11 @@ class Server:
         """The clients' optimizer and schedule states for state.ckpt: an engine's sites keep their own."""
         return {}
 
+    def write_summary(self, logger: RunLogger, summary: dict[str, Any]) -> None:
+        """summary.json, and the W&B run ended with its scalars and the run folder's record."""
+        atomic_write_text(self.output_dir / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
+        logger.finish({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
+
     def is_validated(self, round_index: int) -> bool:
         """Every `eval.every` rounds and the last one."""
         return (round_index + 1) % self.cfg.eval.every == 0 or round_index == self.cfg.fl.rounds - 1
@@ -543,8 +548,7 @@ class Federation(Server):
         return summary
 
     def _finish(self, logger: RunLogger, summary: dict[str, Any]) -> None:
-        atomic_write_text(self.output_dir / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
-        logger.finish({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
+        self.write_summary(logger, summary)
         print(summary_table(summary))
 
     def _test(self, logger: RunLogger | None) -> dict[str, Any]:

@@ -1,0 +1,13 @@
+"""Deployment on NVIDIA FLARE: the same site module, method and server strategy as `fit`, with
+NVFlare carrying the messages between the hospitals (`lightning-fl export-nvflare`).
+
+`job` builds and exports the NVFlare job; `server` is its server-side workflow (this project's
+`federation.Server` driven by NVFlare's `ModelController`); `client` is what each site runs through
+NVFlare's Client API (`site_script.py` is the file the job ships). Needs `lightning-fl[nvflare]`.
+"""
+
+CONFIG_FILE = "lightning_fl.yaml"  # the run's resolved config, in every app's config folder
+TRAIN, VALIDATE = "train", "validate"  # the two tasks a site answers
+# meta keys of the messages (beyond NVFlare's own)
+VALIDATE_RECEIVED = "validate_received"  # server → site: score the received model first
+NUM_CASES, TRAIN_METRICS, DROPPED = "num_cases", "train_metrics", "dropped"  # site → server

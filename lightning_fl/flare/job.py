@@ -1,0 +1,82 @@
+"""`lightning-fl export-nvflare`: the run's config as an NVFlare job, built with NVFlare's Job API.
+
+The server app runs `server.ConDistFLController`; each site's app runs `site_script.py` through
+NVFlare's Client API in a process of its own, with its data root as the job parameter. The run's
+resolved config travels in every app's config folder; the code does not (every machine installs
+`lightning-fl[nvflare]`), so the job holds no copy of the package to drift from it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from nvflare.client.config import ExchangeFormat
+from nvflare.job_config.api import FedJob
+from nvflare.job_config.script_runner import FrameworkType, ScriptRunner
+from omegaconf import DictConfig
+
+from lightning_fl.checkpoint import OutputError, RunFolderError, atomic_write_text
+from lightning_fl.config import ConfigError, to_yaml
+from lightning_fl.data.datasets import prepare_data_root
+from lightning_fl.flare import CONFIG_FILE, TRAIN, VALIDATE
+from lightning_fl.flare.server import ConDistFLController
+from lightning_fl.labels import label_space_from_config
+
+SITE_SCRIPT = Path(__file__).with_name("site_script.py")
+JOB_NAME = "lightning-fl"
+
+
+def export_job(
+    cfg: DictConfig,
+    output: Path,
+    data_roots: dict[str, str],
+    task_timeout: int = 0,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Write the NVFlare job of `cfg` to `output` (what `nvflare simulator` and `nvflare job submit`
+    take); returns it. `data_roots`: site → its data root on its own machine (default: `data.root`)."""
+    if cfg.method.training != "federated":
+        raise ConfigError(
+            f"method.training={cfg.method.training}: an NVFlare job trains one global model across the "
+            "sites (federated); standalone and centralized training are simulations, run them with fit"
+        )
+    sites = [s.name for s in cfg.data.sites]
+    unknown = sorted(set(data_roots) - set(sites))
+    if unknown:
+        raise ConfigError(f"--site {unknown[0]}: not one of data.sites {sites}")
+    if output.exists() and not overwrite:
+        raise RunFolderError(f"{output} exists; pass --overwrite to replace the job there")
+    if cfg.data.synthetic is not None:  # generated once here, before the sites start (the simulator, POC)
+        prepare_data_root(cfg, label_space_from_config(cfg.labels.classes, cfg.labels.tumors))
+
+    job = FedJob(name=JOB_NAME, min_clients=cfg.fl.min_sites)
+    job.set_app_packages(["lightning_fl"])
+    job.to_server(ConDistFLController(task_timeout=task_timeout, resume=resume))
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / CONFIG_FILE
+        atomic_write_text(config, to_yaml(cfg))
+        job.add_file_to_server(str(config), app_folder_type="config")
+        for site in sites:
+            runner = ScriptRunner(
+                script=str(SITE_SCRIPT),
+                script_args=["--data-root", data_roots[site]] if site in data_roots else "",
+                launch_external_process=True,  # one process per site: its own seeds, threads and memory
+                framework=FrameworkType.PYTORCH,
+                server_expected_format=ExchangeFormat.PYTORCH,
+            )
+            job.to(runner, site, tasks=[TRAIN, VALIDATE])
+            job.add_file_to(str(config), site, app_folder_type="config")
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+        try:
+            job.export_job(str(staging))
+            if output.exists():
+                shutil.rmtree(output)
+            (staging / JOB_NAME).rename(output)
+        except OSError as err:
+            raise OutputError(f"cannot write the job to {output}: {err.strerror or err}") from err
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return output

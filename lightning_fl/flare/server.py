@@ -1,0 +1,134 @@
+"""The server of an NVFlare job: NVFlare's `ModelController` sends the tasks, this project's
+`federation.Server` does what `fit`'s server does with the answers (drop the failed, aggregate with
+`lightning_fl.strategies`, select the best round on the sites' validation Dice, write the run
+folder: metrics.csv, W&B, best.ckpt, last.ckpt, state.ckpt).
+
+A site scores the model it receives, which is the one the previous round made, so a validated
+round's record is completed by the next round's answers (or, after the last round, by a `validate`
+task): the same rounds are validated, on the same cases, as in `fit`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning import seed_everything
+from nvflare.app_common.abstract.fl_model import FLModel, MetaKey
+from nvflare.app_common.workflows.model_controller import ModelController
+from nvflare.app_opt.pt.decomposers import TensorDecomposer
+from nvflare.fuel.utils import fobs
+from omegaconf import DictConfig
+
+from lightning_fl.checkpoint import STATE_FILE, claim_run_folder, load_model, lock_run_folder
+from lightning_fl.client import ClientUpdate
+from lightning_fl.errors import RunStopped, UserInputError
+from lightning_fl.federation import RoundRecord, Server, Topology, check_same_run
+from lightning_fl.flare import CONFIG_FILE, DROPPED, NUM_CASES, TRAIN, TRAIN_METRICS, VALIDATE, VALIDATE_RECEIVED
+from lightning_fl.flare.client import load_job_config
+from lightning_fl.labels import label_space_from_config
+from lightning_fl.loggers import RunLogger
+from lightning_fl.networks import build_network
+from lightning_fl.scores import GLOBAL
+
+NO_ANSWER = "no answer within the task timeout (the site failed, stopped or is unreachable)"
+
+
+class ConDistFLController(ModelController):
+    """The job's server-side workflow: `fl.rounds` rounds of `train`, then `validate` the last model.
+
+    Args (NVFlare writes them into the job's server config):
+        config_file: the run's config in the server app's config folder.
+        task_timeout: seconds a round waits for the sites (0: for ever); a site that has not
+            answered by then is dropped for the round, as a failed site is in `fit`.
+        resume: continue the run in the config's `output_dir` from its state.ckpt.
+    """
+
+    def __init__(self, config_file: str = CONFIG_FILE, task_timeout: int = 0, resume: bool = False) -> None:
+        super().__init__(ignore_result_error=True)  # a failing site is dropped; fl.min_sites decides
+        self.config_file, self.task_timeout, self.resume = config_file, task_timeout, resume
+
+    def run(self) -> None:
+        fobs.register(TensorDecomposer)  # the weights travel as torch tensors
+        self._lock = None
+        try:
+            self._rounds(load_job_config(Path(self.get_app_dir()) / "config" / self.config_file, None))
+        except (UserInputError, RunStopped) as err:
+            self.panic(f"lightning-fl: {err}")
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    def _start(self, cfg: DictConfig) -> tuple[Server, RunLogger, int]:
+        """The server's state (fresh, or `resume`d from state.ckpt) and its run folder."""
+        labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+        seed_everything(cfg.seed, verbose=False)  # the initial model of `fit`
+        network = build_network(cfg.model, in_channels=1, out_channels=labels.num_classes)
+        sites = [s.name for s in cfg.data.sites]
+        out = Path(cfg.output_dir)
+        state = None
+        if self.resume:
+            self._lock = lock_run_folder(out)
+            state = load_model(out / STATE_FILE)
+            check_same_run(out, state)
+        else:
+            self._lock, _ = claim_run_folder(out, overwrite=False)
+        server = Server(cfg, labels, Topology.of(cfg.method.training, sites), network, None, state)
+        if state is not None:
+            server._load_state(state)
+            self.info(f"resuming {out} after round {state['round'] + 1}")
+        return server, server._start_outputs(), 0 if state is None else state["round"] + 1
+
+    def _rounds(self, cfg: DictConfig) -> None:
+        server, logger, first = self._start(cfg)
+        sites = [s.name for s in cfg.data.sites]
+        pending: RoundRecord | None = None  # a validated round waiting for the sites' Dice of its model
+        for r in range(first, cfg.fl.rounds):
+            start = time.perf_counter()
+            answers = self._ask(TRAIN, server, r, validate=pending is not None)
+            if pending is not None:
+                self._complete(server, logger, pending, answers)
+            updates = {site: _update(answers.get(site)) for site in sites}
+            server.drop_failed(logger, r, updates)
+            server.aggregate(updates)
+            record = RoundRecord(r, updates, seconds=time.perf_counter() - start)
+            if server.is_validated(r):
+                pending = record
+            else:
+                server.save(logger, record)
+        if pending is not None:
+            self._complete(server, logger, pending, self._ask(VALIDATE, server, cfg.fl.rounds, validate=True))
+        best = server.best[GLOBAL]
+        summary = {"rounds": cfg.fl.rounds, "best_round": best.round, "best_validation_dice": best.score}
+        server.write_summary(logger, summary)
+        self.info(f"best global model: round {best.round + 1}, validation Dice {best.score:.4f}")
+
+    def _ask(self, task: str, server: Server, round_index: int, validate: bool) -> dict[str, FLModel]:
+        """Send the global model to every site; each answer by site name (the sites that answered)."""
+        model = FLModel(
+            params={k: v.contiguous() for k, v in server.models[GLOBAL].items()},  # safetensors' requirement
+            current_round=round_index,
+            total_rounds=server.cfg.fl.rounds,
+            meta={VALIDATE_RECEIVED: validate},
+        )
+        answers = self.send_model_and_wait(task_name=task, data=model, timeout=self.task_timeout)
+        return {answer.meta["client_name"]: answer for answer in answers}
+
+    def _complete(self, server: Server, logger: RunLogger, record: RoundRecord, answers: dict[str, FLModel]) -> None:
+        """A validated round's Dice (each site's of that round's model), its selection and files."""
+        validation = {(GLOBAL, s.name): answers[s.name].metrics for s in server.cfg.data.sites if s.name in answers}
+        server.record_validation(record, validation)
+        server.select(record)
+        server.save(logger, record)
+
+
+def _update(answer: FLModel | None) -> ClientUpdate:
+    """A site's answer to `train` as the update `fit` would have from it."""
+    if answer is None:
+        return ClientUpdate(None, 0, 0, {DROPPED: NO_ANSWER})
+    meta: dict[str, Any] = answer.meta
+    steps, cases = meta.get(MetaKey.NUM_STEPS_CURRENT_ROUND, 0), meta.get(NUM_CASES, 0)
+    if DROPPED in meta:
+        return ClientUpdate(None, steps, cases, {DROPPED: meta[DROPPED]})
+    return ClientUpdate(dict(answer.params), steps, cases, dict(meta[TRAIN_METRICS]))
