@@ -194,7 +194,7 @@ def _export_nvflare(args: argparse.Namespace) -> None:
         if err.name is None or not err.name.startswith("nvflare"):
             raise
         raise ConfigError('export-nvflare needs NVIDIA FLARE: pip install "lightning-fl[nvflare]"') from err
-    job = export_job(cfg, args.output, roots, args.task_timeout, args.resume, args.overwrite)
+    job = export_job(cfg, args.output, roots, args.task_timeout, args.overwrite)
     sites = ",".join(s.name for s in cfg.data.sites)
     print(f"wrote the NVFlare job {job}; try it with: nvflare simulator {job} -w /tmp/nvflare-ws -c {sites}")
 
@@ -354,9 +354,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="SECONDS",
         help="how long a round waits for the sites; one that has not answered is dropped for the round (0: for ever)",
-    )
-    flare.add_argument(
-        "--resume", action="store_true", help="the job continues the run in output_dir from its state.ckpt"
     )
     flare.add_argument("--overwrite", action="store_true", help="replace the job folder if it exists")
     flare.set_defaults(run=_export_nvflare)

@@ -8,6 +8,7 @@ resolved config travels in every app's config folder; the code does not (every m
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,7 +34,6 @@ def export_job(
     output: Path,
     data_roots: dict[str, str],
     task_timeout: int = 0,
-    resume: bool = False,
     overwrite: bool = False,
 ) -> Path:
     """Write the NVFlare job of `cfg` to `output` (what `nvflare simulator` and `nvflare job submit`
@@ -52,31 +52,45 @@ def export_job(
     if cfg.data.synthetic is not None:  # generated once here, before the sites start (the simulator, POC)
         prepare_data_root(cfg, label_space_from_config(cfg.labels.classes, cfg.labels.tumors))
 
+    output = output.absolute()
     job = FedJob(name=JOB_NAME, min_clients=cfg.fl.min_sites)
     job.set_app_packages(["lightning_fl"])
-    job.to_server(ConDistFLController(task_timeout=task_timeout, resume=resume))
+    job.to_server(ConDistFLController(task_timeout=task_timeout))
+    here = Path.cwd()
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / CONFIG_FILE
-        atomic_write_text(config, to_yaml(cfg))
-        job.add_file_to_server(str(config), app_folder_type="config")
-        for site in sites:
-            runner = ScriptRunner(
-                script=str(SITE_SCRIPT),
-                script_args=["--data-root", data_roots[site]] if site in data_roots else "",
-                launch_external_process=True,  # one process per site: its own seeds, threads and memory
-                framework=FrameworkType.PYTORCH,
-                server_expected_format=ExchangeFormat.PYTORCH,
-            )
-            job.to(runner, site, tasks=[TRAIN, VALIDATE])
-            job.add_file_to(str(config), site, app_folder_type="config")
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+        # NVFlare places a script by its path relative to sys.path or the working directory: given
+        # from its own folder, it lands at custom/site_script.py, where the site's command runs it
+        os.chdir(tmp)
         try:
-            job.export_job(str(staging))
-            if output.exists():
-                shutil.rmtree(output)
-            (staging / JOB_NAME).rename(output)
-        except OSError as err:
-            raise OutputError(f"cannot write the job to {output}: {err.strerror or err}") from err
+            shutil.copy(SITE_SCRIPT, SITE_SCRIPT.name)
+            atomic_write_text(Path(CONFIG_FILE), to_yaml(cfg))
+            job.add_file_to_server(CONFIG_FILE, app_folder_type="config")
+            for site in sites:
+                runner = ScriptRunner(
+                    script=SITE_SCRIPT.name,
+                    script_args=["--data-root", data_roots[site]] if site in data_roots else "",
+                    launch_external_process=True,  # one process per site: its own seeds, threads and memory
+                    framework=FrameworkType.PYTORCH,
+                    server_expected_format=ExchangeFormat.PYTORCH,
+                )
+                job.to(runner, site, tasks=[TRAIN, VALIDATE])
+                job.add_file_to(CONFIG_FILE, site, app_folder_type="config")
+            _write(job, output)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            os.chdir(here)
     return output
+
+
+def _write(job: FedJob, output: Path) -> None:
+    """Export into a staging folder beside `output`, then move it in place: never half a job."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        job.export_job(str(staging))
+        if output.exists():
+            shutil.rmtree(output)
+        (staging / JOB_NAME).rename(output)
+    except OSError as err:
+        raise OutputError(f"cannot write the job to {output}: {err.strerror or err}") from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

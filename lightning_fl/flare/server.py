@@ -21,10 +21,10 @@ from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 from omegaconf import DictConfig
 
-from lightning_fl.checkpoint import STATE_FILE, claim_run_folder, load_model, lock_run_folder
+from lightning_fl.checkpoint import claim_run_folder
 from lightning_fl.client import ClientUpdate
 from lightning_fl.errors import RunStopped, UserInputError
-from lightning_fl.federation import RoundRecord, Server, Topology, check_same_run
+from lightning_fl.federation import RoundRecord, Server, Topology
 from lightning_fl.flare import CONFIG_FILE, DROPPED, NUM_CASES, TRAIN, TRAIN_METRICS, VALIDATE, VALIDATE_RECEIVED
 from lightning_fl.flare.client import load_job_config
 from lightning_fl.labels import label_space_from_config
@@ -42,12 +42,11 @@ class ConDistFLController(ModelController):
         config_file: the run's config in the server app's config folder.
         task_timeout: seconds a round waits for the sites (0: for ever); a site that has not
             answered by then is dropped for the round, as a failed site is in `fit`.
-        resume: continue the run in the config's `output_dir` from its state.ckpt.
     """
 
-    def __init__(self, config_file: str = CONFIG_FILE, task_timeout: int = 0, resume: bool = False) -> None:
+    def __init__(self, config_file: str = CONFIG_FILE, task_timeout: int = 0) -> None:
         super().__init__(ignore_result_error=True)  # a failing site is dropped; fl.min_sites decides
-        self.config_file, self.task_timeout, self.resume = config_file, task_timeout, resume
+        self.config_file, self.task_timeout = config_file, task_timeout
 
     def run(self) -> None:
         fobs.register(TensorDecomposer)  # the weights travel as torch tensors
@@ -60,31 +59,20 @@ class ConDistFLController(ModelController):
             if self._lock is not None:
                 self._lock.release()
 
-    def _start(self, cfg: DictConfig) -> tuple[Server, RunLogger, int]:
-        """The server's state (fresh, or `resume`d from state.ckpt) and its run folder."""
+    def _start(self, cfg: DictConfig) -> tuple[Server, RunLogger]:
+        """The server's state and its run folder (a new one: an existing run is refused)."""
         labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
         seed_everything(cfg.seed, verbose=False)  # the initial model of `fit`
         network = build_network(cfg.model, in_channels=1, out_channels=labels.num_classes)
-        sites = [s.name for s in cfg.data.sites]
-        out = Path(cfg.output_dir)
-        state = None
-        if self.resume:
-            self._lock = lock_run_folder(out)
-            state = load_model(out / STATE_FILE)
-            check_same_run(out, state)
-        else:
-            self._lock, _ = claim_run_folder(out, overwrite=False)
-        server = Server(cfg, labels, Topology.of(cfg.method.training, sites), network, None, state)
-        if state is not None:
-            server._load_state(state)
-            self.info(f"resuming {out} after round {state['round'] + 1}")
-        return server, server._start_outputs(), 0 if state is None else state["round"] + 1
+        self._lock, _ = claim_run_folder(Path(cfg.output_dir), overwrite=False)
+        server = Server(cfg, labels, Topology.of(cfg.method.training, [s.name for s in cfg.data.sites]), network)
+        return server, server._start_outputs()
 
     def _rounds(self, cfg: DictConfig) -> None:
-        server, logger, first = self._start(cfg)
+        server, logger = self._start(cfg)
         sites = [s.name for s in cfg.data.sites]
         pending: RoundRecord | None = None  # a validated round waiting for the sites' Dice of its model
-        for r in range(first, cfg.fl.rounds):
+        for r in range(cfg.fl.rounds):
             start = time.perf_counter()
             answers = self._ask(TRAIN, server, r, validate=pending is not None)
             if pending is not None:

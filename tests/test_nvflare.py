@@ -1,0 +1,200 @@
+"""The NVFlare deployment: the exported job, run in NVFlare's own simulator (a server and four site
+processes talking through NVFlare), gives the model `fit` gives, bitwise in float32; a failing site
+is dropped in the same rounds as in `fit`; the checkpoints it saves are read by evaluate, infer and
+export. Both runs pin one thread per process: oneDNN's float32 sums depend on the thread count
+(see test_distributed.py)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("nvflare", reason='the NVFlare tests need the extra: pip install "lightning-fl[nvflare]"')
+
+from lightning_fl.flare import CONFIG_FILE  # noqa: E402
+from lightning_fl.flare.server import ConDistFLController  # noqa: E402
+
+SITES = ["liver", "spleen", "pancreas", "kidney"]
+EXACT = ["fabric.precision=32-true", "logger.wandb.mode=disabled"]
+
+
+def _export(
+    cli, job: Path, run: Path, data_home: Path, *overrides: str, options: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    config = ["--config", "configs/smoke.yaml", "--output", str(job), *options, f"output_dir={run}", *EXACT]
+    return cli("export-nvflare", *config, *overrides, data_home=data_home)
+
+
+def _simulate(job: Path, workspace: Path, data_home: Path) -> subprocess.CompletedProcess:
+    """`nvflare simulator` on the job, each site in a process of its own (`python3` on PATH: this one's)."""
+    env = os.environ | {
+        "LIGHTNING_FL_DATA": str(data_home),
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    command = [sys.executable, "-m", "nvflare.cli", "simulator", str(job), "-w", str(workspace)]
+    return subprocess.run(
+        [*command, "-c", ",".join(SITES), "-t", str(len(SITES))],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+def _fit(cli, run: Path, data_home: Path, *overrides: str) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        result = cli(
+            "fit", "--config", "configs/smoke.yaml", f"output_dir={run}", *EXACT, *overrides, data_home=data_home
+        )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _model(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def _rows(run: Path, phases: tuple[str, ...]) -> list[dict[str, str]]:
+    """metrics.csv's rows of those phases, without the note (a message may name an object's address)."""
+    rows = csv.DictReader((run / "metrics.csv").open())
+    return [{k: v for k, v in r.items() if k != "note"} for r in rows if r["phase"] in phases]
+
+
+@pytest.mark.slow  # five exports, each importing NVFlare: ~25 s
+def test_the_job_holds_the_server_workflow_a_client_app_per_site_and_the_config(cli, data_home, tmp_path):
+    job, run = tmp_path / "job", tmp_path / "run"
+    result = _export(cli, job, run, data_home, options=("--site", "kidney=/data/kidney", "--task-timeout", "600"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((job / "meta.json").read_text())
+    assert meta["deploy_map"] == {"app_server": ["server"]} | {f"app_{s}": [s] for s in SITES}
+    server = json.loads((job / "app_server" / "config" / "config_fed_server.json").read_text())
+    (workflow,) = server["workflows"]
+    assert workflow["path"] == f"{ConDistFLController.__module__}.ConDistFLController"
+    assert workflow["args"] == {"task_timeout": 600}
+    saved = (job / "app_server" / "config" / CONFIG_FILE).read_text()
+    assert f"output_dir: {run}" in saved and "precision: 32-true" in saved
+    for site in SITES:
+        app = job / f"app_{site}"
+        assert (app / "config" / CONFIG_FILE).read_text() == saved
+        assert not (app / "custom" / "lightning_fl").exists()  # the package is installed, not shipped
+        (executor,) = json.loads((app / "config" / "config_fed_client.json").read_text())["executors"]
+        command = executor["executor"]["args"]["command"]
+        assert command[:3] == ["python3", "-u", "custom/site_script.py"]
+        assert command[3:] == (["--data-root", "/data/kidney"] if site == "kidney" else [])
+        assert set(executor["tasks"]) == {"train", "validate"}
+
+    again = _export(cli, job, run, data_home)
+    assert again.returncode == 2 and f"{job} exists; pass --overwrite" in again.stderr
+    assert _export(cli, job, run, data_home, options=("--overwrite",)).returncode == 0
+    wrong = _export(cli, tmp_path / "j2", run, data_home, options=("--site", "heart=/data"))
+    assert wrong.returncode == 2 and "--site heart: not one of data.sites" in wrong.stderr
+    alone = _export(cli, tmp_path / "j3", run, data_home, "method=standalone")
+    assert (
+        alone.returncode == 2 and "method.training=standalone: an NVFlare job trains one global model" in alone.stderr
+    )
+
+
+@pytest.fixture(scope="module")
+def simulated(cli, data_home, tmp_path_factory) -> tuple[Path, Path]:
+    """The smoke config trained by `fit` and by the exported job in the NVFlare simulator."""
+    base = tmp_path_factory.mktemp("nvflare")
+    fit_run, flare_run, job = base / "fit", base / "flare", base / "job"
+    _fit(cli, fit_run, data_home)
+    assert _export(cli, job, flare_run, data_home).returncode == 0
+    result = _simulate(job, base / "workspace", data_home)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return fit_run, flare_run
+
+
+@pytest.mark.slow
+def test_the_simulated_job_gives_the_model_of_fit_bitwise(simulated):
+    fit_run, flare_run = simulated
+    for name in ("last.ckpt", "best.ckpt"):
+        ours, theirs = _model(fit_run / name), _model(flare_run / name)
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+        fit_meta, flare_meta = (torch.load(r / name, weights_only=True) for r in (fit_run, flare_run))
+        assert (flare_meta["round"], flare_meta["score"]) == (fit_meta["round"], fit_meta["score"])
+        assert flare_meta["config"] == json.loads(json.dumps(flare_meta["config"]))  # the config rides along
+    # the same training losses per site and round, the same validation Dice per site and class
+    assert _rows(flare_run, ("train", "validation")) == _rows(fit_run, ("train", "validation"))
+    summary = json.loads((flare_run / "summary.json").read_text())
+    fit_summary = json.loads((fit_run / "summary.json").read_text())
+    assert summary["best_round"] == fit_summary["best_round"]
+    assert summary["best_validation_dice"] == fit_summary["best_validation_dice"]
+
+
+@pytest.mark.slow
+def test_evaluate_infer_and_export_take_the_checkpoints_the_job_saved(cli, data_home, simulated, tmp_path):
+    fit_run, flare_run = simulated
+    result = cli(
+        "evaluate",
+        "--cross-site",
+        "--output",
+        str(tmp_path / "eval"),
+        "--checkpoint",
+        str(flare_run / "best.ckpt"),
+        str(fit_run / "best.ckpt"),
+        data_home=data_home,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "eval" / "cross_site.csv").open()))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    assert len(models) == 2
+    scores = [[(r["site"], r["class"], r["dice"]) for r in rows if r["model"] == m] for m in models]
+    assert scores[0] == scores[1] and scores[0]  # the same weights score the same on every site
+    image = next((data_home / "synthetic-smoke" / "liver" / "images").glob("*.nii.gz"))
+    seg = tmp_path / "seg"
+    infer = cli("infer", "--checkpoint", str(flare_run / "best.ckpt"), "--input", str(image), "--output", str(seg))
+    assert infer.returncode == 0, infer.stderr[-3000:]
+    assert len(list(seg.glob("*.nii.gz"))) == 1
+    export = cli("export", "--checkpoint", str(flare_run / "last.ckpt"), "--output", str(tmp_path / "ts"))
+    assert export.returncode == 0, export.stderr[-3000:]
+    assert (tmp_path / "ts" / "model.ts").is_file()
+
+
+@pytest.mark.slow
+def test_a_failing_site_is_dropped_in_the_rounds_fit_drops_it_and_the_run_goes_on(cli, data_home, simulated, tmp_path):
+    """One of the spleen site's two training volumes is cut short: each round that draws it fails
+    to load it, in fit and on NVFlare alike (nothing cached, so every draw reads the file)."""
+    data = tmp_path / "data"
+    shutil.copytree(data_home / "synthetic-smoke", data)
+    broken = data / "spleen" / "images" / "spleen_000.nii.gz"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    bad = [f"data.root={data}", "data.synthetic=null", "data.check_before_fit=false", "data.cache_rate=0"]
+    fit_run, flare_run, job = tmp_path / "fit", tmp_path / "flare", tmp_path / "job"
+    _fit(cli, fit_run, data_home, *bad)
+    assert (
+        cli(
+            "export-nvflare",
+            "--config",
+            "configs/smoke.yaml",
+            f"output_dir={flare_run}",
+            *EXACT,
+            *bad,
+            "--output",
+            str(job),
+        ).returncode
+        == 0
+    )
+    result = _simulate(job, tmp_path / "workspace", data_home)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    dropped = _rows(flare_run, ("dropped",))
+    assert dropped and {r["site"] for r in dropped} == {"spleen"}
+    assert dropped == _rows(fit_run, ("dropped",))
+    assert (
+        "LoadImaged"
+        in next(r for r in csv.DictReader((flare_run / "metrics.csv").open()) if r["phase"] == "dropped")["note"]
+    )
+    ours, theirs = _model(fit_run / "last.ckpt"), _model(flare_run / "last.ckpt")
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert (flare_run / "summary.json").is_file()  # the run went on to its end
