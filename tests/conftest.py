@@ -44,6 +44,12 @@ class Cli:
         """`lightning-fl *args`, waited for; its output captured as text."""
         return self.python("-m", "lightning_fl", *args, data_home=data_home, timeout=timeout)
 
+    def fit_smoke(self, out: Path, *overrides: str, data_home: Path | str | None = None) -> subprocess.CompletedProcess:
+        """`lightning-fl fit` of configs/smoke.yaml into `out` with `overrides`, which must succeed."""
+        result = self("fit", "--config", "configs/smoke.yaml", f"output_dir={out}", *overrides, data_home=data_home)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
     def python(
         self, *args: str, data_home: Path | str | None = None, cwd: Path = REPO, timeout: float | None = None
     ) -> subprocess.CompletedProcess:

@@ -76,19 +76,8 @@ def test_unsupported_strategy_is_a_config_error(smoke_config_path):
 
 
 def _fit(cli, out: Path, data_home: Path, *overrides: str):
-    result = cli(
-        "fit",
-        "--config",
-        "configs/smoke.yaml",
-        f"output_dir={out}",
-        "logger.wandb.mode=disabled",
-        "fabric.accelerator=cpu",
-        "fabric.precision=32-true",
-        *overrides,
-        data_home=data_home,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    exact = ["logger.wandb.mode=disabled", "fabric.accelerator=cpu", "fabric.precision=32-true"]
+    return cli.fit_smoke(out, *exact, *overrides, data_home=data_home)
 
 
 def _dice_rows(run: Path) -> list[tuple[str, ...]]:

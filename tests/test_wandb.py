@@ -21,14 +21,11 @@ from lightning_fl.loggers import RUN_RECORD
 
 
 @pytest.fixture(scope="module")
-def wandb_run(cli, data_home, smoke_config_path, tmp_path_factory) -> Path:
+def wandb_run(cli, data_home, tmp_path_factory) -> Path:
     """A smoke fit that logs W&B offline, with a mask overlay every round."""
     out = tmp_path_factory.mktemp("wandb_run")
-    result = cli(
-        "fit",
-        "--config",
-        str(smoke_config_path),
-        f"output_dir={out}",
+    cli.fit_smoke(
+        out,
         "logger.wandb.mode=offline",
         "logger.wandb.image_every=1",
         "logger.wandb.group=g",
@@ -37,7 +34,6 @@ def wandb_run(cli, data_home, smoke_config_path, tmp_path_factory) -> Path:
         "logger.wandb.notes=a note",
         data_home=data_home,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     return offline_run(out)
 
 
@@ -169,21 +165,15 @@ def test_the_run_record_travels_with_the_wandb_run_and_loads_back(wandb_run, tmp
         ),
     ],
 )
-def test_standalone_and_centralized_runs_name_their_clients_and_models(
-    cli, data_home, smoke_config_path, tmp_path, method, keys
-):
-    result = cli(
-        "fit",
-        "--config",
-        str(smoke_config_path),
+def test_standalone_and_centralized_runs_name_their_clients_and_models(cli, data_home, tmp_path, method, keys):
+    cli.fit_smoke(
+        tmp_path,
         f"method={method}",
-        f"output_dir={tmp_path}",
         "logger.wandb.mode=offline",
         "fl.rounds=1",
         "fl.local_steps=1",
         data_home=data_home,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     logged = {key for row in history(read_run(offline_run(tmp_path))) for key in row}
     assert keys <= logged, sorted(keys - logged)
     assert not any(key.startswith("val/global") or "/model_global/" in key for key in logged)

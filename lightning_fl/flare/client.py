@@ -31,12 +31,16 @@ from lightning_fl.networks import build_network
 from lightning_fl.site import freeze
 
 
-def load_job_config(path: Path, data_root: Path | None) -> DictConfig:
-    """The run's config shipped in the job, with this site's data root (a job parameter) in place
-    of the exporting machine's; one process per site."""
+def read_job_config(path: Path) -> DictConfig:
+    """The run's config that the job carries, checked like a config file."""
     if not path.is_file():
-        raise ConfigError(f"{path} not found: the job's config (a site runs from its app folder)")
-    cfg = config_from_container(OmegaConf.to_container(OmegaConf.load(path)), [], str(path))
+        raise ConfigError(f"{path} not found: the job's config (an app runs from its app folder)")
+    return config_from_container(OmegaConf.to_container(OmegaConf.load(path)), [], str(path))
+
+
+def site_config(cfg: DictConfig, data_root: Path | None) -> DictConfig:
+    """The config as a site runs it: its own data root (a job parameter) in place of the exporting
+    machine's, and one process."""
     if data_root is not None:
         cfg.data.root = str(data_root)
     cfg.fabric.devices, cfg.fabric.num_nodes, cfg.fabric.strategy = 1, 1, "auto"
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     flare.init()
     try:
-        site = FlareSite(load_job_config(args.config, args.data_root), flare.get_site_name())
+        site = FlareSite(site_config(read_job_config(args.config), args.data_root), flare.get_site_name())
     except UserInputError as err:
         print(f"error: site {flare.get_site_name()}: {err}", file=sys.stderr)
         raise SystemExit(2) from err

@@ -26,7 +26,7 @@ from lightning_fl.client import ClientUpdate
 from lightning_fl.errors import RunStopped, UserInputError
 from lightning_fl.federation import RoundRecord, Server, Topology
 from lightning_fl.flare import CONFIG_FILE, DROPPED, NUM_CASES, TRAIN, TRAIN_METRICS, VALIDATE, VALIDATE_RECEIVED
-from lightning_fl.flare.client import load_job_config
+from lightning_fl.flare.client import read_job_config
 from lightning_fl.labels import label_space_from_config
 from lightning_fl.loggers import RunLogger
 from lightning_fl.networks import build_network
@@ -52,7 +52,7 @@ class ConDistFLController(ModelController):
         fobs.register(TensorDecomposer)  # the weights travel as torch tensors
         self._lock = None
         try:
-            self._rounds(load_job_config(Path(self.get_app_dir()) / "config" / self.config_file, None))
+            self._rounds(read_job_config(Path(self.get_app_dir()) / "config" / self.config_file))
         except (UserInputError, RunStopped) as err:
             self.panic(f"lightning-fl: {err}")
         finally:
