@@ -10,6 +10,7 @@ lightning-fl infer    --checkpoint CKPT_OR_TS --input FILE_OR_DIR --output DIR [
 lightning-fl export   --checkpoint CKPT --output DIR                  TorchScript model.ts + metadata.json
 lightning-fl sweep    FILE [--parallel N] [--rerun-changed] [--tables-only]   variants × seeds, then tables
 lightning-fl export-nvflare [--config FILE] [key=value ...] --output JOB_DIR [--site NAME=DATA_ROOT ...]   NVFlare job
+lightning-fl export-nvflare --resume RUN_DIR --output JOB_DIR [--site NAME=DATA_ROOT ...]   the job continuing a run
 """
 
 from __future__ import annotations
@@ -179,13 +180,16 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _export_nvflare(args: argparse.Namespace) -> None:
-    cfg = load_config(args.config, args.overrides)
-    roots = {}
-    for item in args.site:
-        name, sep, root = item.partition("=")
-        if not sep or not name or not root:
-            raise ConfigError(f"--site {item}: expected NAME=DATA_ROOT, e.g. --site liver=/data/liver")
-        roots[name] = root
+    if args.resume is None:
+        cfg = load_config(args.config, args.overrides)
+    elif args.config is not None or args.overrides or args.overwrite:
+        raise ConfigError(
+            "--resume continues a run with its own config.yaml: "
+            "--config, overrides and --overwrite cannot be given with it"
+        )
+    else:
+        cfg = load_config(args.resume / "config.yaml")
+    roots, state_dirs = _site_paths("--site", args.site), _site_paths("--site-state", args.site_state)
     if args.task_timeout < 0:
         raise ConfigError(f"--task-timeout: expected seconds ≥ 0 (0: wait for ever), got {args.task_timeout}")
     try:
@@ -194,9 +198,22 @@ def _export_nvflare(args: argparse.Namespace) -> None:
         if err.name is None or not err.name.startswith("nvflare"):
             raise
         raise ConfigError('export-nvflare needs NVIDIA FLARE: pip install "lightning-fl[nvflare]"') from err
-    job = export_job(cfg, args.output, roots, args.task_timeout, args.overwrite)
+    job = export_job(
+        cfg, args.output, roots, args.task_timeout, args.overwrite, state_dirs, resume=args.resume is not None
+    )
     sites = ",".join(s.name for s in cfg.data.sites)
     print(f"wrote the NVFlare job {job}; try it with: nvflare simulator {job} -w /tmp/nvflare-ws -c {sites}")
+
+
+def _site_paths(option: str, items: list[str]) -> dict[str, str]:
+    """`NAME=PATH` options, by site name."""
+    paths = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"{option} {item}: expected NAME=PATH, e.g. {option} liver=/data/liver")
+        paths[name] = path
+    return paths
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -354,6 +371,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="SECONDS",
         help="how long a round waits for the sites; one that has not answered is dropped for the round (0: for ever)",
+    )
+    flare.add_argument(
+        "--site-state",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="where a site keeps its optimizer state between rounds, on its own machine (repeat per site; "
+        "default: ~/.cache/lightning_fl/nvflare-sites)",
+    )
+    flare.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="a job that continues this run (its config.yaml) from its last saved round, after the server stopped",
     )
     flare.add_argument("--overwrite", action="store_true", help="replace the job folder if it exists")
     flare.set_defaults(run=_export_nvflare)

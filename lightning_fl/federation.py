@@ -714,6 +714,17 @@ def check_same_run(run_dir: Path, state: dict[str, Any]) -> None:
         )
 
 
+def read_state(run_dir: Path) -> dict[str, Any]:
+    """A run folder's `state.ckpt`, checked to be one that lightning-fl wrote."""
+    state = load_model(run_dir / STATE_FILE)
+    if not isinstance(state, dict) or not {"round", "models", "metrics_bytes"} <= state.keys():
+        raise CheckpointError(
+            f"{run_dir / STATE_FILE} is not a run state written by lightning-fl (expected its "
+            "round, global model and metrics length)"
+        )
+    return state
+
+
 @dataclass
 class Resume:
     """`fit --resume`: the config keys its overrides change, and the overrides (for resumes.yaml)."""
@@ -743,12 +754,7 @@ def run_fit(cfg: DictConfig, resume: Resume | None = None, overwrite: bool = Fal
     try:
         state = None
         if resume is not None:
-            state = load_model(out / STATE_FILE)
-            if not isinstance(state, dict) or not {"round", "models", "metrics_bytes"} <= state.keys():
-                raise CheckpointError(
-                    f"{out / STATE_FILE} is not a run state written by lightning-fl fit (expected its "
-                    "round, global model and metrics length)"
-                )
+            state = read_state(out)
             if is_main:
                 check_same_run(out, state)
             summary = out / "summary.json"

@@ -10,8 +10,10 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ import torch
 pytest.importorskip("nvflare", reason='the NVFlare tests need the extra: pip install "lightning-fl[nvflare]"')
 
 from lightning_fl.flare import CONFIG_FILE  # noqa: E402
+from lightning_fl.flare.client import SiteState  # noqa: E402
 from lightning_fl.flare.server import ConDistFLController  # noqa: E402
 
 SITES = ["liver", "spleen", "pancreas", "kidney"]
@@ -33,7 +36,7 @@ def _export(
     return cli("export-nvflare", *config, *overrides, data_home=data_home)
 
 
-def _simulate(job: Path, workspace: Path, data_home: Path) -> subprocess.CompletedProcess:
+def _simulator(job: Path, workspace: Path, data_home: Path) -> tuple[list[str], dict[str, str]]:
     """`nvflare simulator` on the job, each site in a process of its own (`python3` on PATH: this one's)."""
     env = os.environ | {
         "LIGHTNING_FL_DATA": str(data_home),
@@ -41,13 +44,12 @@ def _simulate(job: Path, workspace: Path, data_home: Path) -> subprocess.Complet
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
     command = [sys.executable, "-m", "nvflare.cli", "simulator", str(job), "-w", str(workspace)]
-    return subprocess.run(
-        [*command, "-c", ",".join(SITES), "-t", str(len(SITES))],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    return [*command, "-c", ",".join(SITES), "-t", str(len(SITES))], env
+
+
+def _simulate(job: Path, workspace: Path, data_home: Path) -> subprocess.CompletedProcess:
+    command, env = _simulator(job, workspace, data_home)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
 def _fit(cli, run: Path, data_home: Path, *overrides: str) -> None:
@@ -69,7 +71,13 @@ def _rows(run: Path, phases: tuple[str, ...]) -> list[dict[str, str]]:
 @pytest.mark.slow  # five exports, each importing NVFlare: ~25 s
 def test_the_job_holds_the_server_workflow_a_client_app_per_site_and_the_config(cli, data_home, tmp_path):
     job, run = tmp_path / "job", tmp_path / "run"
-    result = _export(cli, job, run, data_home, options=("--site", "kidney=/data/kidney", "--task-timeout", "600"))
+    result = _export(
+        cli,
+        job,
+        run,
+        data_home,
+        options=("--site", "kidney=/data/kidney", "--site-state", "kidney=/state", "--task-timeout", "600"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((job / "meta.json").read_text())
     assert meta["deploy_map"] == {"app_server": ["server"]} | {f"app_{s}": [s] for s in SITES}
@@ -86,7 +94,7 @@ def test_the_job_holds_the_server_workflow_a_client_app_per_site_and_the_config(
         (executor,) = json.loads((app / "config" / "config_fed_client.json").read_text())["executors"]
         command = executor["executor"]["args"]["command"]
         assert command[:3] == ["python3", "-u", "custom/site_script.py"]
-        assert command[3:] == (["--data-root", "/data/kidney"] if site == "kidney" else [])
+        assert command[3:] == (["--data-root", "/data/kidney", "--state-dir", "/state"] if site == "kidney" else [])
         assert set(executor["tasks"]) == {"train", "validate"}
 
     again = _export(cli, job, run, data_home)
@@ -195,3 +203,61 @@ def test_a_failing_site_is_dropped_in_the_rounds_fit_drops_it_and_the_run_goes_o
     ours, theirs = _model(fit_run / "last.ckpt"), _model(flare_run / "last.ckpt")
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert (flare_run / "summary.json").is_file()  # the run went on to its end
+
+
+@pytest.mark.slow
+def test_a_job_resumed_after_the_server_stopped_gives_the_model_of_fit(cli, data_home, simulated, tmp_path):
+    """The simulator is killed (server and sites at once) as soon as the run's state.ckpt holds round
+    1, when the sites have trained round 2 already; the job exported with --resume continues from
+    round 1, each site from its own saved optimizer state, and ends with fit's model."""
+    fit_run, _ = simulated
+    run, states = tmp_path / "flare", tmp_path / "site-states"
+    site_states = [f"--site-state={site}={states}" for site in SITES]
+    assert _export(cli, tmp_path / "job", run, data_home, options=tuple(site_states)).returncode == 0
+    command, env = _simulator(tmp_path / "job", tmp_path / "workspace", data_home)
+    simulator = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        while not (run / "state.ckpt").is_file() and simulator.poll() is None:
+            time.sleep(0.05)
+    finally:
+        os.killpg(simulator.pid, signal.SIGKILL)
+        simulator.wait()
+    assert torch.load(run / "state.ckpt", weights_only=True)["round"] == 0
+    assert not (run / "summary.json").exists()
+    assert sorted(p.name for p in states.glob("*/liver/*")) == ["round-0001.ckpt", "round-0002.ckpt"]
+
+    config_too = cli(
+        "export-nvflare", "--resume", str(run), "--config", "configs/smoke.yaml", "--output", str(tmp_path / "j")
+    )
+    assert config_too.returncode == 2 and "--resume continues a run with its own config.yaml" in config_too.stderr
+    job = tmp_path / "resumed"
+    assert (
+        cli("export-nvflare", "--resume", str(run), "--output", str(job), *site_states, data_home=data_home).returncode
+        == 0
+    )
+    result = _simulate(job, tmp_path / "workspace-2", data_home)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    for site in SITES:
+        assert f"site {site}: continuing from its state after round 1" in log
+    for name in ("last.ckpt", "best.ckpt"):
+        ours, theirs = _model(fit_run / name), _model(run / name)
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    assert _rows(run, ("train", "validation")) == _rows(fit_run, ("train", "validation"))
+    assert "after_round: 1" in (run / "resumes.yaml").read_text()
+
+
+def test_a_site_keeps_the_states_a_resumed_job_can_need(tmp_path):
+    """Its states after the server's saved round (it may have trained past it), and the newest up
+    to that round: the one a resumed job, starting at the next round, continues from."""
+    state = SiteState(tmp_path, "liver")
+    for trained, saved in [(0, -1), (1, -1), (2, 0), (3, 2), (4, 2)]:
+        state.save("run-a", trained, {"step": torch.tensor(trained)}, saved)
+    assert sorted(state._files("run-a")) == [2, 3, 4]
+    resumed_at, saved_state = state.load("run-a", before=3)
+    assert resumed_at == 2 and saved_state["step"].item() == 2
+    assert state.load("run-a", before=0) is None and state.load("run-b", before=3) is None
+    state.save("run-a", 9, {"step": torch.tensor(9)}, saved_round=8)  # it missed rounds 5 to 8: 4 is kept
+    assert sorted(state._files("run-a")) == [4, 9]

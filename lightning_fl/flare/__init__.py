@@ -10,4 +10,5 @@ CONFIG_FILE = "lightning_fl.yaml"  # the run's resolved config, in every app's c
 TRAIN, VALIDATE = "train", "validate"  # the two tasks a site answers
 # meta keys of the messages (beyond NVFlare's own)
 VALIDATE_RECEIVED = "validate_received"  # server → site: score the received model first
+RUN_ID, SAVED_ROUND = "run_id", "saved_round"  # server → site: whose run, and the round its state.ckpt holds
 NUM_CASES, TRAIN_METRICS, DROPPED = "num_cases", "train_metrics", "dropped"  # site → server

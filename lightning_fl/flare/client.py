@@ -4,7 +4,8 @@ the site's validation split when the server asks (it is the model the previous r
 the weight difference, the number of steps and cases, the training losses and the Dice.
 
 The site builds what `Federation` builds for one site, in the same order from the same seed, so its
-updates are those `fit` computes for it (docs/how-to/nvflare.md says what may still differ).
+updates are those `fit` computes for it (docs/how-to/nvflare.md says what may still differ). Its
+optimizer and schedule, which `fit` keeps in state.ckpt, stay on the site's own disk (`SiteState`).
 """
 
 from __future__ import annotations
@@ -18,13 +19,23 @@ import nvflare.client as flare
 from nvflare.app_common.abstract.fl_model import FLModel, MetaKey, ParamsType
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_fl.checkpoint import load_model, save_state
 from lightning_fl.client import SiteClient
 from lightning_fl.config import ConfigError, config_from_container
 from lightning_fl.data.datasets import evaluation_loader, load_site, prepare_data_root
 from lightning_fl.distributed import build_fabric
 from lightning_fl.errors import UserInputError
 from lightning_fl.evaluation import nanmean, score_cases
-from lightning_fl.flare import CONFIG_FILE, DROPPED, NUM_CASES, TRAIN, TRAIN_METRICS, VALIDATE_RECEIVED
+from lightning_fl.flare import (
+    CONFIG_FILE,
+    DROPPED,
+    NUM_CASES,
+    RUN_ID,
+    SAVED_ROUND,
+    TRAIN,
+    TRAIN_METRICS,
+    VALIDATE_RECEIVED,
+)
 from lightning_fl.inference import Predictor
 from lightning_fl.labels import label_space_from_config
 from lightning_fl.networks import build_network
@@ -47,6 +58,42 @@ def site_config(cfg: DictConfig, data_root: Path | None) -> DictConfig:
     return cfg
 
 
+DEFAULT_STATE_DIR = Path("~/.cache/lightning_fl/nvflare-sites")
+
+
+class SiteState:
+    """A site's optimizer and schedule after each round it trained, on its own disk
+    (`<dir>/<run id>/<site>/round-NNNN.ckpt`), so that a site process started again, for a job
+    resumed after the server stopped, continues as `fit --resume` would.
+
+    The server may resume from its last saved round S while the site has trained one or two rounds
+    more (a validated round is saved once the next round's Dice arrive), so the site keeps every
+    state after S and the newest one up to S."""
+
+    def __init__(self, root: Path, site: str) -> None:
+        self.root, self.site = root.expanduser(), site
+
+    def _files(self, run_id: str) -> dict[int, Path]:
+        """Each saved state by the (0-based) round after which it was saved."""
+        folder = self.root / run_id / self.site
+        return {int(p.stem.removeprefix("round-")) - 1: p for p in sorted(folder.glob("round-*.ckpt"))}
+
+    def save(self, run_id: str, round_index: int, state: dict[str, Any], saved_round: int) -> None:
+        """Keep the state after `round_index`; drop those no resume from `saved_round` on can need."""
+        save_state(self.root / run_id / self.site / f"round-{round_index + 1:04d}.ckpt", state)
+        files = self._files(run_id)
+        kept = max((r for r in files if r <= saved_round), default=None)
+        for r, path in files.items():
+            if r < saved_round and r != kept:
+                path.unlink(missing_ok=True)
+
+    def load(self, run_id: str, before: int) -> tuple[int, dict[str, Any]] | None:
+        """The newest state saved before round `before`, and its round; None: none was."""
+        files = self._files(run_id)
+        newest = max((r for r in files if r < before), default=None)
+        return None if newest is None else (newest, load_model(files[newest]))
+
+
 class FlareSite:
     """A site's client and its validation split, built as `Federation` builds them for one site.
 
@@ -54,7 +101,7 @@ class FlareSite:
     `SiteClient` (module, optimizer and schedule, which persist across rounds in this process)
     and the validation loader (volumes kept across rounds)."""
 
-    def __init__(self, cfg: DictConfig, name: str) -> None:
+    def __init__(self, cfg: DictConfig, name: str, state_dir: Path = DEFAULT_STATE_DIR) -> None:
         sites = {s.name: s for s in cfg.data.sites}
         if name not in sites:
             raise ConfigError(f"NVFlare site '{name}' is not one of data.sites {list(sites)} of the job's config")
@@ -70,6 +117,7 @@ class FlareSite:
             name, [self.data], self.labels, student, self.network, cfg, fabric, (0, 1), self.predictor.prepare
         )
         self.validation = evaluation_loader(self.data.splits["validation"], cfg.data)
+        self.state, self.trained = SiteState(state_dir, name), False
 
     def validate(self, state: dict[str, Any]) -> dict[str, float]:
         """The received model's Dice per class on this site's validation split (mean over cases)."""
@@ -86,7 +134,12 @@ class FlareSite:
         dice = self.validate(state) if received.meta.get(VALIDATE_RECEIVED) else {}
         if task != TRAIN:
             return FLModel(metrics=dice)
-        update = self.client.train(state, received.current_round)
+        run_id, r = received.meta[RUN_ID], received.current_round
+        if not self.trained and r > 0:  # this process starts in a run that has trained rounds
+            self._restore(run_id, r)
+        update = self.client.train(state, r)
+        self.trained = True
+        self.state.save(run_id, r, self.client.state_dict(), received.meta[SAVED_ROUND])
         meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: update.num_steps, NUM_CASES: update.num_cases}
         if update.delta is None:
             return FLModel(metrics=dice, meta=meta | {DROPPED: update.metrics["dropped"]})
@@ -94,15 +147,36 @@ class FlareSite:
         meta[TRAIN_METRICS] = update.metrics
         return FLModel(params_type=ParamsType.DIFF, params=delta, metrics=dice, meta=meta)
 
+    def _restore(self, run_id: str, round_index: int) -> None:
+        """The optimizer and schedule this site had before round `round_index` of the run."""
+        saved = self.state.load(run_id, round_index)
+        folder = self.state.root / run_id / self.name
+        if saved is None:
+            print(
+                f"warning: site {self.name}: no saved state of run {run_id} before round {round_index + 1} in "
+                f"{folder}; its optimizer and schedule start afresh (the run will differ from fit's)",
+                file=sys.stderr,
+            )
+            return
+        self.client.load_state_dict(saved[1])
+        print(f"site {self.name}: continuing from its state after round {saved[0] + 1} ({folder})", file=sys.stderr)
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="site_script.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=Path("config") / CONFIG_FILE, help="the job's config")
     parser.add_argument("--data-root", type=Path, help="this site's data root (default: the config's data.root)")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help=f"where this site keeps its optimizer state between rounds (default: {DEFAULT_STATE_DIR})",
+    )
     args = parser.parse_args(argv)
     flare.init()
     try:
-        site = FlareSite(site_config(read_job_config(args.config), args.data_root), flare.get_site_name())
+        cfg = site_config(read_job_config(args.config), args.data_root)
+        site = FlareSite(cfg, flare.get_site_name(), args.state_dir)
     except UserInputError as err:
         print(f"error: site {flare.get_site_name()}: {err}", file=sys.stderr)
         raise SystemExit(2) from err

@@ -35,18 +35,24 @@ def export_job(
     data_roots: dict[str, str],
     task_timeout: int = 0,
     overwrite: bool = False,
+    state_dirs: dict[str, str] | None = None,
+    resume: bool = False,
 ) -> Path:
     """Write the NVFlare job of `cfg` to `output` (what `nvflare simulator` and `nvflare job submit`
-    take); returns it. `data_roots`: site → its data root on its own machine (default: `data.root`)."""
+    take); returns it. `data_roots` and `state_dirs`: site → its data root and the folder it keeps
+    its optimizer state in, on its own machine (defaults: `data.root`, `client.DEFAULT_STATE_DIR`).
+    `resume`: the job continues the run in `output_dir` from its last saved round."""
+    state_dirs = state_dirs or {}
     if cfg.method.training != "federated":
         raise ConfigError(
             f"method.training={cfg.method.training}: an NVFlare job trains one global model across the "
             "sites (federated); standalone and centralized training are simulations, run them with fit"
         )
     sites = [s.name for s in cfg.data.sites]
-    unknown = sorted(set(data_roots) - set(sites))
-    if unknown:
-        raise ConfigError(f"--site {unknown[0]}: not one of data.sites {sites}")
+    for option, given in (("--site", data_roots), ("--site-state", state_dirs)):
+        unknown = sorted(set(given) - set(sites))
+        if unknown:
+            raise ConfigError(f"{option} {unknown[0]}: not one of data.sites {sites}")
     if output.exists() and not overwrite:
         raise RunFolderError(f"{output} exists; pass --overwrite to replace the job there")
     if cfg.data.synthetic is not None:  # generated once here, before the sites start (the simulator, POC)
@@ -55,7 +61,7 @@ def export_job(
     output = output.absolute()
     job = FedJob(name=JOB_NAME, min_clients=cfg.fl.min_sites)
     job.set_app_packages(["lightning_fl"])
-    job.to_server(ConDistFLController(task_timeout=task_timeout))
+    job.to_server(ConDistFLController(task_timeout=task_timeout, resume=resume))
     here = Path.cwd()
     with tempfile.TemporaryDirectory() as tmp:
         # NVFlare places a script by its path relative to sys.path or the working directory: given
@@ -68,7 +74,7 @@ def export_job(
             for site in sites:
                 runner = ScriptRunner(
                     script=SITE_SCRIPT.name,
-                    script_args=["--data-root", data_roots[site]] if site in data_roots else "",
+                    script_args=_site_args(data_roots.get(site), state_dirs.get(site)) or "",
                     launch_external_process=True,  # one process per site: its own seeds, threads and memory
                     framework=FrameworkType.PYTORCH,
                     server_expected_format=ExchangeFormat.PYTORCH,
@@ -79,6 +85,12 @@ def export_job(
         finally:
             os.chdir(here)
     return output
+
+
+def _site_args(data_root: str | None, state_dir: str | None) -> list[str]:
+    """The site script's options: the site's paths on its own machine, where given."""
+    args = ["--data-root", data_root] if data_root else []
+    return args + (["--state-dir", state_dir] if state_dir else [])
 
 
 def _write(job: FedJob, output: Path) -> None:

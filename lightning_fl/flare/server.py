@@ -6,6 +6,9 @@ folder: metrics.csv, W&B, best.ckpt, last.ckpt, state.ckpt).
 A site scores the model it receives, which is the one the previous round made, so a validated
 round's record is completed by the next round's answers (or, after the last round, by a `validate`
 task): the same rounds are validated, on the same cases, as in `fit`.
+
+A job exported with `--resume` continues the run from its state.ckpt (the last round saved) after
+the server stopped; each site continues from its own saved optimizer state (`client.SiteState`).
 """
 
 from __future__ import annotations
@@ -21,11 +24,22 @@ from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 from omegaconf import DictConfig
 
-from lightning_fl.checkpoint import claim_run_folder
+from lightning_fl.checkpoint import claim_run_folder, lock_run_folder
 from lightning_fl.client import ClientUpdate
+from lightning_fl.config import ConfigError, config_changes
 from lightning_fl.errors import RunStopped, UserInputError
-from lightning_fl.federation import RoundRecord, Server, Topology
-from lightning_fl.flare import CONFIG_FILE, DROPPED, NUM_CASES, TRAIN, TRAIN_METRICS, VALIDATE, VALIDATE_RECEIVED
+from lightning_fl.federation import RoundRecord, Server, Topology, check_same_run, read_state, record_resume
+from lightning_fl.flare import (
+    CONFIG_FILE,
+    DROPPED,
+    NUM_CASES,
+    RUN_ID,
+    SAVED_ROUND,
+    TRAIN,
+    TRAIN_METRICS,
+    VALIDATE,
+    VALIDATE_RECEIVED,
+)
 from lightning_fl.flare.client import read_job_config
 from lightning_fl.labels import label_space_from_config
 from lightning_fl.loggers import RunLogger
@@ -42,11 +56,12 @@ class ConDistFLController(ModelController):
         config_file: the run's config in the server app's config folder.
         task_timeout: seconds a round waits for the sites (0: for ever); a site that has not
             answered by then is dropped for the round, as a failed site is in `fit`.
+        resume: continue the run in `output_dir` from its state.ckpt instead of starting one.
     """
 
-    def __init__(self, config_file: str = CONFIG_FILE, task_timeout: int = 0) -> None:
+    def __init__(self, config_file: str = CONFIG_FILE, task_timeout: int = 0, resume: bool = False) -> None:
         super().__init__(ignore_result_error=True)  # a failing site is dropped; fl.min_sites decides
-        self.config_file, self.task_timeout = config_file, task_timeout
+        self.config_file, self.task_timeout, self.resume = config_file, task_timeout, resume
 
     def run(self) -> None:
         fobs.register(TensorDecomposer)  # the weights travel as torch tensors
@@ -59,20 +74,43 @@ class ConDistFLController(ModelController):
             if self._lock is not None:
                 self._lock.release()
 
-    def _start(self, cfg: DictConfig) -> tuple[Server, RunLogger]:
-        """The server's state and its run folder (a new one: an existing run is refused)."""
+    def _start(self, cfg: DictConfig) -> Server:
+        """The server's state: a new run's (its folder must not hold one), or the saved run's."""
+        out = Path(cfg.output_dir)
         labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
         seed_everything(cfg.seed, verbose=False)  # the initial model of `fit`
         network = build_network(cfg.model, in_channels=1, out_channels=labels.num_classes)
-        self._lock, _ = claim_run_folder(Path(cfg.output_dir), overwrite=False)
-        server = Server(cfg, labels, Topology.of(cfg.method.training, [s.name for s in cfg.data.sites]), network)
-        return server, server._start_outputs()
+        topology = Topology.of(cfg.method.training, [s.name for s in cfg.data.sites])
+        if not self.resume:
+            self._lock, _ = claim_run_folder(out, overwrite=False)
+            return Server(cfg, labels, topology, network)
+        self._lock = lock_run_folder(out)
+        state = read_state(out)
+        check_same_run(out, state)
+        changed = config_changes(read_job_config(out / "config.yaml"), cfg)
+        if changed:
+            raise ConfigError(
+                f"the job's config is not the one of the run in {out} ({', '.join(changed)} differ); "
+                f"export the job again with --resume {out}, which takes the run's config.yaml"
+            )
+        server = Server(cfg, labels, topology, network, resume=state)
+        server._load_state(state)
+        return server
 
     def _rounds(self, cfg: DictConfig) -> None:
-        server, logger = self._start(cfg)
+        server = self._start(cfg)
+        first = 0 if server.resume is None else server.resume["round"] + 1
+        self.saved_round = first - 1  # the round state.ckpt holds; the sites keep their states from it on
+        if first >= cfg.fl.rounds and (server.output_dir / "summary.json").is_file():
+            self.info(f"{server.output_dir} holds a finished run ({cfg.fl.rounds} rounds); nothing to do")
+            return
+        if first:
+            record_resume(server.output_dir, first - 1, [], [])
+            self.info(f"resuming {server.output_dir} after round {first} of {cfg.fl.rounds}")
+        logger = server._start_outputs()
         sites = [s.name for s in cfg.data.sites]
         pending: RoundRecord | None = None  # a validated round waiting for the sites' Dice of its model
-        for r in range(cfg.fl.rounds):
+        for r in range(first, cfg.fl.rounds):
             start = time.perf_counter()
             answers = self._ask(TRAIN, server, r, validate=pending is not None)
             if pending is not None:
@@ -84,7 +122,7 @@ class ConDistFLController(ModelController):
             if server.is_validated(r):
                 pending = record
             else:
-                server.save(logger, record)
+                self._save(server, logger, record)
         if pending is not None:
             self._complete(server, logger, pending, self._ask(VALIDATE, server, cfg.fl.rounds, validate=True))
         best = server.best[GLOBAL]
@@ -98,7 +136,7 @@ class ConDistFLController(ModelController):
             params={k: v.contiguous() for k, v in server.models[GLOBAL].items()},  # safetensors' requirement
             current_round=round_index,
             total_rounds=server.cfg.fl.rounds,
-            meta={VALIDATE_RECEIVED: validate},
+            meta={VALIDATE_RECEIVED: validate, RUN_ID: server.identity["run_id"], SAVED_ROUND: self.saved_round},
         )
         answers = self.send_model_and_wait(task_name=task, data=model, timeout=self.task_timeout)
         return {answer.meta["client_name"]: answer for answer in answers}
@@ -108,7 +146,11 @@ class ConDistFLController(ModelController):
         validation = {(GLOBAL, s.name): answers[s.name].metrics for s in server.cfg.data.sites if s.name in answers}
         server.record_validation(record, validation)
         server.select(record)
+        self._save(server, logger, record)
+
+    def _save(self, server: Server, logger: RunLogger, record: RoundRecord) -> None:
         server.save(logger, record)
+        self.saved_round = record.round
 
 
 def _update(answer: FLModel | None) -> ClientUpdate:
