@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -203,6 +204,57 @@ def test_a_failing_site_is_dropped_in_the_rounds_fit_drops_it_and_the_run_goes_o
     ours, theirs = _model(fit_run / "last.ckpt"), _model(flare_run / "last.ckpt")
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert (flare_run / "summary.json").is_file()  # the run went on to its end
+
+
+def _site_processes(workspace: Path, site: str) -> list[int]:
+    """The process ids of a site's script in the simulator's workspace (from Linux's /proc)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            running = proc.name.isdigit() and b"custom/site_script.py" in (proc / "cmdline").read_bytes()
+            if running and Path(os.readlink(proc / "cwd")).is_relative_to(workspace / site):
+                pids.append(int(proc.name))
+        except OSError:  # ended meanwhile, or another user's
+            continue
+    return pids
+
+
+@pytest.mark.slow  # NVFlare gives a silent site's task up after 30 s without heartbeats
+def test_sites_that_cannot_start_or_die_are_dropped_and_the_others_go_on(cli, data_home, simulated, tmp_path):
+    """spleen's data root holds no datalist: it answers every round with why it cannot start;
+    pancreas's process is killed once it has connected: NVFlare ends its tasks with an error. The
+    two other sites carry the run (fl.min_sites=2) to its end, each round recording both drops."""
+    run, job, workspace = tmp_path / "flare", tmp_path / "job", tmp_path / "workspace"
+    (tmp_path / "empty").mkdir()
+    data = [f"data.root={data_home / 'synthetic-smoke'}", "data.synthetic=null", "fl.min_sites=2"]
+    exported = _export(cli, job, run, data_home, *data, options=("--site", f"spleen={tmp_path / 'empty'}"))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    command, env = _simulator(job, workspace, data_home)
+    simulator = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(600, simulator.kill)  # a hung job fails the test, not CI
+    watchdog.start()
+    lines, killed = [], []
+    for line in simulator.stdout:  # once pancreas's script has connected to its NVFlare client
+        lines.append(line)
+        if not killed and "trainer session established" in line and "fqcn=pancreas." in line:
+            killed = _site_processes(workspace, "pancreas")
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+    simulator.wait()
+    watchdog.cancel()
+    log = "".join(lines)
+    assert killed and simulator.returncode == 0, log[-4000:]
+    dropped = [
+        (r["round"], r["site"], r["note"])
+        for r in csv.DictReader((run / "metrics.csv").open())
+        if r["phase"] == "dropped"
+    ]
+    cannot_start = f"cannot start: datalist not found: {tmp_path / 'empty' / 'spleen.json'}"
+    died = "NVFlare ended its task with EXECUTION_EXCEPTION (its process died, stopped sending heartbeats or raised)"
+    assert sorted(dropped) == [(r, s, n) for r in "01" for s, n in (("pancreas", died), ("spleen", cannot_start))]
+    validated = {r["site"] for r in csv.DictReader((run / "metrics.csv").open()) if r["phase"] == "validation"}
+    assert validated == {"liver", "kidney"}
+    assert json.loads((run / "summary.json").read_text())["rounds"] == 2
 
 
 @pytest.mark.slow

@@ -11,4 +11,7 @@ TRAIN, VALIDATE = "train", "validate"  # the two tasks a site answers
 # meta keys of the messages (beyond NVFlare's own)
 VALIDATE_RECEIVED = "validate_received"  # server → site: score the received model first
 RUN_ID, SAVED_ROUND = "run_id", "saved_round"  # server → site: whose run, and the round its state.ckpt holds
-NUM_CASES, TRAIN_METRICS, DROPPED = "num_cases", "train_metrics", "dropped"  # site → server
+NUM_CASES, TRAIN_METRICS = "num_cases", "train_metrics"  # site → server
+# site → server, in the metrics beside the Dice: why its round failed (NVFlare sends no answer
+# that holds neither weights nor metrics)
+DROPPED = "dropped"

@@ -142,7 +142,7 @@ class FlareSite:
         self.state.save(run_id, r, self.client.state_dict(), received.meta[SAVED_ROUND])
         meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: update.num_steps, NUM_CASES: update.num_cases}
         if update.delta is None:
-            return FLModel(metrics=dice, meta=meta | {DROPPED: update.metrics["dropped"]})
+            return FLModel(metrics=dice | {DROPPED: update.metrics["dropped"]}, meta=meta)
         delta = {k: v.cpu().contiguous() for k, v in update.delta.items()}  # safetensors' requirement
         meta[TRAIN_METRICS] = update.metrics
         return FLModel(params_type=ParamsType.DIFF, params=delta, metrics=dice, meta=meta)
@@ -174,14 +174,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     flare.init()
+    site: FlareSite | None = None
     try:
         cfg = site_config(read_job_config(args.config), args.data_root)
         site = FlareSite(cfg, flare.get_site_name(), args.state_dir)
-    except UserInputError as err:
-        print(f"error: site {flare.get_site_name()}: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
+    except UserInputError as err:  # answered every round, so the server's run folder says why
+        cannot_start = f"cannot start: {err}"
+        print(f"error: site {flare.get_site_name()}: {cannot_start}", file=sys.stderr)
     while flare.is_running():
         received = flare.receive()
         if received is None:  # the job ended
             break
-        flare.send(site.answer(flare.get_task_name(), received))
+        if site is None:
+            flare.send(
+                FLModel(metrics={DROPPED: cannot_start}, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: 0, NUM_CASES: 0})
+            )
+        else:
+            flare.send(site.answer(flare.get_task_name(), received))

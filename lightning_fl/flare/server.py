@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from lightning import seed_everything
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.fl_model import FLModel, MetaKey
 from nvflare.app_common.workflows.model_controller import ModelController
 from nvflare.app_opt.pt.decomposers import TensorDecomposer
@@ -46,7 +49,7 @@ from lightning_fl.loggers import RunLogger
 from lightning_fl.networks import build_network
 from lightning_fl.scores import GLOBAL
 
-NO_ANSWER = "no answer within the task timeout (the site failed, stopped or is unreachable)"
+NO_ANSWER = "no answer within --task-timeout (the site is stopped, unreachable or too slow)"
 
 
 class ConDistFLController(ModelController):
@@ -130,8 +133,18 @@ class ConDistFLController(ModelController):
         server.write_summary(logger, summary)
         self.info(f"best global model: round {best.round + 1}, validation Dice {best.score:.4f}")
 
-    def _ask(self, task: str, server: Server, round_index: int, validate: bool) -> dict[str, FLModel]:
-        """Send the global model to every site; each answer by site name (the sites that answered)."""
+    def _accept_train_result(self, client_name: str, result: Shareable, fl_ctx: FLContext, **kwargs: Any) -> bool:
+        """NVFlare's check of a site's answer; a failed task's return code is kept, to say why the
+        site is dropped (NVFlare's message names neither the site's error nor the round)."""
+        code = result.get_return_code()
+        if code and code != ReturnCode.OK and not kwargs.get("is_unknown_task"):  # not a late answer
+            self._failed[client_name] = code
+        return super()._accept_train_result(client_name, result, fl_ctx, **kwargs)
+
+    def _ask(self, task: str, server: Server, round_index: int, validate: bool) -> dict[str, FLModel | str]:
+        """Send the global model to every site; by site name, each answer, or the return code
+        NVFlare gave a site's failed task (the sites that did not answer are missing)."""
+        self._failed: dict[str, str] = {}
         model = FLModel(
             params={k: v.contiguous() for k, v in server.models[GLOBAL].items()},  # safetensors' requirement
             current_round=round_index,
@@ -139,11 +152,15 @@ class ConDistFLController(ModelController):
             meta={VALIDATE_RECEIVED: validate, RUN_ID: server.identity["run_id"], SAVED_ROUND: self.saved_round},
         )
         answers = self.send_model_and_wait(task_name=task, data=model, timeout=self.task_timeout)
-        return {answer.meta["client_name"]: answer for answer in answers}
+        return self._failed | {answer.meta["client_name"]: answer for answer in answers}
 
-    def _complete(self, server: Server, logger: RunLogger, record: RoundRecord, answers: dict[str, FLModel]) -> None:
+    def _complete(
+        self, server: Server, logger: RunLogger, record: RoundRecord, answers: dict[str, FLModel | str]
+    ) -> None:
         """A validated round's Dice (each site's of that round's model), its selection and files."""
-        validation = {(GLOBAL, s.name): answers[s.name].metrics for s in server.cfg.data.sites if s.name in answers}
+        dice = {site: _dice(a) for site, a in answers.items() if isinstance(a, FLModel)}
+        scored = {site: d for site, d in dice.items() if d}  # a site that could not start scores nothing
+        validation = {(GLOBAL, s.name): scored[s.name] for s in server.cfg.data.sites if s.name in scored}
         server.record_validation(record, validation)
         server.select(record)
         self._save(server, logger, record)
@@ -153,12 +170,21 @@ class ConDistFLController(ModelController):
         self.saved_round = record.round
 
 
-def _update(answer: FLModel | None) -> ClientUpdate:
+def _update(answer: FLModel | str | None) -> ClientUpdate:
     """A site's answer to `train` as the update `fit` would have from it."""
     if answer is None:
         return ClientUpdate(None, 0, 0, {DROPPED: NO_ANSWER})
+    if isinstance(answer, str):
+        reason = f"NVFlare ended its task with {answer} (its process died, stopped sending heartbeats or raised)"
+        return ClientUpdate(None, 0, 0, {DROPPED: reason})
     meta: dict[str, Any] = answer.meta
     steps, cases = meta.get(MetaKey.NUM_STEPS_CURRENT_ROUND, 0), meta.get(NUM_CASES, 0)
-    if DROPPED in meta:
-        return ClientUpdate(None, steps, cases, {DROPPED: meta[DROPPED]})
+    reason = (answer.metrics or {}).get(DROPPED)
+    if reason is not None:
+        return ClientUpdate(None, steps, cases, {DROPPED: reason})
     return ClientUpdate(dict(answer.params), steps, cases, dict(meta[TRAIN_METRICS]))
+
+
+def _dice(answer: FLModel) -> dict[str, float]:
+    """The Dice per class a site's answer carries (none where it was not asked to score)."""
+    return {name: value for name, value in (answer.metrics or {}).items() if name != DROPPED}
