@@ -6,7 +6,9 @@ export. Both runs pin one thread per process: oneDNN's float32 sums depend on th
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import shutil
@@ -16,25 +18,41 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
 
 pytest.importorskip("nvflare", reason='the NVFlare tests need the extra: pip install "lightning-fl[nvflare]"')
 
+from lightning_fl.cli import main  # noqa: E402
 from lightning_fl.flare import CONFIG_FILE  # noqa: E402
 from lightning_fl.flare.client import SiteState  # noqa: E402
 from lightning_fl.flare.server import ConDistFLController  # noqa: E402
 
 SITES = ["liver", "spleen", "pancreas", "kidney"]
+SMOKE = Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml"
 EXACT = ["fabric.precision=32-true", "logger.wandb.mode=disabled"]
 
 
-def _export(
-    cli, job: Path, run: Path, data_home: Path, *overrides: str, options: tuple[str, ...] = ()
-) -> subprocess.CompletedProcess:
-    config = ["--config", "configs/smoke.yaml", "--output", str(job), *options, f"output_dir={run}", *EXACT]
-    return cli("export-nvflare", *config, *overrides, data_home=data_home)
+class Exported(NamedTuple):
+    returncode: int
+    stderr: str
+
+
+def _export_nvflare(*args: str) -> Exported:
+    """`lightning-fl export-nvflare *args` in this process (NVFlare is imported once, not per call)."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["export-nvflare", *args])
+    return Exported(code, stderr.getvalue())
+
+
+def _export(job: Path, run: Path, *overrides: str, options: tuple[str, ...] = ()) -> Exported:
+    """The smoke config's job, run into `run`, exactly (float32, no W&B)."""
+    return _export_nvflare(
+        "--config", str(SMOKE), "--output", str(job), *options, f"output_dir={run}", *EXACT, *overrides
+    )
 
 
 def _simulator(job: Path, workspace: Path, data_home: Path) -> tuple[list[str], dict[str, str]]:
@@ -69,14 +87,12 @@ def _rows(run: Path, phases: tuple[str, ...]) -> list[dict[str, str]]:
     return [{k: v for k, v in r.items() if k != "note"} for r in rows if r["phase"] in phases]
 
 
-@pytest.mark.slow  # five exports, each importing NVFlare: ~25 s
-def test_the_job_holds_the_server_workflow_a_client_app_per_site_and_the_config(cli, data_home, tmp_path):
+@pytest.mark.slow  # importing NVFlare: ~10 s
+def test_the_job_holds_the_server_workflow_a_client_app_per_site_and_the_config(data_home, tmp_path):
     job, run = tmp_path / "job", tmp_path / "run"
     result = _export(
-        cli,
         job,
         run,
-        data_home,
         options=("--site", "kidney=/data/kidney", "--site-state", "kidney=/state", "--task-timeout", "600"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -98,12 +114,12 @@ def test_the_job_holds_the_server_workflow_a_client_app_per_site_and_the_config(
         assert command[3:] == (["--data-root", "/data/kidney", "--state-dir", "/state"] if site == "kidney" else [])
         assert set(executor["tasks"]) == {"train", "validate"}
 
-    again = _export(cli, job, run, data_home)
+    again = _export(job, run)
     assert again.returncode == 2 and f"{job} exists; pass --overwrite" in again.stderr
-    assert _export(cli, job, run, data_home, options=("--overwrite",)).returncode == 0
-    wrong = _export(cli, tmp_path / "j2", run, data_home, options=("--site", "heart=/data"))
+    assert _export(job, run, options=("--overwrite",)).returncode == 0
+    wrong = _export(tmp_path / "j2", run, options=("--site", "heart=/data"))
     assert wrong.returncode == 2 and "--site heart: not one of data.sites" in wrong.stderr
-    alone = _export(cli, tmp_path / "j3", run, data_home, "method=standalone")
+    alone = _export(tmp_path / "j3", run, "method=standalone")
     assert (
         alone.returncode == 2 and "method.training=standalone: an NVFlare job trains one global model" in alone.stderr
     )
@@ -115,7 +131,7 @@ def simulated(cli, data_home, tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("nvflare")
     fit_run, flare_run, job = base / "fit", base / "flare", base / "job"
     _fit(cli, fit_run, data_home)
-    assert _export(cli, job, flare_run, data_home).returncode == 0
+    assert _export(job, flare_run).returncode == 0
     result = _simulate(job, base / "workspace", data_home)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return fit_run, flare_run
@@ -179,19 +195,7 @@ def test_a_failing_site_is_dropped_in_the_rounds_fit_drops_it_and_the_run_goes_o
     bad = [f"data.root={data}", "data.synthetic=null", "data.check_before_fit=false", "data.cache_rate=0"]
     fit_run, flare_run, job = tmp_path / "fit", tmp_path / "flare", tmp_path / "job"
     _fit(cli, fit_run, data_home, *bad)
-    assert (
-        cli(
-            "export-nvflare",
-            "--config",
-            "configs/smoke.yaml",
-            f"output_dir={flare_run}",
-            *EXACT,
-            *bad,
-            "--output",
-            str(job),
-        ).returncode
-        == 0
-    )
+    assert _export(job, flare_run, *bad).returncode == 0
     result = _simulate(job, tmp_path / "workspace", data_home)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     dropped = _rows(flare_run, ("dropped",))
@@ -220,14 +224,14 @@ def _site_processes(workspace: Path, site: str) -> list[int]:
 
 
 @pytest.mark.slow  # NVFlare gives a silent site's task up after 30 s without heartbeats
-def test_sites_that_cannot_start_or_die_are_dropped_and_the_others_go_on(cli, data_home, simulated, tmp_path):
+def test_sites_that_cannot_start_or_die_are_dropped_and_the_others_go_on(data_home, simulated, tmp_path):
     """spleen's data root holds no datalist: it answers every round with why it cannot start;
     pancreas's process is killed once it has connected: NVFlare ends its tasks with an error. The
     two other sites carry the run (fl.min_sites=2) to its end, each round recording both drops."""
     run, job, workspace = tmp_path / "flare", tmp_path / "job", tmp_path / "workspace"
     (tmp_path / "empty").mkdir()
     data = [f"data.root={data_home / 'synthetic-smoke'}", "data.synthetic=null", "fl.min_sites=2"]
-    exported = _export(cli, job, run, data_home, *data, options=("--site", f"spleen={tmp_path / 'empty'}"))
+    exported = _export(job, run, *data, options=("--site", f"spleen={tmp_path / 'empty'}"))
     assert exported.returncode == 0, exported.stderr[-3000:]
     command, env = _simulator(job, workspace, data_home)
     simulator = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -258,14 +262,14 @@ def test_sites_that_cannot_start_or_die_are_dropped_and_the_others_go_on(cli, da
 
 
 @pytest.mark.slow
-def test_a_job_resumed_after_the_server_stopped_gives_the_model_of_fit(cli, data_home, simulated, tmp_path):
+def test_a_job_resumed_after_the_server_stopped_gives_the_model_of_fit(data_home, simulated, tmp_path):
     """The simulator is killed (server and sites at once) as soon as the run's state.ckpt holds round
     1, when the sites have trained round 2 already; the job exported with --resume continues from
     round 1, each site from its own saved optimizer state, and ends with fit's model."""
     fit_run, _ = simulated
     run, states = tmp_path / "flare", tmp_path / "site-states"
     site_states = [f"--site-state={site}={states}" for site in SITES]
-    assert _export(cli, tmp_path / "job", run, data_home, options=tuple(site_states)).returncode == 0
+    assert _export(tmp_path / "job", run, options=tuple(site_states)).returncode == 0
     command, env = _simulator(tmp_path / "job", tmp_path / "workspace", data_home)
     simulator = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -280,15 +284,10 @@ def test_a_job_resumed_after_the_server_stopped_gives_the_model_of_fit(cli, data
     assert not (run / "summary.json").exists()
     assert sorted(p.name for p in states.glob("*/liver/*")) == ["round-0001.ckpt", "round-0002.ckpt"]
 
-    config_too = cli(
-        "export-nvflare", "--resume", str(run), "--config", "configs/smoke.yaml", "--output", str(tmp_path / "j")
-    )
+    config_too = _export_nvflare("--resume", str(run), "--config", str(SMOKE), "--output", str(tmp_path / "j"))
     assert config_too.returncode == 2 and "--resume continues a run with its own config.yaml" in config_too.stderr
     job = tmp_path / "resumed"
-    assert (
-        cli("export-nvflare", "--resume", str(run), "--output", str(job), *site_states, data_home=data_home).returncode
-        == 0
-    )
+    assert _export_nvflare("--resume", str(run), "--output", str(job), *site_states).returncode == 0
     result = _simulate(job, tmp_path / "workspace-2", data_home)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
