@@ -234,8 +234,10 @@ def test_sites_that_cannot_start_or_die_are_dropped_and_the_others_go_on(data_ho
     exported = _export(job, run, *data, options=("--site", f"spleen={tmp_path / 'empty'}"))
     assert exported.returncode == 0, exported.stderr[-3000:]
     command, env = _simulator(job, workspace, data_home)
-    simulator = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    watchdog = threading.Timer(600, simulator.kill)  # a hung job fails the test, not CI
+    simulator = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    watchdog = threading.Timer(600, os.killpg, (simulator.pid, signal.SIGKILL))  # a hung job fails the test, not CI
     watchdog.start()
     lines, killed = [], []
     for line in simulator.stdout:  # once pancreas's script has connected to its NVFlare client
