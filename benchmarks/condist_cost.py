@@ -4,7 +4,7 @@ Prints two ratios (median of timed repeats, after warm-up):
   1. a ConDist training step (student forward/backward + frozen-teacher forward + both losses +
      optimizer step) divided by a supervised-only step (marginal loss alone)   target ≤ 1.5
   2. forward+backward of lightning_fl.losses divided by a straightforward per-channel
-     implementation of the same formulas with MONAI's Dice (tests/reference_losses.py)  goal ≤ 0.5
+     implementation of the same formulas with MONAI's Dice (tests/helpers/reference_losses.py)  goal ≤ 0.5
 
     python benchmarks/condist_cost.py [--config configs/condistfl_synthetic.yaml] [--repeats 20]
 """
@@ -20,35 +20,25 @@ import lightning as L
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))  # tests.helpers.reference_losses
 
 from _timing import median_times  # noqa: E402
-from reference_losses import condist_loss_loop, marginal_loss_loop  # noqa: E402
 
+from lightning_fl.build import build_run  # noqa: E402
 from lightning_fl.config import load_config  # noqa: E402
 from lightning_fl.distributed import resolve_precision  # noqa: E402
-from lightning_fl.labels import label_space_from_config  # noqa: E402
+from lightning_fl.labels import LabelSpace  # noqa: E402
 from lightning_fl.losses import ConDistDiceLoss, MarginalDiceCELoss, deep_supervision_weights  # noqa: E402
-from lightning_fl.networks import build_network  # noqa: E402
-from lightning_fl.site import Site  # noqa: E402
+from tests.helpers.reference_losses import condist_loss_loop, marginal_loss_loop  # noqa: E402
 
 
 def step_timer(cfg, fabric: L.Fabric, condist: bool, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
-    """One optimizer step of a real Site (the config's first site) on Fabric, as the round loop runs it."""
+    """One optimizer step of a real objective (the config's first site's) on Fabric, as the round loop runs it."""
     cfg = cfg.copy()
     cfg.method.condist = condist
-    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
-    foreground = labels.foreground(cfg.data.sites[0].classes)
-    torch.manual_seed(0)
-    site = Site(
-        [foreground],
-        labels,
-        student=build_network(cfg.model, 1, labels.num_classes),
-        teacher=build_network(cfg.model, 1, labels.num_classes),
-        cfg=cfg,
-        steps_per_round=cfg.fl.local_steps,
-    )
-    module, optimizer = fabric.setup(site, site.configure_optimizers()["optimizer"])
+    run = build_run(cfg)
+    objective = run.objective([run.labels.foreground(cfg.data.sites[0].classes)], run.new_network())
+    module, optimizer = fabric.setup(objective, objective.configure_optimizers()["optimizer"])
     module.train()
 
     def step() -> None:
@@ -71,7 +61,7 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     cfg.fabric.precision = resolve_precision(cfg.fabric)
     fabric = L.Fabric(accelerator=cfg.fabric.accelerator, devices=1, precision=cfg.fabric.precision)
-    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    labels = LabelSpace.of(cfg.labels)
     site = cfg.data.sites[0]
     foreground = labels.foreground(site.classes)
     groups = labels.background_groups(foreground)

@@ -31,7 +31,7 @@ from _timing import add_realdata_argument, require_realdata
 from lightning_fl.config import load_config
 from lightning_fl.data.prepare import prepare_task
 from lightning_fl.distributed import resolve_precision
-from lightning_fl.labels import label_space_from_config
+from lightning_fl.labels import LabelSpace
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER_VALIDATION_CASES = 26 + 8 + 56 + 42
@@ -89,7 +89,7 @@ def main() -> None:
     if not 0 < few < many:
         sys.exit("error: --steps FEW MANY needs 0 < FEW < MANY")
     cfg = load_config(REPO / "configs" / "condistfl_paper.yaml", args.overrides)
-    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    labels = LabelSpace.of(cfg.labels)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         prepare_task("spleen", task09_layout(args.realdata, folder / "Task09_Spleen"), folder / "data", labels)

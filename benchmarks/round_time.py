@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
-from lightning_fl import federation as fed_module
+from lightning_fl import run_folder
 from lightning_fl.config import load_config
 from lightning_fl.distributed import build_fabric
 from lightning_fl.federation import Federation
-from lightning_fl.site import Site
+from lightning_fl.objective import Objective
 
 REPO = Path(__file__).resolve().parent.parent
 QUIET = ["logger.progress=false", "fabric.devices=1", "data.check_before_fit=false"]
@@ -64,19 +64,19 @@ def instrument(federation: Federation, times: PhaseTimes) -> None:
     f = federation
     train_clients = f.train_clients
 
-    def counted_round(round_index: int) -> Any:
-        times.round = round_index
-        return times.wrap("local training", train_clients)(round_index)
+    def counted_round(round: int) -> Any:
+        times.round = round
+        return times.wrap("local training", train_clients)(round)
 
     f.train_clients = counted_round
-    f.aggregate = times.wrap("aggregation", f.aggregate)
+    f.server.aggregate = times.wrap("aggregation", f.server.aggregate)
     score = f.score
     f.score = lambda states, pairs, split, *rest: times.wrap(split, score)(
         states, pairs, split, *rest
     )  # validation, or testing
-    f._save_state = times.wrap("state file", f._save_state)
-    fed_module.save_model = times.wrap("model files", fed_module.save_model)
-    f._record_round = times.wrap("model files + logging", f._record_round)
+    f.server._save_state = times.wrap("state file", f.server._save_state)
+    run_folder.save_model = times.wrap("model files", run_folder.save_model)
+    f.server._record_round = times.wrap("model files + logging", f.server._record_round)
     f.fabric.backward = times.wrap("step", f.fabric.backward)
     f.fabric.clip_gradients = times.wrap("step", f.fabric.clip_gradients)
     teacher_forward = f.network.forward
@@ -86,16 +86,16 @@ def instrument(federation: Federation, times: PhaseTimes) -> None:
         return times.wrap("teacher", teacher_forward)(*args) if in_step["on"] else teacher_forward(*args)
 
     f.network.forward = teacher
-    step = times.wrap("step", Site.training_step)
+    step = times.wrap("step", Objective.training_step)
 
-    def training_step(self: Site, *args: Any) -> Any:
+    def training_step(self: Objective, *args: Any) -> Any:
         in_step["on"] = True
         try:
             return step(self, *args)
         finally:
             in_step["on"] = False
 
-    Site.training_step = training_step
+    Objective.training_step = training_step
     for client in f.clients.values():
         # the scheduler's step (microseconds) stays unwrapped: its state_dict would pickle the wrapper
         client.optimizer.step = times.wrap("step", client.optimizer.step)
@@ -124,7 +124,7 @@ def main() -> None:
         start = time.perf_counter()
         federation.fit()
         wall = time.perf_counter() - start
-        last = args.rounds - 1
+        last = args.rounds
 
     got = {phase: s for (r, phase), s in times.seconds.items() if r == last}
     local, steps, data, teacher = got["local training"], got["step"], got.get("data", 0.0), got.get("teacher", 0.0)
@@ -135,7 +135,7 @@ def main() -> None:
     round_total = local + aggregation + validation + checkpoint + logging
     print(
         f"config {args.config.name}: {len(cfg.data.sites)} sites × {cfg.fl.local_steps} local steps, "
-        f"{torch.get_num_threads()} threads, precision {cfg.fabric.precision}; round {last + 1} of {args.rounds} "
+        f"{torch.get_num_threads()} threads, precision {cfg.fabric.precision}; round {last} of {args.rounds} "
         f"(whole run {wall:.1f} s incl. the final test)\n"
     )
     rows = [

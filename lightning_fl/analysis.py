@@ -1,21 +1,18 @@
-"""A run's curves and scores read back from its folder, and the plots of a run and of a sweep.
+"""The plots of a run and of a sweep, and the curves they draw, from what the run folders hold.
 
 `fit` writes a run's plots into its folder when it ends, `sweep` its comparison beside results.md,
-and notebooks load and plot runs with the same functions. csv and numpy only (pandas is a dev
-dependency); figures are `matplotlib.figure.Figure`s drawn on the Agg canvas, never through pyplot,
-so nothing here changes the backend of a notebook or other caller.
+and notebooks plot runs with the same functions (the numbers come from `results.py`; the files are
+read through `run_folder.py`). numpy only (pandas is a dev dependency); figures are
+`matplotlib.figure.Figure`s drawn on the Agg canvas, never through pyplot, so nothing here changes
+the backend of a notebook or other caller.
 """
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 import math
-import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,48 +23,31 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
-from omegaconf import DictConfig, OmegaConf
 
 from lightning_fl.checkpoint import atomic_write_bytes
-from lightning_fl.loggers import RUN_RECORD, Overlay
-from lightning_fl.scores import CASES_FILE, GLOBAL, TEST, CaseRow, read_test_cases
+from lightning_fl.loggers import Overlay
+from lightning_fl.results import over_seeds, run_mean
+from lightning_fl.run_folder import (
+    DICE_PLOT,
+    FINAL_PLOT,
+    LOSS_PLOT,
+    OVERLAY_PLOT,
+    TRAIN,
+    VALIDATION,
+    RunFolder,
+    SweepFolder,
+)
 
-METRICS_FILE, SUMMARY_FILE = "metrics.csv", "summary.json"
 LOSSES = ("loss", "supervised", "condist", "proximal")  # training losses, in metrics.csv's column order
 SCHEDULES = ("condist_weight", "lr")  # per-round values the losses are weighted or stepped with
 SCHEDULE_NAMES = {"condist_weight": "ConDist weight", "lr": "learning rate"}
-DICE_PLOT, FINAL_PLOT, LOSS_PLOT = "dice_over_rounds.png", "final_dice.png", "losses.png"
-OVERLAY_PLOT = "overlays.png"
-COMPARISON_PLOT, FREQUENCY_PLOT = "comparison.png", "aggregation_frequency.png"
 
 Curves = tuple[list[int], dict[str, np.ndarray]]  # rounds, and name → one value per round (NaN: none)
 
 
-@dataclass(frozen=True)
-class RunFiles:
-    """What a run folder holds for analysis; absent files are empty (a run cut off before its test)."""
-
-    folder: Path
-    metrics: list[dict[str, str]]  # metrics.csv's rows as written (empty cells: "")
-    summary: dict[str, Any]
-    cases: list[CaseRow]
-
-
-def load_run(folder: Path | str) -> RunFiles:
-    """metrics.csv, summary.json and test_cases.csv of a run folder."""
-    folder = Path(folder)
-    metrics, summary, cases = folder / METRICS_FILE, folder / SUMMARY_FILE, folder / CASES_FILE
-    return RunFiles(
-        folder,
-        list(csv.DictReader(metrics.open(newline=""))) if metrics.is_file() else [],
-        json.loads(summary.read_text()) if summary.is_file() else {},
-        read_test_cases(cases) if cases.is_file() else [],
-    )
-
-
 def download_wandb_runs(path: str, to: Path | str, group: str | None = None, api: Any = None) -> list[Path]:
     """The run folders' record files of the W&B runs of project `path` ("entity/project"), of one
-    `group` (a sweep) if given, downloaded to `to/<run id>/` for `load_run`: a notebook's way to
+    `group` (a sweep) if given, downloaded to `to/<run id>/` (each a `RunFolder`): a notebook's way to
     read runs made on other machines. Needs network and a W&B login (`api`: a `wandb.Api()`; offline
     runs are there once `wandb sync` has uploaded them)."""
     if api is None:
@@ -77,7 +57,7 @@ def download_wandb_runs(path: str, to: Path | str, group: str | None = None, api
     folders = []
     for run in api.runs(path, filters={"group": group} if group else None):
         folder = Path(to) / run.id
-        for file in run.files(names=list(RUN_RECORD)):  # those it has: a run cut off has no summary
+        for file in run.files(names=list(RunFolder.RECORD)):  # those it has: a run cut off has no summary
             file.download(root=str(folder), replace=True, exist_ok=True)
         folders.append(folder)
     return folders
@@ -106,7 +86,7 @@ def _curves(rows: list[dict[str, str]], name_of: Any, value_of: Any) -> Curves:
 def validation_dice(rows: list[dict[str, str]], per_site: bool = False) -> Curves:
     """Each class's validation Dice per validated round: the mean over the sites that label it (and
     over the models that score it: a standalone run's site models), or per `site/class`."""
-    rows = [r for r in rows if r["phase"] == "validation"]
+    rows = [r for r in rows if r["phase"] == VALIDATION]
     return _curves(
         rows,
         lambda r, name: f"{r['site']}/{name}" if per_site else name,
@@ -117,7 +97,7 @@ def validation_dice(rows: list[dict[str, str]], per_site: bool = False) -> Curve
 def training_curves(rows: list[dict[str, str]]) -> Curves:
     """The mean over sites of each training loss and schedule the train rows have: a method without
     ConDist or FedProx has no condist, condist_weight or proximal column values, and none appear."""
-    rows = [r for r in rows if r["phase"] == "train"]
+    rows = [r for r in rows if r["phase"] == TRAIN]
     return _curves(rows, lambda r, name: name, lambda r: [(c, _number(r[c])) for c in LOSSES + SCHEDULES])
 
 
@@ -148,9 +128,8 @@ def show(fig: Figure, name: str, folder: Path | str | None = None) -> Any:
 
 
 def _lines(ax: Any, rounds: list[int], curves: Mapping[str, np.ndarray]) -> None:
-    x = np.array(rounds) + 1  # rounds are shown from 1, as the console does
     for name, values in curves.items():
-        ax.plot(x, values, marker="o", markersize=3, label=name)
+        ax.plot(rounds, values, marker="o", markersize=3, label=name)
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
@@ -167,7 +146,7 @@ def dice_over_rounds_figure(rows: list[dict[str, str]]) -> Figure | None:
     stack = np.vstack(list(dice.values()))
     counts = (~np.isnan(stack)).sum(axis=0)
     mean = np.where(counts > 0, np.nansum(stack, axis=0) / np.maximum(counts, 1), np.nan)  # NaN, no warning
-    ax.plot(np.array(rounds) + 1, mean, color="black", linewidth=2.5, label="mean")
+    ax.plot(rounds, mean, color="black", linewidth=2.5, label="mean")
     ax.set(ylabel="validation Dice", ylim=(0, 1), title="Validation Dice per class (mean over the sites labelling it)")
     ax.legend(fontsize=7, ncol=2)
     return fig
@@ -188,7 +167,7 @@ def final_dice_figure(summary: Mapping[str, Any]) -> Figure | None:
         ax.bar(np.arange(len(classes)) + (i - (len(groups) - 1) / 2) * width, values, width, label=name)
     ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
     best = summary.get("best_round")
-    which = f"the best global model (round {best + 1})" if isinstance(best, int) else "each site's own best model"
+    which = f"the best global model (round {best})" if isinstance(best, int) else "each site's own best model"
     ax.set(ylabel="Dice", ylim=(0, 1), title=f"Test and external Dice of {which}")
     ax.legend(fontsize=7)
     return fig
@@ -242,40 +221,20 @@ def write_run_plots(
 ) -> list[Path]:
     """The run's plots, as PNGs in its folder (those its files allow, and the last validated
     round's `overlays` when given); the paths written."""
-    run = load_run(folder)
+    run = RunFolder(folder)
+    metrics = run.read_metrics()
     figures = {
-        DICE_PLOT: dice_over_rounds_figure(run.metrics),
-        FINAL_PLOT: final_dice_figure(run.summary),
-        LOSS_PLOT: losses_figure(run.metrics),
+        DICE_PLOT: dice_over_rounds_figure(metrics),
+        FINAL_PLOT: final_dice_figure(run.read_summary()),
+        LOSS_PLOT: losses_figure(metrics),
         OVERLAY_PLOT: overlay_figure(
             overlays or {}, classes, "The last round's model on each site's first validation case (axial slice)"
         ),
     }
-    return [write_png(run.folder / name, fig) for name, fig in figures.items() if fig is not None]
+    return [write_png(run.plot(name), fig) for name, fig in figures.items() if fig is not None]
 
 
 # ---------------------------------------------------------------- sweeps
-def over_seeds(values: Iterable[float]) -> tuple[float, float]:
-    """Mean and sample std of the finite values (std 0 for one, NaN for none)."""
-    finite = [v for v in values if not math.isnan(v)]
-    if not finite:
-        return math.nan, math.nan
-    return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
-
-
-def mean_std(values: Iterable[float]) -> str:
-    """A table cell over seeds: `mean ± std` (sample std), the mean alone for one seed, n/a for none."""
-    finite = [v for v in values if not math.isnan(v)]
-    mean, std = over_seeds(finite)
-    return "n/a" if not finite else f"{mean:.3f}" if len(finite) == 1 else f"{mean:.3f} ± {std:.3f}"
-
-
-def run_mean(dice: Mapping[str, float]) -> float:
-    """A run's mean over its classes (those with a value), as the tables' mean row."""
-    finite = [v for v in dice.values() if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else math.nan
-
-
 def comparison_figure(variants: Sequence[str], per_run: Mapping[tuple[str, int], Mapping[str, float]]) -> Figure:
     """Per class and their mean, each variant's test Dice as mean ± std over seeds: grouped bars."""
     classes = list(dict.fromkeys(c for dice in per_run.values() for c in dice)) + ["mean"]
@@ -313,70 +272,11 @@ def frequency_figure(points: Mapping[str, Mapping[int, Sequence[float]]]) -> Fig
     return fig
 
 
-# ---------------------------------------------------------------- a sweep's results folder
-RESULTS_FILE, RUNS_DIR = "results.csv", "runs"
-PerRun = dict[tuple[str, int], dict[str, float]]  # (variant, seed) → class → test Dice
-
-
-def load_results(folder: Path | str) -> list[dict[str, Any]]:
-    """A sweep's results.csv (one row per run × phase × model × site × class), seed and cases as
-    ints and dice as a float (NaN: no case has the class)."""
-    rows = list(csv.DictReader((Path(folder) / RESULTS_FILE).open(newline="")))
-    return [r | {"seed": int(r["seed"]), "cases": int(r["cases"]), "dice": _number(r["dice"])} for r in rows]
-
-
-def _is_standalone(rows: Sequence[Mapping[str, Any]], variant: str) -> bool:
-    """Each site has its own model: no row of the variant is the global model's."""
-    return all(r["model"] != GLOBAL for r in rows if r["variant"] == variant)
-
-
-def variants_of(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    return list(dict.fromkeys(r["variant"] for r in rows))
-
-
-def test_dice_per_run(rows: Sequence[Mapping[str, Any]]) -> PerRun:
-    """Per run, each class's test Dice pooled over the cases of the sites that label it, from the
-    headline model's rows (the global model, or a standalone site's own model on its own site):
-    the numbers of results.md's test table and comparison.png."""
-    standalone = set(standalone_variants(rows))
-    sums: dict[tuple[str, int], dict[str, list[float]]] = {}
-    for r in rows:
-        headline = r["model"] == (r["site"] if r["variant"] in standalone else GLOBAL)
-        if r["phase"] == TEST and headline:
-            total = sums.setdefault((r["variant"], r["seed"]), {}).setdefault(r["class"], [0.0, 0])
-            if r["cases"]:
-                total[0] += r["dice"] * r["cases"]
-                total[1] += r["cases"]
-    return {key: {c: s / n if n else math.nan for c, (s, n) in by.items()} for key, by in sums.items()}
-
-
-def comparison_rows(per_run: PerRun) -> tuple[list[str], list[list[str]]]:
-    """results.md's test table: rows = classes and their mean, columns = variants, cells mean ± std
-    over seeds (the mean alone for one seed)."""
-    variants = list(dict.fromkeys(v for v, _ in per_run))
-    classes = list(dict.fromkeys(c for dice in per_run.values() for c in dice))
-
-    def cell(variant: str, value: Any) -> str:
-        return mean_std(value(d) for (v, _), d in per_run.items() if v == variant)
-
-    rows = [[c, *(cell(v, lambda d, c=c: d.get(c, math.nan)) for v in variants)] for c in classes]
-    return ["class", *variants], rows + [["mean", *(cell(v, run_mean) for v in variants)]]
-
-
-def sweep_run_folders(folder: Path | str) -> dict[tuple[str, int], Path]:
-    """(variant, seed) → the run folder under `runs/<variant>/seed<seed>/`."""
-    return {
-        (run.parent.name, int(run.name.removeprefix("seed"))): run
-        for run in sorted((Path(folder) / RUNS_DIR).glob("*/seed*"))
-        if run.is_dir() and run.name.removeprefix("seed").isdigit()
-    }
-
-
 def sweep_validation_dice(folder: Path | str) -> dict[str, Curves]:
     """Per variant, each class's validation Dice over rounds (as `validation_dice`), mean over its seeds."""
     by_variant: dict[str, list[Curves]] = {}
-    for (variant, _), run in sweep_run_folders(folder).items():
-        by_variant.setdefault(variant, []).append(validation_dice(load_run(run).metrics))
+    for (variant, _), run in SweepFolder(folder).runs().items():
+        by_variant.setdefault(variant, []).append(validation_dice(run.read_metrics()))
     out: dict[str, Curves] = {}
     for variant, curves in by_variant.items():
         rounds = sorted({r for rs, _ in curves for r in rs})
@@ -405,7 +305,7 @@ def sweep_dice_figure(curves: Mapping[str, Curves]) -> Figure | None:
     for ax, cls in zip(axes, classes):
         for variant, (rounds, dice) in curves.items():
             if cls in dice:
-                ax.plot(np.array(rounds) + 1, dice[cls], marker="o", markersize=3, label=variant)
+                ax.plot(rounds, dice[cls], marker="o", markersize=3, label=variant)
         ax.set(title=cls, xlabel="round", ylim=(0, 1))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -416,28 +316,6 @@ def sweep_dice_figure(curves: Mapping[str, Curves]) -> Figure | None:
     fig.legend(handles, labels, loc="outside lower center", fontsize=8, ncol=min(6, len(curves)))
     fig.suptitle("Validation Dice per class over rounds (mean over seeds)")
     return fig
-
-
-def standalone_variants(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The variants whose sites each have their own model (`method=standalone`)."""
-    return [v for v in variants_of(rows) if _is_standalone(rows, v)]
-
-
-def cross_site_matrix(rows: Sequence[Mapping[str, Any]], variant: str) -> tuple[list[str], list[str], np.ndarray]:
-    """A standalone variant's every site model (rows) on every site's test split and class
-    (columns `site/class`), mean over seeds: results.md's cross-site table."""
-    test = [r for r in rows if r["variant"] == variant and r["phase"] == TEST]
-    models = list(dict.fromkeys(r["model"] for r in test))
-    columns = list(dict.fromkeys(f"{r['site']}/{r['class']}" for r in test))
-    values: dict[tuple[str, str], list[float]] = {}
-    for r in test:
-        values.setdefault((r["model"], f"{r['site']}/{r['class']}"), []).append(r["dice"])
-    matrix = np.full((len(models), len(columns)), np.nan)
-    for (model, column), seeds in values.items():
-        finite = [v for v in seeds if not math.isnan(v)]
-        if finite:
-            matrix[models.index(model), columns.index(column)] = np.mean(finite)
-    return models, columns, matrix
 
 
 def cross_site_figure(models: Sequence[str], columns: Sequence[str], matrix: np.ndarray, title: str) -> Figure:
@@ -455,40 +333,3 @@ def cross_site_figure(models: Sequence[str], columns: Sequence[str], matrix: np.
     ax.set(xlabel="test split / class", ylabel="model", title=title)
     fig.colorbar(image, ax=ax, label="Dice")
     return fig
-
-
-def _method_key(cfg: DictConfig) -> str:
-    """A variant's config but for how often it aggregates (fl.rounds, fl.local_steps, eval.every)
-    and what runs it (seed, folder, logger, fabric): the variants of one method share it."""
-    config = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("seed", "output_dir", "logger", "fabric"):
-        config.pop(key, None)
-    for section, key in (("fl", "rounds"), ("fl", "local_steps"), ("eval", "every")):
-        config[section].pop(key, None)
-    return json.dumps(config, sort_keys=True, default=str)
-
-
-def frequency_points(configs: Mapping[str, DictConfig], per_run: PerRun) -> dict[str, dict[int, list[float]]]:
-    """Method → local steps per round → each finished run's test mean Dice, from each variant's
-    config. A method is the variants whose configs differ only in how often they aggregate, named
-    by their names' common prefix (`condistfl_6steps`, `condistfl_24steps` → `condistfl`)."""
-    methods: dict[str, list[str]] = {}
-    for variant, cfg in configs.items():
-        methods.setdefault(_method_key(cfg), []).append(variant)
-    points: dict[str, dict[int, list[float]]] = {}
-    for variants in methods.values():
-        label = os.path.commonprefix(variants).rstrip("_-") or variants[0]
-        for (variant, _), dice in per_run.items():
-            if variant in variants:
-                points.setdefault(label, {}).setdefault(configs[variant].fl.local_steps, []).append(run_mean(dice))
-    return points
-
-
-def sweep_frequency_points(folder: Path | str, per_run: PerRun) -> dict[str, dict[int, list[float]]]:
-    """`frequency_points` from the runs' saved config.yaml (no sweep file needed)."""
-    configs = {
-        variant: OmegaConf.load(run / "config.yaml")
-        for (variant, _), run in sweep_run_folders(folder).items()
-        if (run / "config.yaml").is_file()
-    }
-    return frequency_points(configs, {key: dice for key, dice in per_run.items() if key[0] in configs})

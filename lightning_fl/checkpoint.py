@@ -1,22 +1,23 @@
-"""Model and state files of a run: atomic writes, so a crash never leaves a half-written checkpoint."""
+"""Writing and reading files safely: atomic writes (a crash never leaves half a file), checked
+checkpoint loads, and the check that a saved model fits the network it is loaded into. Which file
+is which: `run_folder.py`.
+
+torch is imported by the functions that need it: the command line checks its arguments and configs,
+and the sweep plans its runs, before paying for torch's import."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
-
-import torch
-from filelock import FileLock, Timeout
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from lightning_fl.errors import UserInputError
 
-STATE_FILE = "state.ckpt"  # everything `fit --resume` needs, rewritten after every round
-LOCK_FILE = "run.lock"  # held by the process that writes the run, for as long as it runs
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 class OutputError(UserInputError):
@@ -59,17 +60,23 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 def save_model(path: Path, state: dict[str, torch.Tensor], **meta: Any) -> None:
     """`{"model": state_dict, **meta}` with tensors on the CPU, loadable with `weights_only=True`."""
+    import torch
+
     payload = {"model": {k: v.detach().cpu() for k, v in state.items()}, **meta}
     atomic_write_bytes(path, lambda f: torch.save(payload, f))
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
     """The resumable state of a run; the previous file stays in place until the new one is complete."""
+    import torch
+
     atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
 def load_model(path: Path) -> dict[str, Any]:
     """A checkpoint file's contents on the CPU (tensors only); a missing or damaged file is a `CheckpointError`."""
+    import torch
+
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -112,57 +119,3 @@ def file_sha256(path: Path, size: int | None = None) -> str:
     """The sha256 of a file's first `size` bytes (all of it by default)."""
     with path.open("rb") as f:
         return hashlib.sha256(f.read(size)).hexdigest()
-
-
-def lock_run_folder(run_dir: Path) -> FileLock:
-    """Take the folder's `run.lock` at once, or refuse: two processes writing one run would mix it.
-    The operating system releases the lock when its process ends, however it ends."""
-    lock = FileLock(run_dir / LOCK_FILE)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise RunFolderError(
-            f"{run_dir} is in use: another lightning-fl fit is writing the run there "
-            f"(it holds {run_dir / LOCK_FILE}); wait for it to end, or choose another output_dir"
-        ) from None
-    except OSError as err:
-        raise OutputError(f"cannot write {run_dir / LOCK_FILE}: {err.strerror or err}") from err
-    return lock
-
-
-def claim_run_folder(run_dir: Path, overwrite: bool) -> tuple[FileLock, Path | None]:
-    """Create and lock the folder of a new run. A folder that holds anything is refused, so that no
-    run is replaced by mistake, or with `overwrite` moved aside (never deleted): returns the lock
-    and where the old folder went."""
-    aside = None
-    if run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):  # a lock alone: nothing ran
-        if not overwrite:
-            raise RunFolderError(
-                f"output_dir {run_dir} already holds files; pass --overwrite to move it aside (to "
-                f"{run_dir}.replaced-<date-time>) and start a new run there, "
-                f"or fit --resume {run_dir} to continue its run"
-            )
-        aside = _move_aside(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"cannot create the run folder {run_dir}: {err.strerror or err}") from err
-    return lock_run_folder(run_dir), aside
-
-
-def _move_aside(run_dir: Path) -> Path:
-    """Rename a folder to `<name>.replaced-<date-time>` beside it, unless a run is writing there."""
-    run_dir = run_dir.absolute()  # `.` has no name to extend
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside, n = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}"), 1
-    while aside.exists():  # replaced twice within a second
-        n += 1
-        aside = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}-{n}")
-    lock = lock_run_folder(run_dir)
-    try:
-        run_dir.rename(aside)
-    except OSError as err:
-        raise OutputError(f"cannot move {run_dir} aside to {aside}: {err.strerror or err}") from err
-    finally:
-        lock.release()
-    return aside

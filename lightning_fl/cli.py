@@ -32,9 +32,11 @@ from lightning_fl.config import (
     with_overrides,
 )
 from lightning_fl.errors import DatalistError, RunStopped, UserInputError
-from lightning_fl.labels import label_space_from_config
+from lightning_fl.labels import LabelSpace
+from lightning_fl.run_folder import RunFolder, SweepFolder
 
 USER_ERRORS = (UserInputError, FileExistsError, FileNotFoundError)
+BEST, LAST = RunFolder.model_file("best"), RunFolder.model_file("last")
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # dotted.key=value
 
 
@@ -56,19 +58,19 @@ def _fit(args: argparse.Namespace) -> None:
         run_fit(cfg, overwrite=args.overwrite)
         return
     if args.config is not None:
-        raise ConfigError("--resume continues a run with its own config.yaml; --config cannot be given with it")
+        raise ConfigError(f"--resume continues a run with its own {RunFolder.CONFIG}; --config cannot be given with it")
     if args.overwrite:
         raise ConfigError(
             "--overwrite starts a new run in place of the old one, --resume continues it: give one of them"
         )
-    saved = args.resume / "config.yaml"
-    original = load_config(saved)
-    cfg = with_overrides(original, args.overrides + [f"output_dir={args.resume}"], str(saved))
+    folder = RunFolder(args.resume)
+    original = folder.read_config()
+    cfg = with_overrides(original, args.overrides + [f"output_dir={args.resume}"], str(folder.config))
     changed = config_changes(original, cfg, ignore=("output_dir",))
     if changed and not args.allow_config_change:
         raise ConfigError(
             f"--resume {args.resume}: the overrides change the run's config ({', '.join(changed)}); "
-            "pass --allow-config-change to continue with them anyway (it is recorded in resumes.yaml)"
+            f"pass --allow-config-change to continue with them anyway (it is recorded in {RunFolder.RESUMES})"
         )
     from lightning_fl.federation import Resume, run_fit
 
@@ -81,7 +83,7 @@ def _synth(args: argparse.Namespace) -> None:
 
     if cfg.data.synthetic is None:
         raise ConfigError(f"{args.config}: data.synthetic is not set, nothing to generate")
-    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    labels = LabelSpace.of(cfg.labels)
     sites = all_sites(cfg)
     write_federation(args.out, cfg.data.synthetic, sites, labels, progress=cfg.logger.progress)
     print(f"wrote the synthetic federation ({', '.join(s.name for s in sites)}) to {args.out}")
@@ -92,7 +94,7 @@ def _check_data(args: argparse.Namespace) -> None:
     from lightning_fl.data.datasets import prepare_data_root
     from lightning_fl.data.validation import DataCheckError, check_federation
 
-    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    labels = LabelSpace.of(cfg.labels)
     root = prepare_data_root(cfg, labels)
     problems = check_federation(root, cfg, labels)
     if problems:
@@ -104,7 +106,7 @@ def _prepare_data(args: argparse.Namespace) -> None:
     cfg = load_config(args.config)  # the label space to map onto
     from lightning_fl.data.prepare import prepare_task
 
-    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    labels = LabelSpace.of(cfg.labels)
     listing = prepare_task(
         args.task, args.src, args.dst, labels, seed=args.seed, datalist=args.datalist, progress=cfg.logger.progress
     )
@@ -118,7 +120,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     args.checkpoint = [p for p in args.checkpoint if str(p) not in overrides]
     args.overrides += overrides
     if not args.checkpoint:
-        raise ConfigError("--checkpoint needs at least one model file (best.ckpt, last.ckpt or model.ts)")
+        raise ConfigError(f"--checkpoint needs at least one model file ({BEST}, {LAST} or model.ts)")
     if args.cross_site == (args.datalist is not None):
         raise ConfigError(
             "give either --datalist FILE (one test set) or --cross-site (every site of the model's config)"
@@ -184,11 +186,11 @@ def _export_nvflare(args: argparse.Namespace) -> None:
         cfg = load_config(args.config, args.overrides)
     elif args.config is not None or args.overrides or args.overwrite:
         raise ConfigError(
-            "--resume continues a run with its own config.yaml: "
+            f"--resume continues a run with its own {RunFolder.CONFIG}: "
             "--config, overrides and --overwrite cannot be given with it"
         )
     else:
-        cfg = load_config(args.resume / "config.yaml")
+        cfg = RunFolder(args.resume).read_config()
     roots, state_dirs = _site_paths("--site", args.site), _site_paths("--site-state", args.site_state)
     if args.task_timeout < 0:
         raise ConfigError(f"--task-timeout: expected seconds ≥ 0 (0: wait for ever), got {args.task_timeout}")
@@ -221,7 +223,8 @@ def _sweep(args: argparse.Namespace) -> None:
         raise ConfigError(f"--parallel: expected how many runs train at once, a whole number ≥ 1, got {args.parallel}")
     if args.tables_only and args.rerun_changed:
         raise ConfigError("--tables-only trains nothing; --rerun-changed cannot be given with it")
-    from lightning_fl.sweep import load_sweep, run_sweep
+    from lightning_fl.sweep import run_sweep
+    from lightning_fl.sweep_plan import load_sweep
 
     flags = (
         ([f"--parallel={args.parallel}"] if args.parallel != 1 else [])
@@ -248,12 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="RUN_DIR",
-        help="continue a run from its last complete round (state.ckpt), with its config",
+        help=f"continue a run from its last complete round ({RunFolder.STATE}), with its config",
     )
     fit.add_argument(
         "--allow-config-change",
         action="store_true",
-        help="with --resume: accept overrides that change the config (recorded in resumes.yaml)",
+        help=f"with --resume: accept overrides that change the config (recorded in {RunFolder.RESUMES})",
     )
     fit.add_argument(
         "--overwrite",
@@ -286,9 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate", help="per-class Dice of one or more models on a test set, or across sites"
     )
-    evaluate.add_argument(
-        "--checkpoint", type=Path, nargs="+", required=True, help="best.ckpt / last.ckpt / model.ts files"
-    )
+    evaluate.add_argument("--checkpoint", type=Path, nargs="+", required=True, help=f"{BEST} / {LAST} / model.ts files")
     evaluate.add_argument("--datalist", type=Path, default=None, help="datalist JSON of the test set (MSD layout)")
     evaluate.add_argument(
         "--split", default="testing", choices=("training", "validation", "testing"), help="default: testing"
@@ -313,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=DIR eval.sw_batch_size=2")
     evaluate.set_defaults(run=_evaluate)
     infer = commands.add_parser("infer", help="label maps on each input's own grid")
-    infer.add_argument("--checkpoint", type=Path, required=True, help="best.ckpt / last.ckpt, or model.ts from export")
+    infer.add_argument("--checkpoint", type=Path, required=True, help=f"{BEST} / {LAST}, or model.ts from export")
     infer.add_argument("--input", type=Path, required=True, help="a NIfTI file or a folder of them")
     infer.add_argument(
         "--output", type=Path, required=True, help="folder for <name>.nii.gz (and <name>_probabilities.nii.gz)"
@@ -324,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     infer.set_defaults(run=_infer)
     export = commands.add_parser("export", help="TorchScript model.ts with a MONAI-bundle-style metadata.json")
-    export.add_argument("--checkpoint", type=Path, required=True, help="best.ckpt or last.ckpt of a run")
+    export.add_argument("--checkpoint", type=Path, required=True, help=f"{BEST} or {LAST} of a run")
     export.add_argument("--output", type=Path, required=True, help="folder for model.ts and metadata.json")
     export.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.roi_size=[96,96,64]"
@@ -344,13 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--rerun-changed",
         action="store_true",
-        help="train again the runs whose config.yaml differs from what the sweep file now gives "
+        help=f"train again the runs whose {RunFolder.CONFIG} differs from what the sweep file now gives "
         "(their folders are moved aside)",
     )
     sweep.add_argument(
         "--tables-only",
         action="store_true",
-        help="rebuild results.csv and results.md from the finished runs, train nothing",
+        help=f"rebuild {SweepFolder.RESULTS_CSV} and {SweepFolder.RESULTS_MD} from the finished runs, train nothing",
     )
     sweep.set_defaults(run=_sweep)
     flare = commands.add_parser(
@@ -384,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         type=Path,
         metavar="RUN_DIR",
-        help="a job that continues this run (its config.yaml) from its last saved round, after the server stopped",
+        help=f"a job that continues this run (its {RunFolder.CONFIG}) from its last saved round, after the server "
+        "stopped",
     )
     flare.add_argument("--overwrite", action="store_true", help="replace the job folder if it exists")
     flare.set_defaults(run=_export_nvflare)

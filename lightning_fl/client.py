@@ -1,8 +1,8 @@
-"""A site as a federated client: receive the global weights, train N local steps, return Δ.
+"""A federated client: receive the global weights, train N local steps, return Δ.
 
-`SiteClient.train(global_state, round) → ClientUpdate(Δ, steps, cases, metrics)` is the shape of
-MONAI's `ClientAlgo`, NVFlare's Client API and Flower's `ClientApp`, so an FL engine can drive a
-site as the simulation in `federation.py` does. One optimizer step lives in `SiteClient._step`.
+`Client.train(global_state, round) → Trained(Δ, steps, cases, metrics) | Dropped(reason)` is the
+shape of MONAI's `ClientAlgo`, NVFlare's Client API and Flower's `ClientApp`, so an FL engine can
+drive a client as the simulation in `federation.py` does. One optimizer step lives in `Client._step`.
 
 A client trains on one site's data, or, for centralized training, on every site's: its sources
 then take turns batch by batch, each supervised by its own site's labels.
@@ -23,33 +23,42 @@ from tqdm.auto import tqdm
 from lightning_fl.config import ConfigError
 from lightning_fl.data.datasets import SiteData, TrainingStream
 from lightning_fl.distributed import move_optimizer_state, site_seed
-from lightning_fl.labels import LabelSpace
 from lightning_fl.loggers import StepMeans
-from lightning_fl.site import Site, StateDict
+from lightning_fl.objective import Objective, StateDict
 
 
-class SiteFailure(RuntimeError):
-    """A site's round went wrong in a way that makes its update unusable (non-finite numbers)."""
+class ClientFailure(RuntimeError):
+    """A client's round went wrong in a way that makes its update unusable (non-finite numbers)."""
 
 
-@dataclass
-class ClientUpdate:
-    """What a client returns after a round."""
+@dataclass(frozen=True)
+class Trained:
+    """A client's answer after a round it trained."""
 
-    delta: StateDict | None  # Δ = trained − received weights; None: the round failed (metrics["dropped"] says why)
+    delta: StateDict  # Δ = trained − received weights
     num_steps: int
     num_cases: int  # training cases, the weight of `fl.weighting=cases`
-    metrics: dict[str, Any]  # mean of each step metric over the round
+    metrics: dict[str, float]  # mean of each step metric over the round
 
 
-class SiteClient:
+@dataclass(frozen=True)
+class Dropped:
+    """A client's answer after a round that failed: its update is not aggregated."""
+
+    reason: str
+
+
+Answer = Trained | Dropped
+
+
+class Client:
     """A federated client on this rank: what turns the weights it receives into the update it sends.
 
-    It exists so that the round loop (or an FL engine) can drive a site through one call,
-    `train(global_state, round) -> ClientUpdate`, without knowing about Fabric, optimizers or data
-    loaders. It holds its `Site` module and SGD optimizer (set up by Fabric), the cosine schedule,
-    which both persist across rounds (`state_dict` is what `state.ckpt` keeps of it), and one
-    training stream per data source.
+    It exists so that the round loop (or an FL engine) can drive a client through one call,
+    `train(global_state, round) -> Trained | Dropped`, without knowing about Fabric, optimizers or
+    data loaders. It holds its `Objective` module and SGD optimizer (set up by Fabric), the cosine
+    schedule, which both persist across rounds (`state_dict` is what `state.ckpt` keeps of it), and
+    one training stream per data source.
 
     `shard` = (this rank's position, ranks) in the client's block: a client trained by several ranks
     is data-parallel, each rank taking its share of every batch. `shares_rank`: another client
@@ -59,9 +68,7 @@ class SiteClient:
         self,
         name: str,
         sources: list[SiteData],
-        labels: LabelSpace,
-        student: torch.nn.Module,
-        teacher: torch.nn.Module,
+        objective: Objective,
         cfg: DictConfig,
         fabric: L.Fabric,
         shard: tuple[int, int],
@@ -74,20 +81,11 @@ class SiteClient:
         self.steps_per_source = cfg.fl.local_steps
         self.num_steps = cfg.fl.local_steps * len(sources)
         self.num_cases = sum(d.num_training_cases for d in sources)
-        tasks = [d.foreground for d in sources]
-        site = Site(
-            tasks,
-            labels,
-            student=student,
-            teacher=teacher,
-            cfg=cfg,
-            steps_per_round=self.num_steps,
-        )
-        opt = site.configure_optimizers()
-        self.module, self.optimizer = fabric.setup(site, opt["optimizer"])
+        opt = objective.configure_optimizers()
+        self.module, self.optimizer = fabric.setup(objective, opt["optimizer"])
         self.scheduler: torch.optim.lr_scheduler.LRScheduler = opt["lr_scheduler"]["scheduler"]
         self.sources = [(d.name, TrainingStream(d, cfg.data)) for d in sources]
-        self.step_means: StepMeans = fabric.logger  # where the Site's `log_dict` goes (build_fabric)
+        self.step_means: StepMeans = fabric.logger  # where the objective's `log_dict` goes (build_fabric)
         self.group: Any = None  # the process group of a data-parallel client
         if shard[1] > 1:
             patches = cfg.data.batch_size * cfg.data.samples_per_volume
@@ -98,15 +96,15 @@ class SiteClient:
                 )
 
     @property
-    def site(self) -> Site:
-        """The `Site` module, unwrapped from Fabric's wrapper."""
+    def objective(self) -> Objective:
+        """The `Objective` module, unwrapped from Fabric's wrapper."""
         return self.module.module
 
     def data_parallel(self, group: Any) -> None:
-        """Train with the ranks of `group`, each taking its share of every batch (`Site.data_parallel`)."""
+        """Train with the ranks of `group`, each taking its share of every batch (`Objective.data_parallel`)."""
         device = self.fabric.device
         self.group = group
-        self.site.data_parallel(group, [device.index] if device.type == "cuda" else None)
+        self.objective.data_parallel(group, [device.index] if device.type == "cuda" else None)
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer and schedule: what carries over from round to round (and into state.ckpt)."""
@@ -117,24 +115,24 @@ class SiteClient:
         self.optimizer.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def train(self, global_state: StateDict, round_index: int) -> ClientUpdate:
-        """One round; an exception or a non-finite loss or update drops this round's update (its
-        metrics say why) and resets the optimizer state, which may hold the same non-finite values."""
+    def train(self, global_state: StateDict, round: int) -> Answer:
+        """Round `round` (numbered from 1); an exception or a non-finite loss or update drops this
+        round's update (saying why) and resets the optimizer state, which may hold the same
+        non-finite values."""
         try:
-            delta, metrics = self._train(global_state, round_index)
-        except Exception as err:  # noqa: BLE001 - any failure of one site must not end the federation
+            delta, metrics = self._train(global_state, round)
+        except Exception as err:  # noqa: BLE001 - any failure of one client must not end the federation
             self.optimizer.zero_grad(set_to_none=True)
             self.optimizer.state.clear()
             self.step_means.pop()
-            reason = str(err) if isinstance(err, SiteFailure) else f"{type(err).__name__}: {err}"
-            return ClientUpdate(None, 0, self.num_cases, {"dropped": reason})
-        return ClientUpdate(delta, self.num_steps, self.num_cases, metrics)
+            return Dropped(str(err) if isinstance(err, ClientFailure) else f"{type(err).__name__}: {err}")
+        return Trained(delta, self.num_steps, self.num_cases, metrics)
 
-    def _train(self, global_state: StateDict, round_index: int) -> tuple[StateDict, dict[str, float]]:
-        site, device = self.site, self.fabric.device
-        torch.manual_seed(site_seed(self.cfg.seed, self.name, round_index))  # dropout: the site's, not the process's
-        batches = self._batches(round_index)
-        site.receive(global_state, round_index)
+    def _train(self, global_state: StateDict, round: int) -> tuple[StateDict, dict[str, float]]:
+        objective, device = self.objective, self.fabric.device
+        torch.manual_seed(site_seed(self.cfg.seed, self.name, round))  # dropout: the client's, not the process's
+        batches = self._batches(round)
+        objective.receive(global_state, round)
         move_optimizer_state(self.optimizer, device)
         self.module.train()
         steps = tqdm(range(self.num_steps), desc=f"  {self.name}", leave=False, disable=self.hide_bars)
@@ -148,17 +146,17 @@ class SiteClient:
             values = torch.tensor(list(means.values()), dtype=torch.float64, device=device)
             dist.all_reduce(values, group=self.group)
             means = dict(zip(means, (values / self.shard[1]).tolist()))
-        update = site.update(global_state)
+        update = objective.update(global_state)
         broken = [key for key, value in update.items() if value.is_floating_point() and not torch.isfinite(value).all()]
         if broken:
-            raise SiteFailure(f"non-finite update in {len(broken)} tensors, e.g. '{broken[0]}'")
+            raise ClientFailure(f"non-finite update in {len(broken)} tensors, e.g. '{broken[0]}'")
         return update, means
 
-    def _batches(self, round_index: int) -> Iterator[dict[str, Any]]:
+    def _batches(self, round: int) -> Iterator[dict[str, Any]]:
         """The round's batches on the device: each source's stream is seeded by (run, its site, round)
         alone; several sources take turns, one batch each."""
         streams = [
-            stream.start_round(site_seed(self.cfg.seed, name, round_index), self.steps_per_source, self.shard)
+            stream.start_round(site_seed(self.cfg.seed, name, round), self.steps_per_source, self.shard)
             for name, stream in self.sources
         ]
         device = self.fabric.device
@@ -180,13 +178,13 @@ class SiteClient:
         if self.shard[1] > 1:  # the ranks of a data-parallel site stop together, before DDP's all-reduce
             dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self.group)
         if not finite:
-            raise SiteFailure(f"non-finite loss at local step {step + 1}")
+            raise ClientFailure(f"non-finite loss at local step {step + 1}")
         self.fabric.backward(loss)
         clip = self.cfg.optim.grad_clip_norm
         if clip > 0:
             norm = self.fabric.clip_gradients(self.module, self.optimizer, max_norm=clip, error_if_nonfinite=False)
             if not torch.isfinite(norm):
-                raise SiteFailure(f"non-finite gradient norm at local step {step + 1}")
+                raise ClientFailure(f"non-finite gradient norm at local step {step + 1}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()

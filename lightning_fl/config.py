@@ -33,9 +33,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lightning_fl.errors import UserInputError
-from lightning_fl.labels import LabelSpaceError, label_space_from_config
+from lightning_fl.labels import LabelSpace, LabelSpaceError
 
 PHASES = ("portal_venous", "unenhanced")  # contrast phases the synthetic scanners can acquire
+RENAMED = {"fl.strategy": "fl.aggregation"}  # old key → new: run folders and checkpoints keep the old one
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "condistfl_synthetic.yaml"
 
@@ -250,7 +251,8 @@ class OptimConfig:
 class FederationConfig:
     rounds: int = ranged(120, ge=1)
     local_steps: int = ranged(1000, ge=1)
-    strategy: str = ranged("fedopt", choices=("fedavg", "fedopt"))
+    # how the updates become the next weights (aggregation.AGGREGATORS): mean update, or server SGD with momentum
+    aggregation: str = ranged("fedopt", choices=("fedavg", "fedopt"))
     weighting: str = ranged("equal", choices=("equal", "cases"))  # "cases": by training cases per site
     server_lr: float = ranged(1.0, gt=0)
     server_lr_min: float = ranged(0.9, ge=0)
@@ -329,6 +331,17 @@ def _read_yaml(path: Path) -> DictConfig:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return _renamed(node)
+
+
+def _renamed(node: Any) -> Any:
+    """A config (file or container) with the keys of `RENAMED` under their new names: a run folder's
+    config.yaml or a checkpoint written before a rename still loads."""
+    for old, new in RENAMED.items():
+        section, old_key = old.rsplit(".", 1)
+        parent = node.get(section) if isinstance(node, (dict, DictConfig)) else None
+        if isinstance(parent, (dict, DictConfig)) and old_key in parent:
+            parent[new.rsplit(".", 1)[1]] = parent.pop(old_key)
     return node
 
 
@@ -415,6 +428,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def config_from_container(content: dict[str, Any], overrides: list[str] | None, source: str) -> DictConfig:
     """A run config saved inside a checkpoint or an exported model, checked like a file. Models
     saved while `data.external` was one site (or null) still load: it becomes a list."""
+    content = _renamed(copy.deepcopy(content))
     data = content.get("data")
     if isinstance(data, dict) and not isinstance(data.get("external", []), list):
         content = content | {"data": data | {"external": [data["external"]] if data["external"] else []}}
@@ -431,6 +445,8 @@ def _finish(cfg: DictConfig, overrides: list[str] | None, source: str) -> DictCo
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
+        if key in RENAMED:
+            raise ConfigError(f"override '{item}': {key} is now called {RENAMED[key]}")
         if key in config_groups():
             raise ConfigError(
                 f"override '{item}' chooses a config group, which only a config file's composition can do; this "
@@ -532,7 +548,7 @@ def _validate(cfg: DictConfig) -> None:
     names = [s.name for s in all_sites(cfg)]
     if len(set(names)) != len(names):
         raise ConfigError(f"data.sites: site names must be unique, got {names}")
-    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    labels = LabelSpace.of(cfg.labels)
     for site in all_sites(cfg):
         labels.foreground(site.classes, where=f"site '{site.name}' (classes)")
     if cfg.data.synthetic is not None:
@@ -557,10 +573,10 @@ def _check_method(cfg: DictConfig) -> None:
         raise ConfigError(
             f"method.training=centralized trains one pooled model: fl.min_sites must be 1, got {cfg.fl.min_sites}"
         )
-    if cfg.fl.strategy != "fedavg":
+    if cfg.fl.aggregation != "fedavg":
         raise ConfigError(
-            f"method.training={method.training}: each model takes its own trainer's update as it is, so fl.strategy "
-            f"must be fedavg, got {cfg.fl.strategy}"
+            f"method.training={method.training}: each model takes its own trainer's update as it is, so "
+            f"fl.aggregation must be fedavg, got {cfg.fl.aggregation}"
         )
 
 

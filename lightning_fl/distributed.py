@@ -31,17 +31,18 @@ from lightning.fabric.strategies import DDPStrategy
 from omegaconf import DictConfig
 from torch import nn
 
+from lightning_fl.aggregation import StateDict
 from lightning_fl.config import ConfigError
 from lightning_fl.loggers import StepMeans
-from lightning_fl.strategies import StateDict
 
 START_METHODS = {"ddp": "popen", "ddp_spawn": "spawn"}
 T = TypeVar("T")
 
 
-def site_seed(seed: int, site: str, round_index: int) -> int:
-    """A 63-bit seed from (run seed, site name, round) alone: stable across processes and Pythons."""
-    digest = hashlib.sha256(f"{seed}/{site}/{round_index}".encode()).digest()
+def site_seed(seed: int, site: str, round: int) -> int:
+    """A 63-bit seed from (run seed, site name, round) alone: stable across processes and Pythons.
+    The round is hashed counted from 0, as rounds were first numbered, so runs reproduce earlier ones."""
+    digest = hashlib.sha256(f"{seed}/{site}/{round - 1}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 

@@ -33,8 +33,8 @@ from lightning_fl.data.prepare import label_map
 from lightning_fl.data.transforms import evaluation_transform
 from lightning_fl.data.validation import DataCheckError, check_cases, check_site, datalist_cases
 from lightning_fl.inference import TrainedModel, load_trained, sliding_logits
-from lightning_fl.labels import LabelMap, LabelSpace, label_space_from_config
-from lightning_fl.loggers import format_table
+from lightning_fl.labels import LabelMap, LabelSpace
+from lightning_fl.results import format_table, nanmean
 
 
 def predict_labels(model: Callable[[Tensor], Tensor], image: Tensor, eval_cfg: DictConfig) -> Tensor:
@@ -77,12 +77,6 @@ def evaluate(
         for c, values in zip(classes, dice_per_class(pred, label, classes).T):
             scores[c] += values.tolist()
     return scores
-
-
-def nanmean(values: Sequence[float]) -> float:
-    """Mean of the finite values; NaN when there are none (a class no case contains)."""
-    kept = [v for v in values if not math.isnan(v)]
-    return sum(kept) / len(kept) if kept else math.nan
 
 
 def dice_table(
@@ -205,7 +199,7 @@ def evaluate_models(
     models = [load_trained(path, overrides) for path in checkpoints]
     cfg = models[0].cfg
     _check_same_inputs(models)
-    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    labels = LabelSpace.of(cfg.labels)
     if cross_site:
         sets = site_test_sets(cfg, labels, split)
     else:

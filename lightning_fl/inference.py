@@ -38,6 +38,7 @@ from lightning_fl.data.validation import check_image
 from lightning_fl.distributed import check_accelerator, resolve_precision
 from lightning_fl.errors import DatalistError
 from lightning_fl.networks import build_network
+from lightning_fl.run_folder import FORMAT, RunFolder
 
 TORCHSCRIPT_SUFFIX = ".ts"
 METADATA = "metadata.json"
@@ -82,7 +83,7 @@ class TrainedModel:
     cfg: DictConfig
     predictor: Predictor
     precision: str  # what it runs at here (fabric.precision resolved on this machine)
-    round: int | None  # the round it was saved after, where known
+    round: int | None  # the round it was saved after (numbered from 1), where known
 
 
 def load_trained(path: Path, overrides: list[str] | None = None, accelerator: str | None = None) -> TrainedModel:
@@ -105,16 +106,17 @@ def load_trained(path: Path, overrides: list[str] | None = None, accelerator: st
         if problem := _saved_problem(saved, ()):
             raise CheckpointError(f"{path}: its {METADATA} is not what `lightning-fl export` writes: {problem}")
         cfg = config_from_container(saved["config"], overrides, f"{path} ({METADATA})")
-        saved_round = saved.get("round")
+        saved_round = saved_round_of(saved)
     else:
         payload = load_model(path)
         if problem := _saved_problem(payload, ("model", "classes")):
-            raise CheckpointError(f"{path} is not a lightning-fl model checkpoint (best.ckpt, last.ckpt): {problem}")
+            models = f"{RunFolder.model_file('best')}, {RunFolder.model_file('last')}"
+            raise CheckpointError(f"{path} is not a lightning-fl model checkpoint ({models}): {problem}")
         cfg = config_from_container(payload["config"], overrides, f"{path} (its config)")
         network = build_network(cfg.model, in_channels=1, out_channels=len(cfg.labels.classes))
         check_compatible(path, payload["model"], payload["classes"], network, list(cfg.labels.classes))
         network.load_state_dict(payload["model"])
-        saved_round = payload.get("round")
+        saved_round = saved_round_of(payload)
     runtime = OmegaConf.merge(cfg.fabric, {"accelerator": accelerator or cfg.fabric.accelerator})
     check_accelerator(runtime.accelerator)
     precision = resolve_precision(runtime)
@@ -122,6 +124,12 @@ def load_trained(path: Path, overrides: list[str] | None = None, accelerator: st
     network = network.eval().to(fabric.device)
     name = f"{path.resolve().parent.name}/{path.name}"
     return TrainedModel(name, path, cfg, Predictor(network, fabric, cfg.model.channels_last), precision, saved_round)
+
+
+def saved_round_of(saved: dict[str, Any]) -> int | None:
+    """The round a model file was saved after, numbered from 1 (files of format 1 counted from 0)."""
+    saved_round = saved.get("round")
+    return saved_round + 1 if saved_round is not None and saved.get("format", 1) == 1 else saved_round
 
 
 def _saved_problem(saved: Any, keys: tuple[str, ...]) -> str | None:
@@ -276,7 +284,7 @@ def bundle_metadata(model: TrainedModel) -> dict[str, Any]:
         "name": "lightning-fl ConDistFL abdominal CT segmentation",
         "task": f"segmentation of {', '.join(classes[1:])} in CT",
         "description": f"global model of a federated run, exported from {model.name}"
-        + (f" (after round {model.round + 1})" if model.round is not None else ""),
+        + (f" (after round {model.round})" if model.round is not None else ""),
         "intended_use": "research only",
         "network_data_format": {
             "inputs": {
@@ -325,5 +333,5 @@ def bundle_metadata(model: TrainedModel) -> dict[str, Any]:
                 "blend_mode": cfg.eval.blend_mode,
             }
         },
-        "lightning_fl": {"round": model.round, "config": OmegaConf.to_container(cfg, resolve=True)},
+        "lightning_fl": {"format": FORMAT, "round": model.round, "config": OmegaConf.to_container(cfg, resolve=True)},
     }

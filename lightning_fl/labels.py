@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -50,6 +51,11 @@ class LabelSpace:
                     )
             if organ in self.tumor_of:
                 raise LabelSpaceError(f"labels.tumors: '{organ}' is a tumour, it cannot own '{tumor}'")
+
+    @staticmethod
+    def of(labels: Any) -> LabelSpace:
+        """The label space of a config's `labels` section (`classes`, `tumors`), checked."""
+        return LabelSpace(tuple(labels.classes), dict(labels.tumors))
 
     @property
     def num_classes(self) -> int:
@@ -141,8 +147,3 @@ class LabelMap:
         for value, index in self.values.items():
             mapped[native == value] = index
         return mapped
-
-
-def label_space_from_config(classes: Sequence[str], tumors: Mapping[str, str]) -> LabelSpace:
-    """The `LabelSpace` of `labels.classes` and `labels.tumors`, checked."""
-    return LabelSpace(tuple(classes), dict(tumors))

@@ -23,12 +23,9 @@ from lightning.fabric.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_fl.checkpoint import OutputError
-from lightning_fl.scores import GLOBAL
+from lightning_fl.run_folder import DROPPED, GLOBAL, LOCAL, METRICS_COLUMNS, TRAIN, VALIDATION, RunFolder
 
-LOSS_COLUMNS = ("loss", "supervised", "condist", "condist_weight", "proximal", "lr")
-CSV_COLUMNS = ("round", "phase", "site", "model", "class", "dice") + LOSS_COLUMNS + ("note",)
-RUN_RECORD = ("config.yaml", "metrics.csv", "summary.json", "test_cases.csv")  # saved in the W&B run too
-WANDB_PHASE = {"validation": "val"}  # metrics.csv's phase → the W&B key's first part (others as they are)
+WANDB_PHASE = {VALIDATION: "val"}  # metrics.csv's phase → the W&B key's first part (others as they are)
 
 
 @dataclass
@@ -87,24 +84,24 @@ class StepMeans(Logger):
 
 
 class RunLogger:
-    """Appends rows to `metrics.csv` as they come (a crashed run keeps what it measured) and
-    mirrors them to W&B with the round as the step."""
+    """Appends rows to a run folder's `metrics.csv` as they come (a crashed run keeps what it
+    measured) and mirrors them to W&B with the round as the step."""
 
-    def __init__(self, output_dir: Path, cfg: DictConfig, resume: tuple[int, str | None] | None = None) -> None:
+    def __init__(self, folder: RunFolder, cfg: DictConfig, resume: tuple[int, str | None] | None = None) -> None:
         """`resume` = (length of metrics.csv at the checkpoint, W&B run id): rows written after the
         checkpoint are cut, new ones appended, and the same W&B run continues. The file must hold
-        those bytes (`federation.check_same_run`): truncating a shorter one would pad it with NULs."""
-        self.path = output_dir / "metrics.csv"
+        those bytes (`RunFolder.check_same_run`): truncating a shorter one would pad it with NULs."""
+        self.folder, self.path = folder, folder.metrics
         if resume is None:
             self._file = self.path.open("w", newline="")
-            self._csv = csv.DictWriter(self._file, fieldnames=CSV_COLUMNS)
+            self._csv = csv.DictWriter(self._file, fieldnames=METRICS_COLUMNS)
             self._csv.writeheader()
         else:
             self._file = self.path.open("r+", newline="")
             self._file.truncate(resume[0])
             self._file.seek(resume[0])
-            self._csv = csv.DictWriter(self._file, fieldnames=CSV_COLUMNS)
-        self._wandb = self._start_wandb(output_dir, cfg, resume[1] if resume else None)
+            self._csv = csv.DictWriter(self._file, fieldnames=METRICS_COLUMNS)
+        self._wandb = self._start_wandb(folder.path, cfg, resume[1] if resume else None)
         self._pending: dict[str, float] = {}
 
     @staticmethod
@@ -151,23 +148,23 @@ class RunLogger:
         except OSError as err:
             raise OutputError(f"cannot write {self.path}: {err.strerror or err}") from err
 
-    def train(self, round_index: int, site: str, means: Mapping[str, float]) -> None:
+    def train(self, round: int, site: str, means: Mapping[str, float]) -> None:
         """A site's mean training losses of one round."""
-        self._write({"round": round_index, "phase": "train", "site": site, "model": "local"} | dict(means))
+        self._write({"round": round, "phase": TRAIN, "site": site, "model": LOCAL} | dict(means))
         self._pending |= {f"train/{site}/{key}": value for key, value in means.items()}
 
-    def dice(self, round_index: int, phase: str, site: str, model: str, dice: Mapping[str, float]) -> None:
+    def dice(self, round: int, phase: str, site: str, model: str, dice: Mapping[str, float]) -> None:
         """A model's Dice per class on a site, in one phase (validation, test, external)."""
         for name, value in dice.items():
-            self._write(
-                {"round": round_index, "phase": phase, "site": site, "model": model, "class": name, "dice": value}
-            )
+            self._write({"round": round, "phase": phase, "site": site, "model": model, "class": name, "dice": value})
             if not math.isnan(value):
                 self._pending[f"{dice_prefix(phase, site, model)}/{name}"] = value
 
-    def dropped(self, round_index: int, site: str, reason: str) -> None:
-        """A site whose update this round was not aggregated, and why."""
-        self._write({"round": round_index, "phase": "dropped", "site": site, "model": "local", "note": reason})
+    def dropped(self, round: int, site: str, reason: str) -> None:
+        """A site whose update this round was not aggregated, and why: on disk at once, since too
+        few updates stop the run before the round is committed."""
+        self._write({"round": round, "phase": DROPPED, "site": site, "model": LOCAL, "note": reason})
+        self._flush()
         self._pending[f"dropped/{site}"] = 1.0
 
     def scalars(self, values: Mapping[str, float]) -> None:
@@ -200,28 +197,27 @@ class RunLogger:
 
             self._pending[key] = wandb.Table(columns=list(header), data=[list(r) for r in rows])
 
-    def commit(self, round_index: int) -> None:
-        """Flush the CSV and send everything gathered for this round to W&B in one step."""
+    def commit(self, step: int, round: int) -> None:
+        """Flush the CSV and send everything gathered to W&B in one step (increasing), shown at `round`."""
         self._flush()
         if self._wandb is not None and self._pending:
-            self._wandb.log(self._pending | {"round": round_index}, step=round_index)
+            self._wandb.log(self._pending | {"round": round}, step=step)
         self._pending = {}
 
     def finish(self, summary: Mapping[str, Any]) -> None:
         """Close metrics.csv and end the W&B run with the run's summary and the run folder's record
-        files (`RUN_RECORD`), which `analysis.download_wandb_runs` fetches back for the same loaders."""
+        files (`RunFolder.RECORD`), which `analysis.download_wandb_runs` fetches back as a run folder."""
         self._file.close()
         if self._wandb is not None:
             self._wandb.summary.update(dict(summary))
-            folder = self.path.parent
-            for name in RUN_RECORD:
-                if (folder / name).is_file():
-                    self._wandb.save(str(folder / name), base_path=str(folder), policy="now")
+            for name in RunFolder.RECORD:
+                if (self.folder.path / name).is_file():
+                    self._wandb.save(str(self.folder.path / name), base_path=str(self.folder.path), policy="now")
             self._wandb.finish()
 
     def _write(self, row: dict[str, Any]) -> None:
         try:
-            self._csv.writerow({key: _format(row.get(key)) for key in CSV_COLUMNS})
+            self._csv.writerow({key: _format(row.get(key)) for key in METRICS_COLUMNS})
         except OSError as err:
             raise OutputError(f"cannot write {self.path}: {err.strerror or err}") from err
 
@@ -237,13 +233,3 @@ def _format(value: Any) -> Any:
     if value is None:
         return ""
     return f"{value:.6g}" if isinstance(value, float) else value
-
-
-def format_table(rows: list[list[str]], header: list[str]) -> str:
-    """A plain aligned text table (stdout may be a log file, not a terminal)."""
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-
-    def line(row: list[str]) -> str:  # first column left-aligned, numbers right-aligned
-        return "  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
-
-    return "\n".join([line(header), "-" * len(line(header))] + [line(r) for r in rows])

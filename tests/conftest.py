@@ -1,90 +1,60 @@
-"""Shared fixtures: paths, the smoke config, one generated smoke federation per session, the command
-line run as a subprocess (`cli`) and the real CT volumes (`realdata`, skipped where absent)."""
+"""The session's environment and its expensive runs, each made once and shared by every test that reads it.
+
+    smoke_run        `lightning-fl fit` of configs/smoke.yaml through the CLI, W&B offline (overlays every round)
+    reference_fit    the same config exactly: float32, one thread, no W&B; what the bitwise tests compare with
+    standalone_run   method=standalone in this process, every batch each client drew recorded
+    centralized_run  method=centralized in this process, likewise
+
+Helpers are in `tests/helpers/`; the real CT volumes (`realdata`) sit beside the development checkout only.
+"""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
-import torch
-from omegaconf import DictConfig
 
-from lightning_fl.labels import label_space_from_config
-from lightning_fl.networks import build_network
-from lightning_fl.site import Site
+from lightning_fl.config import load_config
+from lightning_fl.data.datasets import prepare_data_root
+from lightning_fl.distributed import build_fabric
+from lightning_fl.federation import Federation
+from lightning_fl.labels import LabelSpace
+from tests.helpers.cli import Cli
+from tests.helpers.runs import EXACT, REPO, SMOKE, SMOKE_WANDB, made_once, session_root
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
-REALDATA = SHARED / "realdata"  # the real CT volumes; only next to the development checkout
-sys.path.insert(0, str(Path(__file__).parent))  # tests/reference_losses.py
-
-# wandb never reaches the network from the tests, whatever the configs say
-os.environ["WANDB_MODE"] = "offline"
-os.environ.setdefault("WANDB_SILENT", "true")
+REALDATA = REPO.parent / "shared" / "realdata"  # the real CT volumes; only next to the development checkout
 
 
-class Cli:
-    """Runs `python -m lightning_fl ...` (or any Python command line) in a subprocess from the repo root.
-
-    The subprocess inherits this process's environment (WANDB_MODE=offline above, and
-    LIGHTNING_FL_DATA once `data_home` has set it); `data_home=` overrides LIGHTNING_FL_DATA for
-    that one command.
-    """
-
-    @staticmethod
-    def _env(data_home: Path | str | None) -> dict[str, str] | None:
-        return None if data_home is None else os.environ | {"LIGHTNING_FL_DATA": str(data_home)}
-
-    def __call__(
-        self, *args: str, data_home: Path | str | None = None, timeout: float | None = None
-    ) -> subprocess.CompletedProcess:
-        """`lightning-fl *args`, waited for; its output captured as text."""
-        return self.python("-m", "lightning_fl", *args, data_home=data_home, timeout=timeout)
-
-    def fit_smoke(self, out: Path, *overrides: str, data_home: Path | str | None = None) -> subprocess.CompletedProcess:
-        """`lightning-fl fit` of configs/smoke.yaml into `out` with `overrides`, which must succeed."""
-        result = self("fit", "--config", "configs/smoke.yaml", f"output_dir={out}", *overrides, data_home=data_home)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result
-
-    def python(
-        self, *args: str, data_home: Path | str | None = None, cwd: Path = REPO, timeout: float | None = None
-    ) -> subprocess.CompletedProcess:
-        """`python *args` (a script and its arguments), waited for; its output captured as text."""
-        return subprocess.run(
-            [sys.executable, *map(str, args)],
-            check=False,
-            capture_output=True,
-            text=True,
-            cwd=cwd,
-            env=self._env(data_home),
-            timeout=timeout,
-        )
-
-    def start(self, *args: str, data_home: Path | str | None = None, capture: bool = True) -> subprocess.Popen:
-        """`lightning-fl *args` started in its own session (so `os.killpg` reaches every rank), not
-        waited for; its output piped as text when `capture`, else discarded."""
-        output = subprocess.PIPE if capture else subprocess.DEVNULL
-        return subprocess.Popen(
-            [sys.executable, "-m", "lightning_fl", *args],
-            cwd=REPO,
-            text=True,
-            env=self._env(data_home),
-            start_new_session=True,
-            stdout=output,
-            stderr=output,
-        )
+@pytest.fixture(scope="session", autouse=True)
+def environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """W&B offline and silent, and synthetic federations under the session's folder, never in the
+    user's cache; the environment is restored after the session."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_MODE", "offline")
+        patch.setenv("WANDB_SILENT", "true")
+        home = session_root(tmp_path_factory) / "data_home"
+        patch.setenv("LIGHTNING_FL_DATA", str(home))
+        yield home
 
 
-def make_site(cfg: DictConfig, foreground: list[int]) -> Site:
-    """A real Site of one data source labelling `foreground`, with seeded fresh student and teacher networks."""
-    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
-    torch.manual_seed(0)
-    student, teacher = (build_network(cfg.model, 1, labels.num_classes) for _ in range(2))
-    return Site([foreground], labels, student=student, teacher=teacher, cfg=cfg, steps_per_round=cfg.fl.local_steps)
+@pytest.fixture(scope="session")
+def data_home(environment: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The data home, holding the smoke config's synthetic federation (generated once)."""
+
+    def generate(_: Path) -> None:
+        cfg = load_config(SMOKE)
+        prepare_data_root(cfg, LabelSpace.of(cfg.labels))
+
+    made_once(tmp_path_factory, "smoke_federation", generate)
+    return environment
+
+
+@pytest.fixture(scope="session")
+def smoke_config_path() -> Path:
+    return SMOKE
 
 
 @pytest.fixture(scope="session")
@@ -105,24 +75,64 @@ def realdata() -> Path:
 
 
 @pytest.fixture(scope="session")
-def data_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Synthetic federations are generated under a session folder, never in the user's cache."""
-    home = tmp_path_factory.mktemp("data_home")
-    os.environ["LIGHTNING_FL_DATA"] = str(home)
-    return home
+def smoke_run(cli: Cli, data_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real 2-round federated run of configs/smoke.yaml through the CLI, W&B offline; its stdout
+    is kept beside it (`smoke_run.stdout`)."""
+
+    def fit(out: Path) -> None:
+        result = cli.fit_smoke(out, *SMOKE_WANDB)
+        out.with_suffix(".stdout").write_text(result.stdout)
+
+    return made_once(tmp_path_factory, "smoke_run", fit)
 
 
 @pytest.fixture(scope="session")
-def smoke_config_path() -> Path:
-    return REPO / "configs" / "smoke.yaml"
+def reference_fit(cli: Cli, data_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke config trained exactly (float32, one thread, no W&B) in one process: what the
+    2-process, resumed and NVFlare runs must give bitwise."""
+    return made_once(tmp_path_factory, "reference_fit", lambda out: cli.fit_smoke(out, *EXACT, OMP_NUM_THREADS="1"))
+
+
+@dataclass
+class RecordedRun:
+    """A run trained in this process, with every batch each client drew: (case file, source, label values)."""
+
+    federation: Federation
+    summary: dict[str, Any]
+    batches: dict[str, list[tuple[str, int, list[int]]]]
+
+    @property
+    def folder(self) -> Path:
+        return self.federation.server.folder.path
+
+
+def _recorded(cfg: Any) -> RecordedRun:
+    federation = Federation(cfg, build_fabric(cfg))
+    batches: dict[str, list[tuple[str, int, list[int]]]] = {name: [] for name in federation.clients}
+    for name, client in federation.clients.items():
+        for index, (_, stream) in enumerate(client.sources):
+
+            def start_round(
+                *args: Any, _start: Any = stream.start_round, _name: str = name, _index: int = index
+            ) -> Any:
+                for batch in _start(*args):
+                    for path, label in zip(batch["image"].meta["filename_or_obj"], batch["label"]):
+                        batches[_name].append((path, _index, sorted(int(v) for v in label.unique())))
+                    yield batch
+
+            stream.start_round = start_round
+    return RecordedRun(federation, federation.fit(), batches)
 
 
 @pytest.fixture(scope="session")
-def smoke_run(cli: Cli, data_home: Path, smoke_config_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One real 2-round federated run of `configs/smoke.yaml` through the CLI, shared by the tests
-    that read its outputs."""
-    out = tmp_path_factory.mktemp("smoke_run")
-    result = cli("fit", "--config", str(smoke_config_path), f"output_dir={out}", data_home=data_home)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (out / "stdout.txt").write_text(result.stdout)
-    return out
+def standalone_run(data_home: Path, tmp_path_factory: pytest.TempPathFactory) -> RecordedRun:
+    """method=standalone, 2 rounds × 1 local step, W&B offline, trained in this process."""
+    out = tmp_path_factory.mktemp("standalone")
+    return _recorded(load_config(SMOKE, ["method=standalone", f"output_dir={out}", "fl.local_steps=1"]))
+
+
+@pytest.fixture(scope="session")
+def centralized_run(data_home: Path, tmp_path_factory: pytest.TempPathFactory) -> RecordedRun:
+    """method=centralized, 1 round × 1 local step per site, W&B offline, trained in this process."""
+    out = tmp_path_factory.mktemp("centralized")
+    return _recorded(load_config(SMOKE, ["method=centralized", f"output_dir={out}", "fl.rounds=1", "fl.local_steps=1"]))

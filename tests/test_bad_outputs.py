@@ -32,7 +32,7 @@ def test_a_full_disk_leaves_the_previous_checkpoint_readable(tmp_path, monkeypat
 def test_an_output_folder_that_cannot_be_created_is_a_clear_error(cli, data_home, smoke_run, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    result = cli("fit", "--config", "configs/smoke.yaml", f"output_dir={blocker / 'run'}", data_home=data_home)
+    result = cli("fit", "--config", "configs/smoke.yaml", f"output_dir={blocker / 'run'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"cannot create the run folder {blocker / 'run'}: Not a directory" in result.stderr
 
@@ -42,7 +42,7 @@ def test_damaged_and_foreign_checkpoints_are_refused(cli, data_home, smoke_run, 
     damaged = tmp_path / "damaged"
     shutil.copytree(smoke_run, damaged)
     (damaged / "state.ckpt").write_bytes(b"\x00" * 100)
-    result = cli("fit", "--resume", str(damaged), data_home=data_home)
+    result = cli("fit", "--resume", str(damaged))
     assert result.returncode == 2 and f"cannot read checkpoint {damaged / 'state.ckpt'}" in result.stderr
 
     foreign = tmp_path / "foreign"
@@ -54,7 +54,6 @@ def test_damaged_and_foreign_checkpoints_are_refused(cli, data_home, smoke_run, 
         "--allow-config-change",
         "fl.rounds=3",
         "model.filters=[16,32,64,128]",
-        data_home=data_home,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "holds another network than this run's model config" in result.stderr

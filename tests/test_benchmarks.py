@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from conftest import REPO
+
+from tests.helpers.runs import REPO
 
 
 @pytest.mark.parametrize("script", sorted((REPO / "benchmarks").glob("[!_]*.py")), ids=lambda p: p.name)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lightning_fl.config import CONFIG_DIR, ConfigError, check_size, load_config
+from lightning_fl.config import CONFIG_DIR, ConfigError, check_size, load_config, with_overrides
 from lightning_fl.networks import build_network
 
 
@@ -23,7 +23,7 @@ def test_default_config_is_the_demo():
 
 def test_paper_config_has_the_spec_values():
     cfg = load_config(CONFIG_DIR / "condistfl_paper.yaml")
-    assert (cfg.fl.rounds, cfg.fl.local_steps, cfg.fl.strategy) == (120, 1000, "fedopt")
+    assert (cfg.fl.rounds, cfg.fl.local_steps, cfg.fl.aggregation) == (120, 1000, "fedopt")
     assert (cfg.fl.server_lr, cfg.fl.server_lr_min, cfg.fl.server_momentum) == (1.0, 0.9, 0.6)
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.grad_clip_norm) == (
         0.01,
@@ -105,7 +105,7 @@ def test_missing_file_and_bad_defaults(tmp_path: Path):
 def test_experiment_configs_are_the_demo_without_distillation(name):
     cfg = load_config(CONFIG_DIR.parent / "experiments" / f"{name}.yaml")
     demo = load_config(CONFIG_DIR / "condistfl_synthetic.yaml")
-    assert cfg.method.condist is False and cfg.fl.strategy == name.split("_")[0]
+    assert cfg.method.condist is False and cfg.fl.aggregation == name.split("_")[0]
     assert cfg.data == demo.data and cfg.model == demo.model and cfg.optim == demo.optim
 
 
@@ -172,3 +172,43 @@ def test_augmented_experiment_is_the_demo_with_the_papers_augmentation():
     assert cfg.data.augmentation == OmegaConf.structured(AugmentationConfig)  # the schema holds the paper's values
     assert all(v == 0 for k, v in demo.data.augmentation.items() if k.endswith("_prob"))
     assert cfg.model == demo.model and cfg.fl == demo.fl and cfg.optim == demo.optim
+
+
+# ---------------------------------------------------------------- the method config group
+METHODS = ("condistfl", "fedavg", "fedopt", "fedprox", "standalone", "centralized")
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_method_is_chosen_on_the_command_line(smoke_config_path, name):
+    cfg = load_config(smoke_config_path, [f"method={name}"])
+    expected = OmegaConf.load(CONFIG_DIR / "method" / f"{name}.yaml")
+    assert OmegaConf.to_container(cfg.method) | OmegaConf.to_container(expected.method) == OmegaConf.to_container(
+        cfg.method
+    )
+    assert cfg.fl.aggregation == OmegaConf.select(
+        expected, "fl.aggregation", default="fedopt"
+    )  # a method file states only its departures
+
+
+def test_a_group_choice_replaces_the_files_choice_and_keys_override_it(smoke_config_path):
+    """As in Hydra: `method=` replaces the defaults entry, so the file's own keys and dotted
+    overrides still apply after it."""
+    cfg = load_config(CONFIG_DIR.parent / "experiments" / "fedopt_synthetic.yaml", ["method=condistfl"])
+    assert cfg.method.condist and cfg.output_dir == "runs/fedopt_synthetic"
+    cfg = load_config(smoke_config_path, ["method.proximal_mu=0.5", "method=fedprox", "fl.aggregation=fedopt"])
+    assert cfg.method.proximal_mu == 0.5 and cfg.fl.aggregation == "fedopt"
+
+
+def test_group_choice_mistakes_are_named(smoke_config_path):
+    with pytest.raises(
+        ConfigError,
+        match=r"override 'method=fedsgd': .*method has no fedsgd.yaml; choose one of "
+        r"\['centralized', 'condistfl', 'fedavg', 'fedopt', 'fedprox', 'standalone'\]",
+    ):
+        load_config(smoke_config_path, ["method=fedsgd"])
+    with pytest.raises(ConfigError, match="method.training=standalone has no global model for method.condist to use"):
+        load_config(smoke_config_path, ["method=standalone", "method.condist=true"])
+    with pytest.raises(ConfigError, match="fl.aggregation must be fedavg, got fedopt"):
+        load_config(smoke_config_path, ["method=centralized", "fl.aggregation=fedopt"])
+    with pytest.raises(ConfigError, match="is already composed: override its keys instead"):
+        with_overrides(load_config(smoke_config_path), ["method=fedavg"])

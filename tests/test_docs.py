@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from conftest import REPO
+from tests.helpers.runs import REPO
 
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 DOCUMENTS = [REPO / "README.md", REPO / "benchmarks" / "README.md", REPO / "configs" / "README.md"]
@@ -32,3 +32,15 @@ def test_no_document_names_a_path_outside_the_repository():
         assert "../shared" not in text and "/work/" not in text, path.relative_to(REPO)
         for target in _relative_links(path):
             assert (path.parent / target).resolve().is_relative_to(REPO), (path.relative_to(REPO), target)
+
+
+def test_every_test_file_the_documents_name_exists():
+    """The docs cite tests as evidence (`docs/reference/bad-input.md` for every row): each must exist."""
+    named = {
+        name
+        for path in [*DOCUMENTS, *sorted((REPO / "docs").rglob("*.md"))]
+        for name in re.findall(r"(?<![\w/])(?:tests/)?((?:[a-z]+/)?test_\w+\.py)", path.read_text())
+    }
+    assert len(named) > 10
+    missing = sorted(name for name in named if not (REPO / "tests" / name).is_file())
+    assert not missing, missing

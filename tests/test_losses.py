@@ -1,5 +1,6 @@
-"""The losses against the golden numbers, against a straightforward per-channel implementation,
-against finite differences, and against the invariants the method relies on."""
+"""The losses against the golden numbers (computed with the authors' reference implementation:
+tests/golden/README.md), against a straightforward per-channel implementation, against finite
+differences, and against the invariants the method relies on."""
 
 from __future__ import annotations
 
@@ -8,12 +9,23 @@ from pathlib import Path
 import pytest
 import torch
 from monai.losses import DiceCELoss, DiceLoss
-from reference_losses import condist_loss_loop, marginal_loss_loop
 
 from lightning_fl.labels import LabelSpace
 from lightning_fl.losses import ConDistDiceLoss, MarginalDiceCELoss, deep_supervision_weights
+from tests.helpers.reference_losses import condist_loss_loop, marginal_loss_loop
 
-GOLDEN = torch.load(Path(__file__).parent / "data" / "losses_golden.pt")["cases"]
+GOLDEN_FILE = Path(__file__).parent / "golden" / "losses.pt"
+GOLDEN = torch.load(GOLDEN_FILE)["cases"]
+SPECIFICATION_GOLDEN = Path(__file__).resolve().parent.parent.parent / "shared" / "golden" / "losses.pt"
+
+
+def test_the_golden_numbers_are_those_of_the_specification():
+    """The project's copy is the file that comes with the method's specification, unchanged."""
+    if not SPECIFICATION_GOLDEN.is_file():
+        pytest.skip(
+            f"the specification's golden file sits beside the development checkout only ({SPECIFICATION_GOLDEN})"
+        )
+    assert GOLDEN_FILE.read_bytes() == SPECIFICATION_GOLDEN.read_bytes()
 
 
 def _grad(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,5 @@
-"""The notebooks run top to bottom on the folders of a real smoke sweep (a federated and a standalone
-run) and save every plot they show: a failing cell or a missing plot fails the test."""
+"""The notebooks run top to bottom on the folders of a real smoke sweep (the session's federated and
+standalone runs) and save every plot they show: a failing cell or a missing plot fails the test."""
 
 from __future__ import annotations
 
@@ -9,38 +9,27 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import REPO
 from nbclient import NotebookClient
-from test_analysis import _assert_image
 
-from lightning_fl import analysis
 from lightning_fl.checkpoint import atomic_write_text
-from lightning_fl.scores import CASES_FILE, read_test_cases
-from lightning_fl.sweep import results_csv
+from lightning_fl.results import results_csv
+from lightning_fl.run_folder import COMPARISON_PLOT, DICE_PLOT, FINAL_PLOT, FREQUENCY_PLOT, LOSS_PLOT, SweepFolder
+from tests.helpers.images import assert_image
+from tests.helpers.runs import REPO
 
-pytestmark = pytest.mark.slow  # a standalone run and two kernels: about a minute on 2 shared cores
+pytestmark = pytest.mark.slow  # two kernels: about half a minute on 2 shared cores
 
 
 @pytest.fixture(scope="module")
-def smoke_sweep(cli, data_home: Path, smoke_config_path: Path, smoke_run: Path, tmp_path_factory) -> Path:
-    """A sweep's results folder of 2 variants × 1 seed: the session's smoke run as `condistfl`
-    (no second federated run to pay for) and a standalone run, with the results.csv the sweep writes."""
-    folder = tmp_path_factory.mktemp("smoke_sweep")
-    shutil.copytree(smoke_run, folder / "runs" / "condistfl" / "seed0")
-    standalone = folder / "runs" / "standalone" / "seed0"
-    result = cli(
-        "fit",
-        "--config",
-        str(smoke_config_path),
-        "method=standalone",
-        "fl.local_steps=1",
-        f"output_dir={standalone}",
-        data_home=data_home,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    cases = {key: read_test_cases(run / CASES_FILE) for key, run in analysis.sweep_run_folders(folder).items()}
-    atomic_write_text(folder / analysis.RESULTS_FILE, results_csv(cases))
-    return folder
+def smoke_sweep(smoke_run: Path, standalone_run, tmp_path_factory) -> Path:
+    """A sweep's results folder of 2 variants × 1 seed: the session's smoke run as `condistfl` and its
+    standalone run (no run to pay for), with the results.csv the sweep writes."""
+    folder = SweepFolder(tmp_path_factory.mktemp("smoke_sweep"))
+    shutil.copytree(smoke_run, folder.run("condistfl", 0).path)
+    shutil.copytree(standalone_run.folder, folder.run("standalone", 0).path)
+    cases = {key: run.read_cases() for key, run in folder.runs().items()}
+    atomic_write_text(folder.results_csv, results_csv(cases))
+    return folder.path
 
 
 def _execute(name: str, monkeypatch: pytest.MonkeyPatch, **env: str) -> nbformat.NotebookNode:
@@ -63,10 +52,10 @@ def test_the_analysis_notebook_plots_each_of_several_runs(smoke_sweep, monkeypat
     notebook = _execute("analysis.ipynb", monkeypatch, LIGHTNING_FL_RUN=runs, LIGHTNING_FL_FIGURES=str(tmp_path))
     text = _text(notebook)
     assert "federated, 2 rounds × 2 local steps" in text and "standalone, 2 rounds × 1 local steps" in text
-    expected = {f"run{i}_{p}" for i in (0, 1) for p in (analysis.DICE_PLOT, analysis.FINAL_PLOT, analysis.LOSS_PLOT)}
+    expected = {f"run{i}_{p}" for i in (0, 1) for p in (DICE_PLOT, FINAL_PLOT, LOSS_PLOT)}
     assert {p.name for p in tmp_path.iterdir()} == expected
     for name in expected:
-        _assert_image(tmp_path / name)
+        assert_image(tmp_path / name)
     images = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == len(expected) + 2  # and each run's overlays.png
 
@@ -78,7 +67,7 @@ def test_the_sweep_notebook_shows_the_table_curves_heatmap_and_frequency(smoke_s
     table = notebook.cells[1].outputs[0]["data"]["text/plain"]
     assert "condistfl" in table and "standalone" in table and "mean" in table
     # the variants differ in local steps (2 and 1), so the frequency curve is drawn too
-    expected = {analysis.COMPARISON_PLOT, "validation_dice.png", "cross_site_standalone.png", analysis.FREQUENCY_PLOT}
+    expected = {COMPARISON_PLOT, "validation_dice.png", "cross_site_standalone.png", FREQUENCY_PLOT}
     assert {p.name for p in tmp_path.iterdir()} == expected
     for name in expected:
-        _assert_image(tmp_path / name)
+        assert_image(tmp_path / name)

@@ -1,8 +1,9 @@
 """Property-based tests of the input gate (Hypothesis, derandomized): whatever a datalist or a NIfTI
 file holds (structure, encoding and paths; dtype, shape, affine, header fields, NaN and fractional
 values), `check-data`, `prepare-data` and `infer` either run, or exit 2 with a one-line message (for
-check-data, the list of every problem) and no traceback; and no temporary or partial file is left in
-the output folder."""
+check-data, the list of every problem) and no traceback; no temporary or partial file is left in
+the output folder; and every input drawn unchanged (valid) runs: a gate that refused everything
+would fail. Each test also runs one valid example explicitly."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
-from layouts import make_msd
-from test_input_gate import site_args, write_site
 
 from lightning_fl.cli import main
+from tests.helpers.inputs import site_args, write_site
+from tests.helpers.layouts import make_msd
 
 # capsys is read before every example (see run), so sharing it between examples is safe
 EXAMPLES = settings(
@@ -84,9 +85,9 @@ entries = st.one_of(
 
 
 @st.composite
-def datalists(draw) -> object:
+def datalists(draw) -> tuple[object, bool]:
     """The site's good datalist with at most one thing changed: a split, its entries, a path, the
-    top level, or keys no command reads."""
+    top level, or keys no command reads; and whether it is unchanged (valid)."""
     content: object = {split: [dict(entry)] for split, entry in zip(SPLITS, GOOD_ENTRIES)}
     split = draw(st.sampled_from(SPLITS))
     change = draw(st.sampled_from(["none", "split", "entries", "path", "top level", "other keys"]))
@@ -100,31 +101,41 @@ def datalists(draw) -> object:
         content = draw(json_values)
     elif change == "other keys":
         content = draw(st.dictionaries(texts, json_values, max_size=3)) | content
-    return content
+    return content, change == "none"
 
 
 @st.composite
-def encoded(draw, content: st.SearchStrategy) -> bytes:
-    """A JSON text in one of the encodings datalists are saved in, or damaged."""
-    text = json.dumps(draw(content), ensure_ascii=draw(st.booleans()))
+def encoded(draw, drawn: st.SearchStrategy) -> tuple[bytes, bool]:
+    """A JSON text in one of the encodings datalists are saved in, or damaged; and whether it is a
+    valid datalist (an unchanged one, in UTF-8 with or without its BOM, or in an ASCII-only latin-1)."""
+    content, valid = draw(drawn)
+    text = json.dumps(content, ensure_ascii=draw(st.booleans()))
     how = draw(st.sampled_from(["utf-8", "utf-8", "utf-8-sig", "utf-16", "latin-1", "stray byte", "cut short"]))
+    valid = valid and how in ("utf-8", "utf-8-sig", "latin-1")
     if how == "stray byte":
         data = text.encode()
         at = draw(st.integers(0, len(data)))
-        return data[:at] + b"\xff" + data[at:]
+        return data[:at] + b"\xff" + data[at:], False
     if how == "cut short":
-        return text.encode()[: draw(st.integers(0, len(text) - 1))]
-    return text.encode(how, errors="replace")
+        return text.encode()[: draw(st.integers(0, len(text) - 1))], False
+    return text.encode(how, errors="replace"), valid
+
+
+VALID_DATALIST = (json.dumps({split: [entry] for split, entry in zip(SPLITS, GOOD_ENTRIES)}).encode(), True)
 
 
 @EXAMPLES
 @given(datalist=encoded(datalists()))
+@example(datalist=VALID_DATALIST)
 def test_check_data_on_any_datalist_runs_or_says_what_is_wrong(capsys, data_home, datalist):
+    data, valid = datalist
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         write_site(root)
-        (root / "liver.json").write_bytes(datalist)
-        assert_ran_or_refused(*run(capsys, "check-data", *site_args(root)), "check-data")
+        (root / "liver.json").write_bytes(data)
+        status, lines = run(capsys, "check-data", *site_args(root))
+        assert_ran_or_refused(status, lines, "check-data")
+        assert status == 0 or not valid, lines
 
 
 # --- NIfTI files: dtype, shape, affine, header fields, voxel values -----------------------------
@@ -221,17 +232,19 @@ def voxels_of(draw, shape: tuple[int, ...], role: str, change: str) -> np.ndarra
 
 
 @st.composite
-def images(draw) -> tuple[bytes, str]:
+def images(draw) -> tuple[bytes, str, bool]:
+    """A NIfTI image, and whether it was drawn unchanged (valid)."""
     shape, affine, change = draw(grids())
-    return nifti_bytes(draw, voxels_of(draw, shape, "image", change), affine, change)
+    return *nifti_bytes(draw, voxels_of(draw, shape, "image", change), affine, change), change == "none"
 
 
 @st.composite
-def cases(draw) -> dict[str, tuple[bytes, str]]:
-    """An image and its label on one grid; the change drawn goes to one of the two files."""
+def cases(draw) -> tuple[dict[str, tuple[bytes, str]], bool]:
+    """An image and its label on one grid, the change drawn in one of the two files; and whether
+    they were drawn unchanged (valid)."""
     shape, affine, change = draw(grids())
     damaged = draw(st.sampled_from(["image", "label"]))
-    return {
+    files = {
         role: nifti_bytes(
             draw,
             voxels_of(draw, shape, role, change if role == damaged else "none"),
@@ -240,20 +253,37 @@ def cases(draw) -> dict[str, tuple[bytes, str]]:
         )
         for role in ("image", "label")
     }
+    return files, change == "none"
 
 
-NAN_IMAGE = (bytes(nifti(np.where(np.eye(16)[:, :, None] > 0, np.nan, 40.0) * np.ones((1, 1, 16), np.float32))), ".nii")
-FRACTIONAL_CASE = {
-    "image": (bytes(nifti(np.arange(4096, dtype=np.int16).reshape(16, 16, 16))), ".nii"),
-    "label": (bytes(nifti(np.where(np.arange(4096).reshape(16, 16, 16) % 2, 0.6, 0.0).astype(np.float32))), ".nii"),
-}
+NAN_IMAGE = (
+    bytes(nifti(np.where(np.eye(16)[:, :, None] > 0, np.nan, 40.0) * np.ones((1, 1, 16), np.float32))),
+    ".nii",
+    False,
+)
+VALID_IMAGE = (bytes(nifti(np.arange(4096, dtype=np.int16).reshape(16, 16, 16))), ".nii", True)
+FRACTIONAL_CASE = (
+    {
+        "image": (bytes(nifti(np.arange(4096, dtype=np.int16).reshape(16, 16, 16))), ".nii"),
+        "label": (bytes(nifti(np.where(np.arange(4096).reshape(16, 16, 16) % 2, 0.6, 0.0).astype(np.float32))), ".nii"),
+    },
+    False,
+)
+VALID_CASE = (
+    {
+        "image": VALID_IMAGE[:2],
+        "label": (bytes(nifti((np.arange(4096).reshape(16, 16, 16) % 3).astype(np.uint8))), ".nii"),
+    },
+    True,
+)
 
 
 @EXAMPLES
 @given(image=images())
 @example(image=NAN_IMAGE)  # always tried, whatever is drawn: the findings of issue 11
+@example(image=VALID_IMAGE)
 def test_infer_on_any_image_writes_its_map_or_says_why_not(capsys, smoke_run, image):
-    data, suffix = image
+    data, suffix, valid = image
     with tempfile.TemporaryDirectory() as folder:
         source, out = Path(folder) / f"case{suffix}", Path(folder) / "out"
         source.write_bytes(data)
@@ -261,6 +291,7 @@ def test_infer_on_any_image_writes_its_map_or_says_why_not(capsys, smoke_run, im
             capsys, "infer", "--checkpoint", smoke_run / "best.ckpt", "--input", source, "--output", out
         )
         assert_ran_or_refused(status, lines, "infer")
+        assert status == 0 or not valid, lines
         written = sorted(p.name for p in out.iterdir()) if out.exists() else []
         assert written == (["case.nii.gz"] if status == 0 else []), lines
         if status == 0:  # never a map of NaN voxels (all background, with exit status 0)
@@ -270,16 +301,19 @@ def test_infer_on_any_image_writes_its_map_or_says_why_not(capsys, smoke_run, im
 @EXAMPLES
 @given(case=cases())
 @example(case=FRACTIONAL_CASE)
+@example(case=VALID_CASE)
 def test_check_data_on_any_case_runs_or_lists_its_problems(capsys, data_home, case):
+    files, valid = case
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         content = write_site(root)
-        for role, (data, suffix) in case.items():
+        for role, (data, suffix) in files.items():
             (root / f"testing_0_{role}{suffix}").write_bytes(data)
             content["testing"][0][role] = f"testing_0_{role}{suffix}"
         (root / "liver.json").write_text(json.dumps(content))
         status, lines = run(capsys, "check-data", *site_args(root))
         assert_ran_or_refused(status, lines, "check-data")
+        assert status == 0 or not valid, lines
         if status == 0:
             assert usable(root / content["testing"][0]["image"]) and usable(
                 root / content["testing"][0]["label"], whole=True
@@ -289,17 +323,20 @@ def test_check_data_on_any_case_runs_or_lists_its_problems(capsys, data_home, ca
 @EXAMPLES
 @given(case=cases())
 @example(case=FRACTIONAL_CASE)
+@example(case=VALID_CASE)
 def test_prepare_data_on_any_case_writes_a_site_or_nothing(capsys, case):
+    files, valid = case
     with tempfile.TemporaryDirectory() as folder:
         src, dst = make_msd(Path(folder) / "Task03_Liver", "liver", 3, [1, 2]), Path(folder) / "out" / "data"
         manifest = json.loads((src / "dataset.json").read_text())
-        for role, (data, suffix) in case.items():
+        for role, (data, suffix) in files.items():
             (src / manifest["training"][1][role]).unlink()
             manifest["training"][1][role] = f"{role}sTr/liver_1{suffix}"  # one case name, whatever its files' suffixes
             (src / manifest["training"][1][role]).write_bytes(data)
         (src / "dataset.json").write_text(json.dumps(manifest))
         status, lines = run(capsys, "prepare-data", "--task", "liver", "--src", src, "--dst", dst)
         assert_ran_or_refused(status, lines, "prepare-data")
+        assert status == 0 or not valid, lines
         assert leftovers(dst.parent) == [] and dst.exists() == (status == 0), lines
         if status == 0:  # the label as given, never rounded: {0, 0.6} is refused, not written as empty
             listing = json.loads((dst / "liver.json").read_text())

@@ -1,72 +1,97 @@
-"""Exact resume: a run killed with SIGKILL in the middle of a round and resumed ends with the same
-weights and metrics as the same run uninterrupted; config changes on resume are refused unless asked.
-The run holds its folder's lock while it runs; rank 0 alone moves an old folder aside (--overwrite)."""
+"""Exact resume: a run killed with SIGKILL in the middle of a round and resumed ends with the weights
+and metrics of the same run uninterrupted (the session's smoke run, or the exact reference run for
+two processes, resumed with the other start method); config changes on resume are refused unless
+asked. The run holds its folder's lock while it runs."""
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from lightning_fl.checkpoint import RunFolderError, lock_run_folder
+from lightning_fl.checkpoint import RunFolderError
+from lightning_fl.run_folder import RunFolder
+from tests.helpers.cli import run_main
+from tests.helpers.runs import EXACT, SMOKE, SMOKE_WANDB
 
-RUN = ["--config", "configs/smoke.yaml", "logger.wandb.mode=disabled", "fl.rounds=3"]
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize("processes", [1, 2])
-def test_a_run_killed_mid_round_resumes_to_the_same_result(cli, data_home, smoke_run, tmp_path, processes):
-    run = RUN + (
-        [f"fabric.devices={processes}", "fabric.accelerator=cpu", "fabric.precision=32-true"] if processes > 1 else []
-    )
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    whole.mkdir()
-    (whole / "old.txt").write_text("an earlier run\n")  # moved aside by rank 0 alone, before the others start
-    result = cli("fit", *run, f"output_dir={whole}", "--overwrite", data_home=data_home)
-    assert result.returncode == 0, result.stderr[-3000:]
-    aside = next(tmp_path.glob("whole.replaced-*"))
-    assert f"moved the previous {whole} aside to {aside}\n" in result.stdout
-    assert sorted(p.name for p in aside.iterdir()) == ["old.txt", "run.lock"]
-
-    process = cli.start("fit", *run, f"output_dir={killed}", data_home=data_home, capture=False)
-    deadline = time.monotonic() + 120
-    while not (killed / "state.ckpt").exists() and time.monotonic() < deadline:
+def _kill_in_round_2(cli, out: Path, *overrides: str, **env: str) -> None:
+    """Start the smoke fit into `out`, and SIGKILL every rank once it is training round 2."""
+    process = cli.start("fit", "--config", str(SMOKE), f"output_dir={out}", *overrides, capture=False, **env)
+    deadline = time.monotonic() + 300
+    while not (out / "state.ckpt").exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     with pytest.raises(RunFolderError, match="is in use"):
-        lock_run_folder(killed)  # held by the running fit
+        RunFolder(out).lock()  # held by the running fit
     time.sleep(0.3)  # into round 2's local training
     os.killpg(process.pid, signal.SIGKILL)  # every rank at once
     process.wait()
-    assert torch.load(killed / "state.ckpt", weights_only=True)["round"] == 0, "the kill did not land in round 2"
+    assert torch.load(out / "state.ckpt", weights_only=True)["round"] == 1, "the kill did not land in round 2"
 
-    result = cli("fit", "--resume", str(killed), data_home=data_home)
-    assert result.returncode == 0, result.stderr[-3000:]
-    first = torch.load(whole / "last.ckpt", weights_only=True)["model"]
-    second = torch.load(killed / "last.ckpt", weights_only=True)["model"]
-    assert all(torch.equal(first[k], second[k]) for k in first)  # bitwise
-    assert (whole / "metrics.csv").read_text() == (killed / "metrics.csv").read_text()
-    assert "after_round: 1" in (killed / "resumes.yaml").read_text()
-    lock_run_folder(killed).release()  # the killed run's lock went with its processes, the resumed one's at its end
+
+def _model(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "last.ckpt", weights_only=True)["model"]
+
+
+def _scores(run: Path) -> list[dict[str, str]]:
+    """metrics.csv's rows of every phase but its notes."""
+    return [{k: v for k, v in row.items() if k != "note"} for row in csv.DictReader((run / "metrics.csv").open())]
 
 
 @pytest.mark.slow
-def test_resume_refuses_a_changed_config_unless_asked(cli, data_home, smoke_run, tmp_path):
+def test_a_run_killed_mid_round_resumes_to_the_run_left_alone(cli, smoke_run, tmp_path):
+    killed = tmp_path / "killed"
+    _kill_in_round_2(cli, killed, *SMOKE_WANDB[1:], "logger.wandb.mode=disabled")
+    result = cli("fit", "--resume", str(killed))
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = _model(smoke_run), _model(killed)
+    assert all(torch.equal(first[k], second[k]) for k in first)  # bitwise
+    assert (smoke_run / "metrics.csv").read_text() == (killed / "metrics.csv").read_text()
+    assert "after_round: 1" in (killed / "resumes.yaml").read_text()
+    RunFolder(killed).lock().release()  # the killed run's lock went with its processes, the resumed one's at its end
+
+
+@pytest.mark.slow
+def test_two_processes_killed_mid_round_resume_spawned_to_the_reference_run(cli, reference_fit, tmp_path):
+    """Two gloo ranks (one thread each) killed at once, resumed with the other start method (spawn:
+    the ranks receive the saved state through shared memory, each must take its own copy): the
+    weights and metrics of the one-process reference run."""
+    killed = tmp_path / "killed"
+    _kill_in_round_2(cli, killed, *EXACT, "fabric.devices=2", "fabric.strategy=ddp", OMP_NUM_THREADS="1")
+    resumed = cli(
+        "fit", "--resume", str(killed), "--allow-config-change", "fabric.strategy=ddp_spawn", OMP_NUM_THREADS="1"
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    first, second = _model(reference_fit), _model(killed)
+    assert all(torch.equal(first[k], second[k]) for k in first)  # bitwise
+    assert _scores(killed) == _scores(reference_fit)
+    assert "changed:\n  - fabric.strategy" in (killed / "resumes.yaml").read_text()
+
+
+def test_resume_refuses_a_changed_config_unless_asked(capsys, smoke_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run)
-    refused = cli("fit", "--resume", str(run), "optim.lr=0.01", data_home=data_home)
-    assert refused.returncode == 2
-    assert "the overrides change the run's config (optim.lr); pass --allow-config-change" in refused.stderr
-    both = cli("fit", "--resume", str(run), "--config", "configs/smoke.yaml", data_home=data_home)
-    assert both.returncode == 2 and "--config cannot be given with it" in both.stderr
+    status, _, err = run_main(capsys, "fit", "--resume", run, "optim.lr=0.01")
+    assert status == 2
+    assert "the overrides change the run's config (optim.lr); pass --allow-config-change" in err
+    status, _, err = run_main(capsys, "fit", "--resume", run, "--config", SMOKE)
+    assert status == 2 and "--config cannot be given with it" in err
 
-    accepted = cli("fit", "--resume", str(run), "--allow-config-change", "fl.rounds=3", data_home=data_home)
-    assert accepted.returncode == 0, accepted.stderr[-3000:]
+
+@pytest.mark.slow
+def test_a_finished_run_trains_more_rounds_when_asked_in_the_same_wandb_run(capsys, smoke_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    status, _, err = run_main(capsys, "fit", "--resume", run, "--allow-config-change", "fl.rounds=3")
+    assert status == 0, err[-3000:]
     assert "changed:\n  - fl.rounds" in (run / "resumes.yaml").read_text()
-    assert torch.load(run / "state.ckpt", weights_only=True)["round"] == 2
+    assert torch.load(run / "state.ckpt", weights_only=True)["round"] == 3
     # the finished run trains its third round; W&B continues the same (offline) run
     runs = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and runs[0].rsplit("-", 1)[1] == runs[1].rsplit("-", 1)[1]

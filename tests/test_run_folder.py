@@ -1,10 +1,14 @@
 """A run folder belongs to one run: `fit` does not replace a run unless told (`--overwrite` moves it
 aside), one process at a time writes a folder (`run.lock`), and `fit --resume` refuses a folder
-whose config.yaml or metrics.csv are not those of the run that saved its state.ckpt."""
+whose config.yaml or metrics.csv are not those of the run that saved its state.ckpt. Every file
+name is `run_folder.py`'s alone, and its readers upgrade folders written before rounds were
+numbered from 1, such as the committed experiments."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import json
 import re
 import shutil
 import subprocess
@@ -13,17 +17,26 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
 
-from lightning_fl.checkpoint import RunFolderError, claim_run_folder, lock_run_folder
+from lightning_fl.checkpoint import RunFolderError
 from lightning_fl.cli import main
 from lightning_fl.config import load_config, to_yaml
-from lightning_fl.loggers import CSV_COLUMNS
+from lightning_fl.run_folder import (
+    COMPARISON_PLOT,
+    DICE_PLOT,
+    FINAL_PLOT,
+    FREQUENCY_PLOT,
+    LOSS_PLOT,
+    METRICS_COLUMNS,
+    OVERLAY_PLOT,
+    RunFolder,
+    SweepFolder,
+)
+from tests.helpers.runs import REPO
 
 HOLD_LOCK = """import sys, time
-from pathlib import Path
-from lightning_fl.checkpoint import lock_run_folder
-lock = lock_run_folder(Path(sys.argv[1]))
+from lightning_fl.run_folder import RunFolder
+lock = RunFolder(sys.argv[1]).lock()
 print("locked", flush=True)
 time.sleep(120)
 """
@@ -78,22 +91,22 @@ def test_fit_refuses_a_folder_that_holds_files(run, smoke_config_path, tmp_path,
 def test_overwrite_moves_the_old_folder_aside_and_deletes_nothing(run, smoke_run, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    lock, aside = claim_run_folder(empty, overwrite=False)  # an empty folder (or one a lock alone) is free
+    lock, aside = RunFolder(empty).claim(overwrite=False)  # an empty folder (or one a lock alone) is free
     assert aside is None
     lock.release()
 
-    lock, aside = claim_run_folder(run, overwrite=True)
+    lock, aside = RunFolder(run).claim(overwrite=True)
     assert re.fullmatch(r"run\.replaced-\d{8}-\d{6}", aside.name) and aside.parent == run.parent.absolute()
     assert {p.name: p.read_bytes() for p in aside.iterdir() if p.is_file()} == {
         p.name: p.read_bytes() for p in smoke_run.iterdir() if p.is_file()
     }
     assert [p.name for p in run.iterdir()] == ["run.lock"]
     with pytest.raises(RunFolderError, match=f"{re.escape(str(run))} is in use"):
-        lock_run_folder(run)  # the new run's folder is held until the lock is released
+        RunFolder(run).lock()  # the new run's folder is held until the lock is released
     lock.release()
 
     (run / "config.yaml").write_text("a second run\n")
-    lock, second = claim_run_folder(run, overwrite=True)  # within the same second: another name
+    lock, second = RunFolder(run).claim(overwrite=True)  # within the same second: another name
     lock.release()
     assert second != aside and (second / "config.yaml").read_text() == "a second run\n"
     assert (aside / "state.ckpt").read_bytes() == (smoke_run / "state.ckpt").read_bytes()
@@ -129,14 +142,14 @@ def test_resume_refuses_a_metrics_file_shorter_than_the_checkpoint_records(run, 
     ) in _error(capsys)
     assert (run / "metrics.csv").read_bytes() == cut  # not padded with NUL bytes, not resumed
     assert not (run / "resumes.yaml").exists()
-    lock_run_folder(run).release()  # a refused resume leaves the folder free
+    RunFolder(run).lock().release()  # a refused resume leaves the folder free
 
 
 def test_resume_refuses_a_folder_that_mixes_two_runs(run, smoke_run, smoke_config_path, capsys):
     state = torch.load(run / "state.ckpt", weights_only=True)
     # a new run started in the old run's folder and killed before its first round ended
     (run / "config.yaml").write_text(to_yaml(load_config(smoke_config_path, [f"output_dir={run}", "fl.rounds=3"])))
-    (run / "metrics.csv").write_text(",".join(CSV_COLUMNS) + "\r\n")
+    (run / "metrics.csv").write_text(",".join(METRICS_COLUMNS) + "\r\n")
     assert main(["fit", "--resume", str(run)]) == 2
     assert (
         f"error: {run / 'config.yaml'} is not the config of run {state['run_id']}, which saved "
@@ -145,7 +158,7 @@ def test_resume_refuses_a_folder_that_mixes_two_runs(run, smoke_run, smoke_confi
 
     shutil.copy(smoke_run / "config.yaml", run / "config.yaml")  # the same config run again: metrics.csv differs
     assert main(["fit", "--resume", str(run)]) == 2
-    header = len(",".join(CSV_COLUMNS)) + 2
+    header = len(",".join(METRICS_COLUMNS)) + 2
     assert f"has {header} bytes, {run / 'state.ckpt'} records {state['metrics_bytes']}" in _error(capsys)
 
     metrics = bytearray((smoke_run / "metrics.csv").read_bytes())
@@ -194,3 +207,83 @@ def test_resuming_a_finished_run_changes_nothing(run, capsys):
             f"To train more rounds: fit --resume {run} --allow-config-change fl.rounds=N\n"
         )
         assert _snapshot(run) == before
+
+
+def test_each_run_folder_file_is_named_in_run_folder_py_alone():
+    """One home per name: no string in the package's code outside run_folder.py (docstrings aside)
+    holds the name of a run or sweep folder's file; paths and messages take it from run_folder."""
+    names = [*RunFolder.RECORD, RunFolder.STATE, RunFolder.LOCK, RunFolder.RESUMES, "best.ckpt", "last.ckpt"]
+    names += [SweepFolder.RESULTS_CSV, SweepFolder.RESULTS_MD, DICE_PLOT, FINAL_PLOT, LOSS_PLOT, OVERLAY_PLOT]
+    names += [COMPARISON_PLOT, FREQUENCY_PLOT]
+    found = []
+    for path in sorted((REPO / "lightning_fl").rglob("*.py")):
+        if path.name == "run_folder.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef))
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+        }
+        found += [
+            f"{path.relative_to(REPO)}:{node.lineno}: {name}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+            for name in names
+            if name in node.value
+        ]
+    assert not found, found
+
+
+def _format_1(folder: Path) -> None:
+    """Rewrite a run folder as lightning-fl wrote it before rounds were numbered from 1 (and before
+    fl.strategy was renamed): metrics.csv's rounds and summary.json's best round counted from 0."""
+    text = (folder / "metrics.csv").read_text().splitlines(keepends=True)
+    head, rows = text[0], text[1:]
+    (folder / "metrics.csv").write_text(
+        head + "".join(re.sub(r"^(\d+),", lambda m: f"{int(m[1]) - 1},", r) for r in rows)
+    )
+    summary = json.loads((folder / "summary.json").read_text())
+    del summary["format"]
+    summary["best_round"] -= 1
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "config.yaml").write_text((folder / "config.yaml").read_text().replace("aggregation:", "strategy:"))
+    state = torch.load(folder / "state.ckpt", weights_only=True)
+    del state["format"]
+    state["round"] -= 1
+    for saved in state["models"].values():
+        saved["strategy"] = saved.pop("server")
+        saved["best"]["round"] -= 1
+    torch.save(state, folder / "state.ckpt")
+
+
+def test_a_folder_written_before_rounds_were_numbered_from_one_reads_as_a_new_one(run, smoke_run):
+    _format_1(run)
+    old, new = RunFolder(run), RunFolder(smoke_run)
+    assert old.read_metrics() == new.read_metrics()
+    assert old.read_summary() == {k: v for k, v in new.read_summary().items() if k != "format"}
+    assert old.read_config() == load_config(smoke_run / "config.yaml")  # fl.strategy is read as fl.aggregation
+    state, expected = old.read_state(), new.read_state()
+    assert state["round"] == expected["round"] == 2
+    assert [m["best"]["round"] for m in state["models"].values()] == [
+        m["best"]["round"] for m in expected["models"].values()
+    ]
+    assert list(state["models"]["global"]) == ["state", "server", "best"]
+
+
+def test_the_committed_experiments_read_with_this_version(tmp_path):
+    """Every committed run folder's record loads: its config (fl.strategy and all), metrics with
+    rounds numbered from 1, its summary and its test cases."""
+    committed = sorted(p.parent for p in (REPO / "experiments" / "results").rglob("summary.json"))
+    assert len(committed) > 50
+    for path in committed:
+        folder = RunFolder(path)
+        cfg = folder.read_config()
+        rounds = {int(row["round"]) for row in folder.read_metrics() if row["phase"] == "train"}
+        assert rounds == set(range(1, cfg.fl.rounds + 1)), path
+        summary = folder.read_summary()
+        best = summary["best_round"]
+        assert all(1 <= r <= cfg.fl.rounds for r in (best.values() if isinstance(best, dict) else [best])), path
+        assert folder.read_cases(), path

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from lightning_fl import config as config_module
 from lightning_fl.config import CONFIG_DIR, RunConfig, config_groups, load_config
-from lightning_fl.sweep import load_sweep, plan_runs
+from lightning_fl.sweep_plan import load_sweep, plan_runs
 
 EXPERIMENTS = CONFIG_DIR.parent / "experiments"
 BASE = CONFIG_DIR / "condistfl_synthetic.yaml"  # every group's every file is composed onto the demo

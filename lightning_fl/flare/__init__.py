@@ -2,7 +2,7 @@
 NVFlare carrying the messages between the hospitals (`lightning-fl export-nvflare`).
 
 `job` builds and exports the NVFlare job; `server` is its server-side workflow (this project's
-`federation.Server` driven by NVFlare's `ModelController`); `client` is what each site runs through
+`server.Server` driven by NVFlare's `ModelController`); `client` is what each site runs through
 NVFlare's Client API (`site_script.py` is the file the job ships). Needs `lightning-fl[nvflare]`.
 """
 

@@ -1,11 +1,11 @@
 """One site of an NVFlare job, through NVFlare's Client API: receive the global model, score it on
 the site's validation split when the server asks (it is the model the previous round made), train
-`fl.local_steps` with ConDist against it as teacher (`client.SiteClient`, as `fit` does), and send
+`fl.local_steps` with ConDist against it as teacher (`client.Client`, as `fit` does), and send
 the weight difference, the number of steps and cases, the training losses and the Dice.
 
-The site builds what `Federation` builds for one site, in the same order from the same seed, so its
+The site builds its client with `fit`'s recipe (`build.build_run`, `build.build_clients`), so its
 updates are those `fit` computes for it (docs/how-to/nvflare.md says what may still differ). Its
-optimizer and schedule, which `fit` keeps in state.ckpt, stay on the site's own disk (`SiteState`).
+optimizer and schedule, which `fit` keeps in state.ckpt, stay on the site's own disk (`SiteStateStore`).
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ import nvflare.client as flare
 from nvflare.app_common.abstract.fl_model import FLModel, MetaKey, ParamsType
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_fl.build import build_clients, build_run
 from lightning_fl.checkpoint import load_model, save_state
-from lightning_fl.client import SiteClient
+from lightning_fl.client import Dropped
 from lightning_fl.config import ConfigError, config_from_container
 from lightning_fl.data.datasets import evaluation_loader, load_site, prepare_data_root
 from lightning_fl.distributed import build_fabric
 from lightning_fl.errors import UserInputError
-from lightning_fl.evaluation import nanmean, score_cases
+from lightning_fl.evaluation import score_cases
 from lightning_fl.flare import (
     CONFIG_FILE,
     DROPPED,
@@ -37,9 +38,7 @@ from lightning_fl.flare import (
     VALIDATE_RECEIVED,
 )
 from lightning_fl.inference import Predictor
-from lightning_fl.labels import label_space_from_config
-from lightning_fl.networks import build_network
-from lightning_fl.site import freeze
+from lightning_fl.results import nanmean
 
 
 def read_job_config(path: Path) -> DictConfig:
@@ -61,7 +60,7 @@ def site_config(cfg: DictConfig, data_root: Path | None) -> DictConfig:
 DEFAULT_STATE_DIR = Path("~/.cache/lightning_fl/nvflare-sites")
 
 
-class SiteState:
+class SiteStateStore:
     """A site's optimizer and schedule after each round it trained, on its own disk
     (`<dir>/<run id>/<site>/round-NNNN.ckpt`), so that a site process started again, for a job
     resumed after the server stopped, continues as `fit --resume` would.
@@ -74,13 +73,13 @@ class SiteState:
         self.root, self.site = root.expanduser(), site
 
     def _files(self, run_id: str) -> dict[int, Path]:
-        """Each saved state by the (0-based) round after which it was saved."""
+        """Each saved state by the round after which it was saved."""
         folder = self.root / run_id / self.site
-        return {int(p.stem.removeprefix("round-")) - 1: p for p in sorted(folder.glob("round-*.ckpt"))}
+        return {int(p.stem.removeprefix("round-")): p for p in sorted(folder.glob("round-*.ckpt"))}
 
-    def save(self, run_id: str, round_index: int, state: dict[str, Any], saved_round: int) -> None:
-        """Keep the state after `round_index`; drop those no resume from `saved_round` on can need."""
-        save_state(self.root / run_id / self.site / f"round-{round_index + 1:04d}.ckpt", state)
+    def save(self, run_id: str, round: int, state: dict[str, Any], saved_round: int) -> None:
+        """Keep the state after `round`; drop those no resume from `saved_round` on can need."""
+        save_state(self.root / run_id / self.site / f"round-{round:04d}.ckpt", state)
         files = self._files(run_id)
         kept = max((r for r in files if r <= saved_round), default=None)
         for r, path in files.items():
@@ -94,11 +93,11 @@ class SiteState:
         return None if newest is None else (newest, load_model(files[newest]))
 
 
-class FlareSite:
-    """A site's client and its validation split, built as `Federation` builds them for one site.
+class FlareClient:
+    """One site's side of an NVFlare job: its client and its validation split, built by `fit`'s recipe.
 
     It holds the Fabric, the frozen network that is the teacher and the scored model, the
-    `SiteClient` (module, optimizer and schedule, which persist across rounds in this process)
+    `Client` (module, optimizer and schedule, which persist across rounds in this process)
     and the validation loader (volumes kept across rounds)."""
 
     def __init__(self, cfg: DictConfig, name: str, state_dir: Path = DEFAULT_STATE_DIR) -> None:
@@ -106,18 +105,14 @@ class FlareSite:
         if name not in sites:
             raise ConfigError(f"NVFlare site '{name}' is not one of data.sites {list(sites)} of the job's config")
         self.cfg, self.name = cfg, name
-        self.labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
         fabric = build_fabric(cfg)
-        fabric.seed_everything(cfg.seed, verbose=False)
-        self.network = freeze(build_network(cfg.model, in_channels=1, out_channels=self.labels.num_classes))
+        run = build_run(cfg)
+        self.labels, self.network = run.labels, run.network
         self.predictor = Predictor(self.network, fabric, cfg.model.channels_last)
         self.data = load_site(prepare_data_root(cfg, self.labels), sites[name], self.labels)
-        student = build_network(cfg.model, in_channels=1, out_channels=self.labels.num_classes)
-        self.client = SiteClient(
-            name, [self.data], self.labels, student, self.network, cfg, fabric, (0, 1), self.predictor.prepare
-        )
+        self.client = build_clients(run, fabric, {name: self.data}, {name: (0, 1)}, self.predictor.prepare)[name]
         self.validation = evaluation_loader(self.data.splits["validation"], cfg.data)
-        self.state, self.trained = SiteState(state_dir, name), False
+        self.store, self.trained = SiteStateStore(state_dir, name), False
 
     def validate(self, state: dict[str, Any]) -> dict[str, float]:
         """The received model's Dice per class on this site's validation split (mean over cases)."""
@@ -135,31 +130,33 @@ class FlareSite:
         if task != TRAIN:
             return FLModel(metrics=dice)
         run_id, r = received.meta[RUN_ID], received.current_round
-        if not self.trained and r > 0:  # this process starts in a run that has trained rounds
+        if not self.trained and r > 1:  # this process starts in a run that has trained rounds
             self._restore(run_id, r)
-        update = self.client.train(state, r)
+        answer = self.client.train(state, r)
         self.trained = True
-        self.state.save(run_id, r, self.client.state_dict(), received.meta[SAVED_ROUND])
-        meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: update.num_steps, NUM_CASES: update.num_cases}
-        if update.delta is None:
-            return FLModel(metrics=dice | {DROPPED: update.metrics["dropped"]}, meta=meta)
-        delta = {k: v.cpu().contiguous() for k, v in update.delta.items()}  # safetensors' requirement
-        meta[TRAIN_METRICS] = update.metrics
-        return FLModel(params_type=ParamsType.DIFF, params=delta, metrics=dice, meta=meta)
+        self.store.save(run_id, r, self.client.state_dict(), received.meta[SAVED_ROUND])
+        if isinstance(answer, Dropped):
+            meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: 0, NUM_CASES: self.client.num_cases}
+            return FLModel(metrics=dice | {DROPPED: answer.reason}, meta=meta)
+        delta = {k: v.cpu().contiguous() for k, v in answer.delta.items()}  # safetensors' requirement
+        meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: answer.num_steps, NUM_CASES: answer.num_cases}
+        return FLModel(
+            params_type=ParamsType.DIFF, params=delta, metrics=dice, meta=meta | {TRAIN_METRICS: answer.metrics}
+        )
 
-    def _restore(self, run_id: str, round_index: int) -> None:
-        """The optimizer and schedule this site had before round `round_index` of the run."""
-        saved = self.state.load(run_id, round_index)
-        folder = self.state.root / run_id / self.name
+    def _restore(self, run_id: str, round: int) -> None:
+        """The optimizer and schedule this site had before round `round` of the run."""
+        saved = self.store.load(run_id, round)
+        folder = self.store.root / run_id / self.name
         if saved is None:
             print(
-                f"warning: site {self.name}: no saved state of run {run_id} before round {round_index + 1} in "
+                f"warning: site {self.name}: no saved state of run {run_id} before round {round} in "
                 f"{folder}; its optimizer and schedule start afresh (the run will differ from fit's)",
                 file=sys.stderr,
             )
             return
         self.client.load_state_dict(saved[1])
-        print(f"site {self.name}: continuing from its state after round {saved[0] + 1} ({folder})", file=sys.stderr)
+        print(f"site {self.name}: continuing from its state after round {saved[0]} ({folder})", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -174,10 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     flare.init()
-    site: FlareSite | None = None
+    site: FlareClient | None = None
     try:
         cfg = site_config(read_job_config(args.config), args.data_root)
-        site = FlareSite(cfg, flare.get_site_name(), args.state_dir)
+        site = FlareClient(cfg, flare.get_site_name(), args.state_dir)
     except UserInputError as err:  # answered every round, so the server's run folder says why
         cannot_start = f"cannot start: {err}"
         print(f"error: site {flare.get_site_name()}: {cannot_start}", file=sys.stderr)

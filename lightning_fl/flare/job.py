@@ -23,7 +23,7 @@ from lightning_fl.config import ConfigError, to_yaml
 from lightning_fl.data.datasets import prepare_data_root
 from lightning_fl.flare import CONFIG_FILE, TRAIN, VALIDATE
 from lightning_fl.flare.server import ConDistFLController
-from lightning_fl.labels import label_space_from_config
+from lightning_fl.labels import LabelSpace
 
 SITE_SCRIPT = Path(__file__).with_name("site_script.py")
 JOB_NAME = "lightning-fl"
@@ -56,7 +56,7 @@ def export_job(
     if output.exists() and not overwrite:
         raise RunFolderError(f"{output} exists; pass --overwrite to replace the job there")
     if cfg.data.synthetic is not None:  # generated once here, before the sites start (the simulator, POC)
-        prepare_data_root(cfg, label_space_from_config(cfg.labels.classes, cfg.labels.tumors))
+        prepare_data_root(cfg, LabelSpace.of(cfg.labels))
 
     output = output.absolute()
     job = FedJob(name=JOB_NAME, min_clients=cfg.fl.min_sites)

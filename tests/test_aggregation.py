@@ -8,8 +8,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lightning_fl.config import FederationConfig
-from lightning_fl.strategies import FedAvg, FedOpt, weighted_mean
+from lightning_fl.aggregation import AGGREGATORS, FedAvg, FedOpt, build_aggregator, weighted_mean
+from lightning_fl.config import ConfigError, FederationConfig
 
 
 def _state(w: list[float], b: float, steps: int) -> dict[str, torch.Tensor]:
@@ -35,12 +35,12 @@ def test_fedavg_weighted_by_case_count():
 
 def test_fedopt_is_server_sgd_with_momentum_on_minus_mean_update():
     fl = OmegaConf.structured(FederationConfig(rounds=4, server_lr=1.0, server_lr_min=0.9, server_momentum=0.6))
-    strategy = FedOpt(GLOBAL, fl)
-    # round 0: lr 1.0, momentum buffer = -Δ̄ → w + Δ̄
-    w1 = strategy.aggregate(GLOBAL, UPDATES, [1.0, 1.0])
+    aggregator = FedOpt(GLOBAL, fl)
+    # round 1: lr 1.0, momentum buffer = -Δ̄ → w + Δ̄
+    w1 = aggregator.aggregate(GLOBAL, UPDATES, [1.0, 1.0])
     torch.testing.assert_close(w1["weight"], torch.tensor([1.3, 1.8]))
-    # round 1: lr = 0.9 + 0.1 (1 + cos(π/4)) / 2; buffer = 0.6 buffer - Δ̄
-    w2 = strategy.aggregate(w1, UPDATES, [1.0, 1.0])
+    # round 2: lr = 0.9 + 0.1 (1 + cos(π/4)) / 2; buffer = 0.6 buffer - Δ̄
+    w2 = aggregator.aggregate(w1, UPDATES, [1.0, 1.0])
     lr1 = 0.9 + 0.1 * (1 + math.cos(math.pi / 4)) / 2
     buffer = 0.6 * torch.tensor([-0.3, 0.2]) + torch.tensor([-0.3, 0.2])
     torch.testing.assert_close(w2["weight"], w1["weight"] - lr1 * buffer)
@@ -63,3 +63,14 @@ def test_weights_must_match_updates():
         weighted_mean(UPDATES, [1.0])
     with pytest.raises(ValueError, match="positive"):
         weighted_mean(UPDATES, [0.0, 0.0])
+
+
+def test_the_aggregation_is_chosen_by_name_and_an_unknown_name_is_refused():
+    fl = OmegaConf.structured(FederationConfig())
+    assert set(AGGREGATORS) == set(FederationConfig.__dataclass_fields__["aggregation"].metadata["rule"].choices)
+    assert isinstance(build_aggregator(fl, GLOBAL), FedOpt)
+    fl.aggregation = "fedavg"
+    assert isinstance(build_aggregator(fl, GLOBAL), FedAvg)
+    fl = OmegaConf.create({"aggregation": "fedsgd"})  # a config that bypassed the schema's check
+    with pytest.raises(ConfigError, match=r"fl.aggregation: expected one of \['fedavg', 'fedopt'\], got 'fedsgd'"):
+        build_aggregator(fl, GLOBAL)

@@ -1,9 +1,9 @@
-"""Server strategies: how the sites' updates Δ_k become the next global model.
+"""Aggregation (`fl.aggregation`): how the sites' updates Δ_k become the next global model.
 
 FedAvg adds the mean update to the weights; FedOpt treats the negated mean update as a gradient for
 a server SGD with momentum (`docs/explanation/method.md`, FedOpt aggregation).
 
-A strategy is a function of (global state, updates, weights) plus, for FedOpt, its own server
+An aggregator is a function of (global state, updates, weights) plus, for FedOpt, its own server
 optimizer state. Floating-point entries (parameters and buffers) are aggregated; integer buffers
 (e.g. BatchNorm's step counter) are copied from the first site's update.
 """
@@ -16,6 +16,8 @@ from typing import Any, Protocol
 import torch
 from omegaconf import DictConfig
 from torch import Tensor
+
+from lightning_fl.config import ConfigError
 
 StateDict = dict[str, Tensor]
 
@@ -39,16 +41,16 @@ def weighted_mean(updates: Sequence[StateDict], weights: Sequence[float]) -> Sta
     return mean
 
 
-class Strategy(Protocol):
-    """What the round loop asks of a server: the next weights from the sent ones and the updates,
-    and the server's own state for `state.ckpt`."""
+class Aggregator(Protocol):
+    """What the server asks of an aggregation: the next weights from the sent ones and the updates,
+    and its own state for `state.ckpt`."""
 
     def aggregate(self, global_state: StateDict, updates: Sequence[StateDict], weights: Sequence[float]) -> StateDict:
         """The next weights of the model from the weights sent (`global_state`) and the weighted updates."""
         ...
 
     def state_dict(self) -> dict[str, Any]:
-        """The server's own state, for `state.ckpt`."""
+        """The aggregator's own state, for `state.ckpt`."""
         ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -115,6 +117,11 @@ class FedOpt:
         return {key: self.params[key].detach().clone() if key in self.params else mean[key] for key in global_state}
 
 
-def build_strategy(fl: DictConfig, global_state: StateDict) -> Strategy:
-    """The server strategy `fl.strategy` names, starting from the model's initial weights."""
-    return FedOpt(global_state, fl) if fl.strategy == "fedopt" else FedAvg()
+AGGREGATORS = {"fedavg": lambda fl, initial: FedAvg(), "fedopt": lambda fl, initial: FedOpt(initial, fl)}
+
+
+def build_aggregator(fl: DictConfig, initial: StateDict) -> Aggregator:
+    """The aggregation `fl.aggregation` names, starting from the model's initial weights."""
+    if fl.aggregation not in AGGREGATORS:
+        raise ConfigError(f"fl.aggregation: expected one of {sorted(AGGREGATORS)}, got {fl.aggregation!r}")
+    return AGGREGATORS[fl.aggregation](fl, initial)

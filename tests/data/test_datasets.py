@@ -10,13 +10,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
 from monai.data import MetaTensor
 
 from lightning_fl.config import load_config
 from lightning_fl.data.datasets import DatalistError, prepare_data_root, read_datalist
 from lightning_fl.data.transforms import evaluation_transform, training_transform
-from lightning_fl.labels import label_space_from_config
+from lightning_fl.labels import LabelSpace
+from tests.helpers.runs import REPO
 
 SMOKE = REPO / "configs" / "smoke.yaml"
 
@@ -25,14 +25,14 @@ SMOKE = REPO / "configs" / "smoke.yaml"
 def smoke_root(tmp_path_factory) -> tuple[Path, object]:
     root = tmp_path_factory.mktemp("cache") / "federation"
     cfg = load_config(SMOKE, [f"data.root={root}"])
-    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    labels = LabelSpace.of(cfg.labels)
     assert prepare_data_root(cfg, labels) == root
     return root, cfg
 
 
 def test_synthetic_federation_is_generated_once_and_reused(smoke_root):
     root, cfg = smoke_root
-    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    labels = LabelSpace.of(cfg.labels)
     stamp = (root / "liver.json").stat().st_mtime_ns
     assert prepare_data_root(cfg, labels) == root
     assert (root / "liver.json").stat().st_mtime_ns == stamp
@@ -41,7 +41,7 @@ def test_synthetic_federation_is_generated_once_and_reused(smoke_root):
 def test_cached_federation_from_other_settings_is_refused(smoke_root):
     root, _ = smoke_root
     cfg = load_config(SMOKE, [f"data.root={root}", "data.synthetic.seed=7"])
-    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    labels = LabelSpace.of(cfg.labels)
     with pytest.raises(DatalistError, match="not generated from this config's synthetic settings"):
         prepare_data_root(cfg, labels)
 

@@ -1,12 +1,12 @@
-"""A federated site as a LightningModule: the student it trains, the frozen teacher it distils from.
+"""What a client optimises, as a LightningModule: the student it trains, the frozen teacher it distils from.
 
-The teacher is the global model this site received at the start of the round: eval mode, no
-gradients, outside the optimizer, and never part of what the site returns. Optimizer and scheduler
-belong to the site and persist across rounds, as in the reference ConDistFL protocol; loading new
-global weights copies into the same parameter tensors, so the momentum buffers and the cosine
-schedule carry on. The student's weights need not persist (every round starts from the global
-model), so the sites of one process share one student network and one teacher, and each keeps only
-its optimizer and schedule. The losses and the ConDist weight schedule are explained in
+The teacher is the global model the client received at the start of the round: eval mode, no
+gradients, outside the optimizer, and never part of what the client returns. Optimizer and
+scheduler belong to the client and persist across rounds, as in the reference ConDistFL protocol;
+loading new global weights copies into the same parameter tensors, so the momentum buffers and the
+cosine schedule carry on. The student's weights need not persist (every round starts from the
+global model), so the clients of one process share one student network and one teacher, and each
+keeps only its optimizer and schedule. The losses and the ConDist weight schedule are explained in
 `docs/explanation/method.md`.
 """
 
@@ -20,17 +20,17 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from lightning_fl.aggregation import StateDict
 from lightning_fl.labels import LabelSpace
 from lightning_fl.losses import ConDistDiceLoss, MarginalDiceCELoss, deep_supervision_weights
-from lightning_fl.strategies import StateDict
 
 
-def condist_weight(method: DictConfig, round_index: int, rounds: int) -> float:
-    """w_r rises linearly from `condist_weight_start` (first round) to `condist_weight_end` (last)."""
+def condist_weight(method: DictConfig, round: int, rounds: int) -> float:
+    """w_r rises linearly from `condist_weight_start` (round 1) to `condist_weight_end` (round `rounds`)."""
     if rounds == 1:
         return method.condist_weight_start
     step = (method.condist_weight_end - method.condist_weight_start) / (rounds - 1)
-    return method.condist_weight_start + round_index * step
+    return method.condist_weight_start + (round - 1) * step
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -40,18 +40,18 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
-class Site(L.LightningModule):
-    """A site's training objective: its losses around a student network and the frozen global model as teacher.
+class Objective(L.LightningModule):
+    """A client's training objective: its losses around a student network and the frozen global model as teacher.
 
     It exists to keep what one local training step computes in a LightningModule: the marginal
-    Dice+CE loss on the site's labelled classes, ConDist against the teacher on the others (weighted
-    by the round's ConDist weight), the FedProx term where asked, and the SGD optimizer with its
-    cosine schedule. It holds the student and teacher networks, those losses, the method and optim
-    settings, and the index of the current round.
+    Dice+CE loss on each source's labelled classes, ConDist against the teacher on the others
+    (weighted by the round's ConDist weight), the FedProx term where asked, and the SGD optimizer
+    with its cosine schedule. It holds the student and teacher networks, those losses, the method
+    and optim settings, and the current round.
 
-    `tasks` holds the foreground classes of each data source the site trains on: one for a site,
-    every site's for the pooled trainer of centralized training, where a batch's `source` says
-    whose labels it carries and so which marginal loss supervises it."""
+    `tasks` holds the foreground classes of each data source the client trains on: one for a
+    site's client, every site's for the pooled client of centralized training, where a batch's
+    `source` says whose labels it carries and so which marginal loss supervises it."""
 
     def __init__(
         self,
@@ -82,12 +82,12 @@ class Site(L.LightningModule):
         self.register_buffer(
             "head_weights", deep_supervision_weights(1 + cfg.model.deep_supervision_heads), persistent=False
         )
-        self.round_index = 0
+        self.round = 1
 
-    def train(self, mode: bool = True) -> Site:
+    def train(self, mode: bool = True) -> Objective:
         """Set the student's mode; the teacher stays in eval mode."""
         super().train(mode)
-        self.teacher.eval()  # the teacher stays in eval mode whatever the site's mode
+        self.teacher.eval()  # the teacher stays in eval mode whatever the objective's mode
         return self
 
     @property
@@ -100,12 +100,12 @@ class Site(L.LightningModule):
         The teacher stays outside DDP (it has no gradients and the same weights on every rank)."""
         self.student = DistributedDataParallel(self.student, device_ids=device_ids, process_group=group)
 
-    def receive(self, global_state: StateDict, round_index: int) -> None:
-        """Start a round: student and teacher both become the global model."""
+    def receive(self, global_state: StateDict, round: int) -> None:
+        """Start round `round` (numbered from 1): student and teacher both become the global model."""
         with torch.no_grad():
             self.network.load_state_dict(global_state)
             self.teacher.load_state_dict(global_state)
-        self.round_index = round_index
+        self.round = round
 
     def update(self, global_state: StateDict) -> StateDict:
         """Δ_k = student − global for floating-point entries; integer buffers are sent as they are."""
@@ -133,7 +133,7 @@ class Site(L.LightningModule):
             with torch.no_grad():
                 teacher_logits = self.teacher(image)
             condist = self.condist_loss(heads[:, 0], teacher_logits, label)
-            weight = condist_weight(self.method, self.round_index, self.rounds)
+            weight = condist_weight(self.method, self.round, self.rounds)
             loss = loss + weight * condist
             metrics |= {"condist": condist.detach(), "condist_weight": weight}
         if self.method.proximal_mu > 0:  # FedProx: the teacher holds the global weights w_global

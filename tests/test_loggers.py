@@ -1,6 +1,7 @@
-"""The W&B run of a fit, read back from its offline files (tests/wandb_records.py): the metric
-names, `round` as their step, the per-class table, the mask overlays, the bytes each round sends,
-and the run folder's record files that a notebook downloads again."""
+"""Where a run's numbers go: the W&B run of a fit, read back from its offline files
+(tests/helpers/wandb_records.py): the metric names, `round` as their x-axis, the per-class table,
+the mask overlays, the bytes each round sends, and the run folder's record files that a notebook
+downloads again."""
 
 from __future__ import annotations
 
@@ -11,30 +12,19 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from wandb.proto import wandb_internal_pb2
-from wandb_records import history, nested, offline_run
-from wandb_records import run_records as read_run
 
 from lightning_fl import analysis
 from lightning_fl.config import load_config
-from lightning_fl.labels import label_space_from_config
-from lightning_fl.loggers import RUN_RECORD
+from lightning_fl.labels import LabelSpace
+from lightning_fl.run_folder import RunFolder
+from tests.helpers.wandb_records import history, nested, offline_run
+from tests.helpers.wandb_records import run_records as read_run
 
 
 @pytest.fixture(scope="module")
-def wandb_run(cli, data_home, tmp_path_factory) -> Path:
-    """A smoke fit that logs W&B offline, with a mask overlay every round."""
-    out = tmp_path_factory.mktemp("wandb_run")
-    cli.fit_smoke(
-        out,
-        "logger.wandb.mode=offline",
-        "logger.wandb.image_every=1",
-        "logger.wandb.group=g",
-        "logger.wandb.job_type=variant",
-        "logger.wandb.tags=[demo]",
-        "logger.wandb.notes=a note",
-        data_home=data_home,
-    )
-    return offline_run(out)
+def wandb_run(smoke_run) -> Path:
+    """The session's smoke fit: W&B offline, with a mask overlay every round."""
+    return offline_run(smoke_run)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +53,7 @@ def test_metrics_are_named_by_phase_site_and_class_with_round_as_step(run_record
     assert val.step_metric == "round" and val.summary.max  # the best validation Dice in the summary
 
     rows = history(run_records)
-    assert [row["round"] for row in rows] == [0, 1, 2]  # two rounds, then the test scores
+    assert [row["round"] for row in rows] == [1, 2, 2]  # two rounds, then the test scores after the last
     for row in rows[:2]:
         assert {"val/liver/dice/liver", "val/kidney/dice/kidney_tumor", "val/mean_dice"} <= row.keys()
         assert {"train/liver/loss", "train/spleen/condist", "train/pancreas/supervised"} <= row.keys()
@@ -80,7 +70,7 @@ def test_per_class_table(run_records, wandb_run, smoke_config_path):
     content = json.loads((wandb_run / "files" / table["path"]).read_text())
     assert content["columns"] == ["class", "test Dice", "external Dice", "unenhanced Dice"]
     cfg = load_config(smoke_config_path, ["output_dir=unused"])
-    classes = list(label_space_from_config(cfg.labels.classes, cfg.labels.tumors).classes)
+    classes = list(LabelSpace.of(cfg.labels).classes)
     assert [row[0] for row in content["data"]] == classes[1:] + ["mean"]
     summary = json.loads((wandb_run.parent.parent / "summary.json").read_text())
     assert [row[1] for row in content["data"][:-1]] == list(summary["test_dice"].values())  # null: no case
@@ -88,7 +78,7 @@ def test_per_class_table(run_records, wandb_run, smoke_config_path):
 
 def test_mask_overlays_with_class_labels(run_records, wandb_run, smoke_config_path):
     cfg = load_config(smoke_config_path, ["output_dir=unused"])
-    classes = label_space_from_config(cfg.labels.classes, cfg.labels.tumors).classes
+    classes = LabelSpace.of(cfg.labels).classes
     rows = history(run_records)
     for row in rows[:2]:  # image_every=1: every round, each site's first validation case
         assert {f"overlay/{s.name}" for s in cfg.data.sites} <= row.keys()
@@ -137,19 +127,19 @@ class _Api:
 def test_the_run_record_travels_with_the_wandb_run_and_loads_back(wandb_run, tmp_path):
     """The W&B API itself needs network and an account: not tested here. What it would serve is:
     the run folder's record files, saved into the W&B run, which load as the folder itself does."""
-    folder = wandb_run.parent.parent
-    for name in RUN_RECORD:
+    folder = RunFolder(wandb_run.parent.parent)
+    for name in RunFolder.RECORD:
         saved = wandb_run / "files" / name
-        assert saved.read_bytes() == (folder / name).read_bytes(), name
+        assert saved.read_bytes() == (folder.path / name).read_bytes(), name
     api = _Api(wandb_run)
     (downloaded,) = analysis.download_wandb_runs("me/lightning-fl", tmp_path, group="g", api=api)
     assert api.asked == [("me/lightning-fl", {"group": "g"})]
-    assert sorted(p.name for p in downloaded.iterdir()) == sorted(RUN_RECORD)
-    assert analysis.load_run(downloaded).metrics == analysis.load_run(folder).metrics
-    assert analysis.load_run(downloaded).summary == analysis.load_run(folder).summary
+    assert sorted(p.name for p in downloaded.iterdir()) == sorted(RunFolder.RECORD)
+    copy = RunFolder(downloaded)
+    assert copy.read_metrics() == folder.read_metrics() and copy.read_summary() == folder.read_summary()
+    assert copy.read_cases() == folder.read_cases() and copy.read_config() == folder.read_config()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "method, keys",
     [
@@ -165,15 +155,8 @@ def test_the_run_record_travels_with_the_wandb_run_and_loads_back(wandb_run, tmp
         ),
     ],
 )
-def test_standalone_and_centralized_runs_name_their_clients_and_models(cli, data_home, tmp_path, method, keys):
-    cli.fit_smoke(
-        tmp_path,
-        f"method={method}",
-        "logger.wandb.mode=offline",
-        "fl.rounds=1",
-        "fl.local_steps=1",
-        data_home=data_home,
-    )
-    logged = {key for row in history(read_run(offline_run(tmp_path))) for key in row}
+def test_standalone_and_centralized_runs_name_their_clients_and_models(request, method, keys):
+    run = request.getfixturevalue(f"{method}_run")
+    logged = {key for row in history(read_run(offline_run(run.folder))) for key in row}
     assert keys <= logged, sorted(keys - logged)
     assert not any(key.startswith("val/global") or "/model_global/" in key for key in logged)

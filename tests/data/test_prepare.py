@@ -10,20 +10,20 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import REPO
-from layouts import AFFINE, make_amos, make_kits, make_msd, write_volume
 
 from lightning_fl.config import ConfigError, load_config
 from lightning_fl.data.datasets import read_datalist
 from lightning_fl.data.prepare import prepare_task
 from lightning_fl.errors import DatalistError
-from lightning_fl.labels import label_space_from_config
+from lightning_fl.labels import LabelSpace
+from tests.helpers.layouts import AFFINE, make_amos, make_kits, make_msd, write_volume
+from tests.helpers.runs import REPO
 
 
 @pytest.fixture(scope="module")
 def labels():
     cfg = load_config()
-    return label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    return LabelSpace.of(cfg.labels)
 
 
 def test_msd_task_is_split_remapped_and_readable(tmp_path, labels):

@@ -13,7 +13,7 @@ import pytest
 
 from lightning_fl.config import load_config
 from lightning_fl.data.validation import check_federation
-from lightning_fl.labels import label_space_from_config
+from lightning_fl.labels import LabelSpace
 
 
 def _rewrite(path: Path, transform) -> None:
@@ -94,7 +94,7 @@ EXPECTED = [
 
 def test_every_problem_is_found_and_named(broken_federation, smoke_config_path):
     cfg = load_config(smoke_config_path, ["data.synthetic=null", f"data.root={broken_federation}"])
-    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    labels = LabelSpace.of(cfg.labels)
     problems = [str(p) for p in check_federation(broken_federation, cfg, labels)]
     for where, what in EXPECTED:
         assert any(p.startswith(where) and what in p for p in problems), f"not reported: {where}: {what}\n{problems}"
@@ -104,7 +104,7 @@ def test_every_problem_is_found_and_named(broken_federation, smoke_config_path):
 
 def test_clean_data_passes(data_home, smoke_run, smoke_config_path):
     cfg = load_config(smoke_config_path)
-    labels = label_space_from_config(cfg.labels.classes, cfg.labels.tumors)
+    labels = LabelSpace.of(cfg.labels)
     assert check_federation(data_home / "synthetic-smoke", cfg, labels) == []
 
 

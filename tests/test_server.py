@@ -1,5 +1,6 @@
-"""A site that raises, returns a NaN loss or diverges loses its update for the round, with a warning
-in the metrics; the global model stays finite; too few updates stop the run cleanly."""
+"""The server's bookkeeping on the clients' answers: a site that raises, returns a NaN loss or
+diverges is dropped for the round (a `Dropped` answer, with a warning in the metrics); the global
+model stays finite; too few updates stop the run cleanly; the best round is the best validated one."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import statistics
 import pytest
 import torch
 
+from lightning_fl.client import Dropped, Trained
 from lightning_fl.config import load_config
 from lightning_fl.distributed import build_fabric
 from lightning_fl.errors import RunStopped
@@ -21,12 +23,12 @@ def _federation(smoke_config_path, out, *overrides: str) -> Federation:
     return Federation(cfg, build_fabric(cfg))
 
 
-def _break(federation: Federation, site: str, how: str, from_round: int = 0) -> None:
+def _break(federation: Federation, site: str, how: str, from_round: int = 1) -> None:
     local = federation.clients[site]
-    step = local.site.training_step
+    step = local.objective.training_step
 
     def broken_step(batch, batch_idx):
-        if local.site.round_index < from_round:
+        if local.objective.round < from_round:
             return step(batch, batch_idx)
         if how == "raise":
             raise RuntimeError("the scanner's export went wrong")
@@ -36,7 +38,7 @@ def _break(federation: Federation, site: str, how: str, from_round: int = 0) -> 
             group["lr"] = 1e30
         return step(batch, batch_idx)
 
-    local.site.training_step = broken_step
+    local.objective.training_step = broken_step
 
 
 def _rows(out, phase):
@@ -47,13 +49,16 @@ def test_failed_sites_are_dropped_and_the_global_model_stays_finite(data_home, s
     federation = _federation(smoke_config_path, tmp_path)
     for site, how in (("spleen", "raise"), ("pancreas", "nan"), ("kidney", "diverge")):
         _break(federation, site, how)
-    summary = federation.fit()
+    answers = federation.train_clients(1)  # what the server is given: typed answers, one per client
+    assert isinstance(answers["liver"], Trained) and answers["liver"].num_steps == 2
+    assert answers["pancreas"] == Dropped("non-finite loss at local step 1")
+    summary = federation.fit()  # round 1 again, from the start: nothing was aggregated
 
     dropped = {(r["round"], r["site"]): r["note"] for r in _rows(tmp_path, "dropped")}
-    assert set(dropped) == {(str(r), s) for r in range(2) for s in ("spleen", "pancreas", "kidney")}
-    assert "RuntimeError: the scanner's export went wrong" in dropped[("0", "spleen")]
-    assert dropped[("0", "pancreas")] == "non-finite loss at local step 1"
-    assert dropped[("0", "kidney")] == "non-finite gradient norm at local step 2"
+    assert set(dropped) == {(str(r), s) for r in (1, 2) for s in ("spleen", "pancreas", "kidney")}
+    assert "RuntimeError: the scanner's export went wrong" in dropped[("1", "spleen")]
+    assert dropped[("1", "pancreas")] == "non-finite loss at local step 1"
+    assert dropped[("1", "kidney")] == "non-finite gradient norm at local step 2"
     assert {r["site"] for r in _rows(tmp_path, "train")} == {"liver"}
     model = torch.load(tmp_path / "last.ckpt", weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())
@@ -61,21 +66,21 @@ def test_failed_sites_are_dropped_and_the_global_model_stays_finite(data_home, s
     validation = _rows(tmp_path, "validation")
     means = [
         statistics.mean(float(r["dice"]) for r in validation if r["round"] == str(k) and r["dice"] != "nan")
-        for k in range(2)
+        for k in (1, 2)
     ]
-    assert summary["best_round"] == means.index(max(means))  # the best round is the one with the best validation mean
+    assert summary["best_round"] == 1 + means.index(max(means))  # the round with the best validation mean
 
 
 def test_too_few_updates_stop_the_run_with_the_last_checkpoint_intact(data_home, smoke_config_path, tmp_path):
     federation = _federation(smoke_config_path, tmp_path, "fl.min_sites=2")
     for site in ("spleen", "pancreas", "kidney"):
-        _break(federation, site, "raise", from_round=1)
+        _break(federation, site, "raise", from_round=2)
     with pytest.raises(
         RunStopped, match=r"round 2: 1 of 4 sites sent an update, fewer than fl.min_sites=2; dropped: spleen: "
     ):
         federation.fit()
     last = torch.load(tmp_path / "last.ckpt", weights_only=True)
-    assert last["round"] == 0
+    assert last["round"] == 1
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
     assert len(_rows(tmp_path, "dropped")) == 3 and not (tmp_path / "summary.json").exists()
 

@@ -27,12 +27,12 @@ pytest.importorskip("nvflare", reason='the NVFlare tests need the extra: pip ins
 
 from lightning_fl.cli import main  # noqa: E402
 from lightning_fl.flare import CONFIG_FILE  # noqa: E402
-from lightning_fl.flare.client import SiteState  # noqa: E402
+from lightning_fl.flare.client import SiteStateStore  # noqa: E402
 from lightning_fl.flare.server import ConDistFLController  # noqa: E402
+from tests.helpers.cli import run_main  # noqa: E402
+from tests.helpers.runs import EXACT, SMOKE  # noqa: E402
 
 SITES = ["liver", "spleen", "pancreas", "kidney"]
-SMOKE = Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml"
-EXACT = ["fabric.precision=32-true", "logger.wandb.mode=disabled"]
 
 
 class Exported(NamedTuple):
@@ -71,10 +71,18 @@ def _simulate(job: Path, workspace: Path, data_home: Path) -> subprocess.Complet
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
-def _fit(cli, run: Path, data_home: Path, *overrides: str) -> None:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        cli.fit_smoke(run, *EXACT, *overrides, data_home=data_home)
+def _fit(cli, run: Path, *overrides: str) -> None:
+    cli.fit_smoke(run, *EXACT, *overrides, OMP_NUM_THREADS="1")
+
+
+def _short_heartbeat(job: Path, timeout_s: float = 6.0) -> None:
+    """The job's sites missing heartbeats for `timeout_s` (NVFlare's default: 30 s) are given up:
+    a test job notices a killed site sooner; nothing else about the job changes."""
+    for config in job.glob("app_*/config/config_fed_client.json"):
+        content = json.loads(config.read_text())
+        for executor in content["executors"]:
+            executor["executor"]["args"] |= {"heartbeat_interval": 1.0, "heartbeat_timeout": timeout_s}
+        config.write_text(json.dumps(content, indent=2))
 
 
 def _model(path: Path) -> dict[str, torch.Tensor]:
@@ -126,15 +134,15 @@ def test_the_job_holds_the_server_workflow_a_client_app_per_site_and_the_config(
 
 
 @pytest.fixture(scope="module")
-def simulated(cli, data_home, tmp_path_factory) -> tuple[Path, Path]:
-    """The smoke config trained by `fit` and by the exported job in the NVFlare simulator."""
+def simulated(reference_fit, data_home, tmp_path_factory) -> tuple[Path, Path]:
+    """The smoke config trained by `fit` (the session's exact reference run) and by the exported job
+    in the NVFlare simulator."""
     base = tmp_path_factory.mktemp("nvflare")
-    fit_run, flare_run, job = base / "fit", base / "flare", base / "job"
-    _fit(cli, fit_run, data_home)
+    flare_run, job = base / "flare", base / "job"
     assert _export(job, flare_run).returncode == 0
     result = _simulate(job, base / "workspace", data_home)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return fit_run, flare_run
+    return reference_fit, flare_run
 
 
 @pytest.mark.slow
@@ -156,32 +164,32 @@ def test_the_simulated_job_gives_the_model_of_fit_bitwise(simulated):
 
 
 @pytest.mark.slow
-def test_evaluate_infer_and_export_take_the_checkpoints_the_job_saved(cli, data_home, simulated, tmp_path):
+def test_evaluate_infer_and_export_take_the_checkpoints_the_job_saved(capsys, data_home, simulated, tmp_path):
     fit_run, flare_run = simulated
-    result = cli(
+    evaluation = tmp_path / "eval"
+    status, _, err = run_main(
+        capsys,
         "evaluate",
         "--cross-site",
         "--output",
-        str(tmp_path / "eval"),
+        evaluation,
         "--checkpoint",
-        str(flare_run / "best.ckpt"),
-        str(fit_run / "best.ckpt"),
-        data_home=data_home,
+        flare_run / "best.ckpt",
+        fit_run / "best.ckpt",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = list(csv.DictReader((tmp_path / "eval" / "cross_site.csv").open()))
+    assert status == 0, err[-3000:]
+    rows = list(csv.DictReader((evaluation / "cross_site.csv").open()))
     models = list(dict.fromkeys(r["model"] for r in rows))
     assert len(models) == 2
     scores = [[(r["site"], r["class"], r["dice"]) for r in rows if r["model"] == m] for m in models]
     assert scores[0] == scores[1] and scores[0]  # the same weights score the same on every site
     image = next((data_home / "synthetic-smoke" / "liver" / "images").glob("*.nii.gz"))
-    seg = tmp_path / "seg"
-    infer = cli("infer", "--checkpoint", str(flare_run / "best.ckpt"), "--input", str(image), "--output", str(seg))
-    assert infer.returncode == 0, infer.stderr[-3000:]
-    assert len(list(seg.glob("*.nii.gz"))) == 1
-    export = cli("export", "--checkpoint", str(flare_run / "last.ckpt"), "--output", str(tmp_path / "ts"))
-    assert export.returncode == 0, export.stderr[-3000:]
-    assert (tmp_path / "ts" / "model.ts").is_file()
+    status, _, err = run_main(
+        capsys, "infer", "--checkpoint", flare_run / "best.ckpt", "--input", image, "--output", tmp_path / "seg"
+    )
+    assert status == 0 and len(list((tmp_path / "seg").glob("*.nii.gz"))) == 1, err[-3000:]
+    status, _, err = run_main(capsys, "export", "--checkpoint", flare_run / "last.ckpt", "--output", tmp_path / "ts")
+    assert status == 0 and (tmp_path / "ts" / "model.ts").is_file(), err[-3000:]
 
 
 @pytest.mark.slow
@@ -194,7 +202,7 @@ def test_a_failing_site_is_dropped_in_the_rounds_fit_drops_it_and_the_run_goes_o
     broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
     bad = [f"data.root={data}", "data.synthetic=null", "data.check_before_fit=false", "data.cache_rate=0"]
     fit_run, flare_run, job = tmp_path / "fit", tmp_path / "flare", tmp_path / "job"
-    _fit(cli, fit_run, data_home, *bad)
+    _fit(cli, fit_run, *bad)
     assert _export(job, flare_run, *bad).returncode == 0
     result = _simulate(job, tmp_path / "workspace", data_home)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
@@ -223,8 +231,8 @@ def _site_processes(workspace: Path, site: str) -> list[int]:
     return pids
 
 
-@pytest.mark.slow  # NVFlare gives a silent site's task up after 30 s without heartbeats
-def test_sites_that_cannot_start_or_die_are_dropped_and_the_others_go_on(data_home, simulated, tmp_path):
+@pytest.mark.slow
+def test_sites_that_cannot_start_or_die_are_dropped_and_the_others_go_on(data_home, tmp_path):
     """spleen's data root holds no datalist: it answers every round with why it cannot start;
     pancreas's process is killed once it has connected: NVFlare ends its tasks with an error. The
     two other sites carry the run (fl.min_sites=2) to its end, each round recording both drops."""
@@ -233,6 +241,7 @@ def test_sites_that_cannot_start_or_die_are_dropped_and_the_others_go_on(data_ho
     data = [f"data.root={data_home / 'synthetic-smoke'}", "data.synthetic=null", "fl.min_sites=2"]
     exported = _export(job, run, *data, options=("--site", f"spleen={tmp_path / 'empty'}"))
     assert exported.returncode == 0, exported.stderr[-3000:]
+    _short_heartbeat(job)
     command, env = _simulator(job, workspace, data_home)
     simulator = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -257,7 +266,7 @@ def test_sites_that_cannot_start_or_die_are_dropped_and_the_others_go_on(data_ho
     ]
     cannot_start = f"cannot start: datalist not found: {tmp_path / 'empty' / 'spleen.json'}"
     died = "NVFlare ended its task with EXECUTION_EXCEPTION (its process died, stopped sending heartbeats or raised)"
-    assert sorted(dropped) == [(r, s, n) for r in "01" for s, n in (("pancreas", died), ("spleen", cannot_start))]
+    assert sorted(dropped) == [(r, s, n) for r in "12" for s, n in (("pancreas", died), ("spleen", cannot_start))]
     validated = {r["site"] for r in csv.DictReader((run / "metrics.csv").open()) if r["phase"] == "validation"}
     assert validated == {"liver", "kidney"}
     assert json.loads((run / "summary.json").read_text())["rounds"] == 2
@@ -266,7 +275,7 @@ def test_sites_that_cannot_start_or_die_are_dropped_and_the_others_go_on(data_ho
 @pytest.mark.slow
 def test_a_job_resumed_after_the_server_stopped_gives_the_model_of_fit(data_home, simulated, tmp_path):
     """The simulator is killed (server and sites at once) as soon as the run's state.ckpt holds round
-    1, when the sites have trained round 2 already; the job exported with --resume continues from
+    1, when the sites have trained round 2 already; the job exported with --resume continues after
     round 1, each site from its own saved optimizer state, and ends with fit's model."""
     fit_run, _ = simulated
     run, states = tmp_path / "flare", tmp_path / "site-states"
@@ -282,7 +291,7 @@ def test_a_job_resumed_after_the_server_stopped_gives_the_model_of_fit(data_home
     finally:
         os.killpg(simulator.pid, signal.SIGKILL)
         simulator.wait()
-    assert torch.load(run / "state.ckpt", weights_only=True)["round"] == 0
+    assert torch.load(run / "state.ckpt", weights_only=True)["round"] == 1
     assert not (run / "summary.json").exists()
     assert sorted(p.name for p in states.glob("*/liver/*")) == ["round-0001.ckpt", "round-0002.ckpt"]
 
@@ -305,12 +314,16 @@ def test_a_job_resumed_after_the_server_stopped_gives_the_model_of_fit(data_home
 def test_a_site_keeps_the_states_a_resumed_job_can_need(tmp_path):
     """Its states after the server's saved round (it may have trained past it), and the newest up
     to that round: the one a resumed job, starting at the next round, continues from."""
-    state = SiteState(tmp_path, "liver")
-    for trained, saved in [(0, -1), (1, -1), (2, 0), (3, 2), (4, 2)]:
-        state.save("run-a", trained, {"step": torch.tensor(trained)}, saved)
-    assert sorted(state._files("run-a")) == [2, 3, 4]
-    resumed_at, saved_state = state.load("run-a", before=3)
-    assert resumed_at == 2 and saved_state["step"].item() == 2
-    assert state.load("run-a", before=0) is None and state.load("run-b", before=3) is None
-    state.save("run-a", 9, {"step": torch.tensor(9)}, saved_round=8)  # it missed rounds 5 to 8: 4 is kept
-    assert sorted(state._files("run-a")) == [4, 9]
+    store = SiteStateStore(tmp_path, "liver")
+    for trained, saved in [(1, 0), (2, 0), (3, 1), (4, 3), (5, 3)]:  # (round trained, round state.ckpt holds)
+        store.save("run-a", trained, {"step": torch.tensor(trained)}, saved)
+    assert sorted(p.name for p in (tmp_path / "run-a" / "liver").iterdir()) == [
+        "round-0003.ckpt",
+        "round-0004.ckpt",
+        "round-0005.ckpt",
+    ]
+    resumed_at, saved_state = store.load("run-a", before=4)
+    assert resumed_at == 3 and saved_state["step"].item() == 3
+    assert store.load("run-a", before=1) is None and store.load("run-b", before=4) is None
+    store.save("run-a", 10, {"step": torch.tensor(10)}, saved_round=9)  # it missed rounds 6 to 9: 5 is kept
+    assert sorted(p.name for p in (tmp_path / "run-a" / "liver").iterdir()) == ["round-0005.ckpt", "round-0010.ckpt"]

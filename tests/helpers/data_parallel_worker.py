@@ -22,12 +22,12 @@ from lightning_fl.federation import Federation
 
 def gradients(federation: Federation, batch: dict, sync: bool) -> list[torch.Tensor]:
     local = federation.clients["liver"]
-    student = local.site.student  # the DDP wrapper
+    student = local.objective.student  # the DDP wrapper
     local.optimizer.zero_grad(set_to_none=True)
     context = student.no_sync() if not sync else torch.enable_grad()
     with context:
         federation.fabric.backward(local.module.training_step(batch, 0))
-    return [p.grad.detach().clone() for p in local.site.network.parameters()]
+    return [p.grad.detach().clone() for p in local.objective.network.parameters()]
 
 
 def one_site_config(root: str, out: str):
@@ -53,8 +53,8 @@ def one_site_config(root: str, out: str):
 def main(fabric, cfg) -> None:
     federation = Federation(cfg, fabric)
     local = federation.clients["liver"]
-    local.site.receive(federation.models["global"], 0)
-    batch = next(local.sources[0][1].start_round(site_seed(cfg.seed, "liver", 0), 1, local.shard))
+    local.objective.receive(federation.server.models["global"], 1)
+    batch = next(local.sources[0][1].start_round(site_seed(cfg.seed, "liver", 1), 1, local.shard))
     batch = {key: value.as_tensor() for key, value in batch.items()}
     own = gradients(federation, batch, sync=False)
     synced = gradients(federation, batch, sync=True)
@@ -67,7 +67,7 @@ def main(fabric, cfg) -> None:
         "synced_vs_mean": max((s - (a + b) / 2).abs().max().item() for s, (a, b) in zip(synced, gathered)),
         "rank0_vs_rank1": max((a - b).abs().max().item() for a, b in gathered),
         "grad_scale": max(s.abs().max().item() for s in synced),
-        "teacher_wrapped": isinstance(local.site.teacher, torch.nn.parallel.DistributedDataParallel),
+        "teacher_wrapped": isinstance(local.objective.teacher, torch.nn.parallel.DistributedDataParallel),
     }
     reports = [None, None]
     dist.all_gather_object(reports, report)

@@ -1,0 +1,223 @@
+"""A sweep file, checked, and the runs it plans: each variant × seed with its overrides, config and folder.
+
+    base: configs/condistfl_synthetic.yaml      the config every run starts from
+    seeds: [0, 1, 2]
+    overrides: [fl.rounds=8]                     every variant's
+    variants: {condistfl: [method=condistfl], fedavg: [method=fedavg]}
+    comparisons: [[condistfl, fedavg]]           paired differences in results.md
+    output_dir: runs/sweeps/<file's name>        a `run_folder.SweepFolder`
+
+Every mistake names the file and the key and says what was expected (`docs/how-to/sweeps.md`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig
+
+from lightning_fl.config import CONFIG_DIR, ConfigError, load_config
+from lightning_fl.run_folder import RunFolder, SweepFolder
+
+# `shared` is not read: it holds lists of overrides that variants share through YAML anchors
+KEYS = ("base", "seeds", "variants", "overrides", "comparisons", "output_dir", "shared")
+REQUIRED = ("base", "seeds", "variants")
+NAME = re.compile(r"[A-Za-z0-9_-]+")
+# set by the sweep for each run; a sweep file that set them would be silently overruled
+SET_BY_SWEEP = ("seed", "output_dir", "logger.wandb.group", "logger.wandb.job_type", "logger.wandb.name")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A validated sweep file; `base` is resolved, `output_dir` as given (relative to the current directory)."""
+
+    path: Path
+    base: Path
+    seeds: list[int]
+    variants: dict[str, list[str]]
+    overrides: list[str]
+    comparisons: list[tuple[str, str]]
+    output_dir: Path
+
+    @property
+    def name(self) -> str:
+        """The W&B group of its runs: the sweep file's stem."""
+        return self.path.stem
+
+    @property
+    def folder(self) -> SweepFolder:
+        return SweepFolder(self.output_dir)
+
+
+@dataclass
+class PlannedRun:
+    """One variant × seed: its folder, the overrides and config it runs with, and what is left to do."""
+
+    variant: str
+    seed: int
+    folder: RunFolder
+    log: Path  # its stdout and stderr, beside its folder, appended at every start
+    overrides: list[str]
+    cfg: DictConfig
+    action: str = "start"  # start, skip (finished), resume (cut off), overwrite (a folder without a run state)
+    changed: list[str] = field(default_factory=list)  # keys whose values its config.yaml has otherwise
+    saved: DictConfig | None = None  # its config.yaml, where it has a run state
+
+    @property
+    def name(self) -> str:
+        """How tables and messages name the run: `<variant>/seed<seed>`."""
+        return f"{self.variant}/seed{self.seed}"
+
+
+# ---------------------------------------------------------------- the sweep file
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and check a sweep file; every mistake names the file and the key, and what was expected."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file not found: {path}")
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from err
+    if not isinstance(content, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping with the keys {list(REQUIRED)} (optionally "
+            f"{[k for k in KEYS if k not in REQUIRED]}), got {type(content).__name__}"
+        )
+    unknown = sorted(str(k) for k in content if k not in KEYS)
+    if unknown:
+        plural = "s" if len(unknown) > 1 else ""
+        raise ConfigError(f"{path}: unknown key{plural} {unknown}; a sweep file has {list(KEYS)}")
+    missing = [k for k in REQUIRED if k not in content]
+    if missing:
+        raise ConfigError(f"{path}: missing {', '.join(missing)}: a sweep needs a base config, seeds and variants")
+    variants = _variants(path, content["variants"])
+    output_dir = content.get("output_dir", f"runs/sweeps/{path.stem}")
+    if not isinstance(output_dir, str) or not output_dir:
+        raise ConfigError(f"{path}: output_dir: expected a folder (a string), got {output_dir!r}")
+    return Sweep(
+        path=path,
+        base=_base(path, content["base"]),
+        seeds=_seeds(path, content["seeds"]),
+        variants=variants,
+        overrides=_overrides(path, "overrides", content.get("overrides", [])),
+        comparisons=_comparisons(path, content.get("comparisons", []), variants),
+        output_dir=Path(output_dir).expanduser(),
+    )
+
+
+def _base(path: Path, value: Any) -> Path:
+    """A relative base config is looked for beside the sweep file, then in the current directory,
+    then in the repository (so `configs/...` works from anywhere)."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{path}: base: expected the path of a config file (a string), got {value!r}")
+    given = Path(value).expanduser()
+    candidates = (
+        [given]
+        if given.is_absolute()
+        else [(path.parent / given).absolute(), Path.cwd() / given, CONFIG_DIR.parent / given]
+    )
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    looked = ", ".join(dict.fromkeys(str(c) for c in candidates))
+    raise ConfigError(f"{path}: base: config file {value} not found (looked for {looked})")
+
+
+def _seeds(path: Path, value: Any) -> list[int]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{path}: seeds: expected a non-empty list of whole numbers, e.g. [0, 1, 2], got {value!r}")
+    for seed in value:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**32 - 1:
+            raise ConfigError(f"{path}: seeds: expected whole numbers in [0, 2**32 - 1], got {seed!r}")
+    twice = sorted({s for s in value if value.count(s) > 1})
+    if twice:
+        raise ConfigError(f"{path}: seeds: each seed once, got {twice} more than once in {value}")
+    return list(value)
+
+
+def _variants(path: Path, value: Any) -> dict[str, list[str]]:
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(
+            f"{path}: variants: expected a non-empty mapping of name -> list of overrides key=value, "
+            f"e.g. {{fedavg: [fl.aggregation=fedavg]}}, got {value!r}"
+        )
+    variants = {}
+    for name, overrides in value.items():
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise ConfigError(
+                f"{path}: variants: a variant's name is its folder's, expected letters, digits, "
+                f"'_' and '-', got {name!r}"
+            )
+        variants[name] = _overrides(path, f"variants.{name}", overrides)
+    return variants
+
+
+def _overrides(path: Path, key: str, value: Any) -> list[str]:
+    """A list of `key=value` strings (the values are checked when the configs load); a list inside
+    it (a YAML alias of a `shared` list) is spliced in."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{path}: {key}: expected a list of overrides key=value ([] for none), got {value!r}")
+    value = [entry for item in value for entry in (item if isinstance(item, list) else [item])]
+    for item in value:
+        if not isinstance(item, str) or not item.partition("=")[0] or "=" not in item:
+            raise ConfigError(f"{path}: {key}: expected overrides of the form key=value, got {item!r}")
+        if item.partition("=")[0] in SET_BY_SWEEP:
+            raise ConfigError(
+                f"{path}: {key}: '{item}': the sweep sets {', '.join(SET_BY_SWEEP)} for each run "
+                "(from seeds, output_dir, the sweep file's name and the variant's)"
+            )
+    return list(value)
+
+
+def _comparisons(path: Path, value: Any, variants: dict[str, list[str]]) -> list[tuple[str, str]]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{path}: comparisons: expected a list of pairs [a, b] of variant names, got {value!r}")
+    pairs = []
+    for pair in value:
+        if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(v, str) for v in pair):
+            raise ConfigError(f"{path}: comparisons: expected pairs [a, b] of variant names, got {pair!r}")
+        unknown = [v for v in pair if v not in variants]
+        if unknown:
+            raise ConfigError(
+                f"{path}: comparisons: {pair}: {', '.join(map(repr, unknown))} is not a variant; "
+                f"the variants are {list(variants)}"
+            )
+        if pair[0] == pair[1]:
+            raise ConfigError(f"{path}: comparisons: {pair}: expected two different variants")
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+# ---------------------------------------------------------------- the runs
+def plan_runs(sweep: Sweep) -> list[PlannedRun]:
+    """Every run with its config, loaded now, so that a mistake in any variant is reported before
+    anything trains. Seed by seed, so that an early stop leaves whole seeds to compare."""
+    runs, problems = [], {}
+    for seed in sweep.seeds:
+        for variant, own in sweep.variants.items():
+            if variant in problems:
+                continue
+            folder = sweep.folder.run(variant, seed)
+            overrides = [
+                *sweep.overrides,
+                *own,
+                f"seed={seed}",
+                f"output_dir={folder.path}",
+                f"logger.wandb.group={sweep.name}",
+                f"logger.wandb.job_type={variant}",
+                f"logger.wandb.name={variant}-seed{seed}",
+            ]
+            try:
+                cfg = load_config(sweep.base, overrides)
+            except ConfigError as err:
+                problems[variant] = f"variant '{variant}' (seed {seed}): {err}"
+                continue
+            runs.append(PlannedRun(variant, seed, folder, sweep.folder.log(variant, seed), overrides, cfg))
+    if problems:
+        raise ConfigError(f"{sweep.path}: " + "; ".join(problems.values()))
+    return runs

@@ -1,0 +1,54 @@
+"""What the tests build runs from: the smoke config, the overrides of an exact (bitwise) run, one
+objective built by the project's recipe, and folders made once per test session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from filelock import FileLock
+from omegaconf import DictConfig
+
+from lightning_fl.build import build_run
+from lightning_fl.objective import Objective
+
+REPO = Path(__file__).resolve().parent.parent.parent
+SMOKE = REPO / "configs" / "smoke.yaml"
+# float32 on the CPU, without W&B: the runs that bitwise comparisons are made between (also with one
+# thread per process: oneDNN's float32 sums depend on the thread count on some CPUs)
+EXACT = ("fabric.accelerator=cpu", "fabric.precision=32-true", "logger.wandb.mode=disabled")
+# the session's smoke run's W&B settings: every round's overlays, and a group, job type, tags and notes
+SMOKE_WANDB = (
+    "logger.wandb.mode=offline",
+    "logger.wandb.image_every=1",
+    "logger.wandb.group=g",
+    "logger.wandb.job_type=variant",
+    "logger.wandb.tags=[demo]",
+    "logger.wandb.notes=a note",
+)
+
+
+def make_objective(cfg: DictConfig, foreground: list[int]) -> Objective:
+    """A real objective of one data source labelling `foreground`, built by the run's recipe."""
+    run = build_run(cfg)
+    return run.objective([foreground], run.new_network())
+
+
+def session_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's folder, shared by the pytest-xdist workers of one run where there are several."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def made_once(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]) -> Path:
+    """`session folder/name`, made by `make(folder)` once per test session: the first worker to ask
+    makes it while the others wait (a file lock), and later ones find it made."""
+    root = session_root(tmp_path_factory)
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            make(folder)
+            done.touch()
+    return folder
