@@ -23,20 +23,19 @@ import torch
 from _timing import add_realdata_argument, median_times, require_realdata
 from omegaconf import OmegaConf
 
+from lightning_fl.build import build_run
 from lightning_fl.checkpoint import save_model
 from lightning_fl.config import load_config
 from lightning_fl.inference import export_torchscript, infer_file, load_trained
-from lightning_fl.networks import build_network
 
 REPO = Path(__file__).resolve().parent.parent
 VOLUMES = ("spleen_8_ct.nii.gz", "ts_example_ct.nii.gz")
 
 
 def seeded_checkpoint(config: Path, overrides: list[str], folder: Path) -> Path:
-    """A checkpoint of the config's network with seeded random weights, as `fit` writes one."""
+    """A checkpoint of the config's initial global model (the run's recipe, seeded), as `fit` writes one."""
     cfg = load_config(config, overrides)
-    torch.manual_seed(cfg.seed)
-    network = build_network(cfg.model, in_channels=1, out_channels=len(cfg.labels.classes))
+    network = build_run(cfg).network
     path = folder / "random.ckpt"
     save_model(
         path,

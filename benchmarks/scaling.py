@@ -64,11 +64,10 @@ def round_time(summary: dict) -> float:
 
 
 def model_megabytes(config: Path) -> float:
+    from lightning_fl.build import build_run
     from lightning_fl.config import load_config
-    from lightning_fl.networks import build_network
 
-    cfg = load_config(config)
-    net = build_network(cfg.model, in_channels=1, out_channels=len(cfg.labels.classes))
+    net = build_run(load_config(config)).network
     return sum(p.numel() * p.element_size() for p in net.parameters()) / 2**20
 
 

@@ -13,8 +13,9 @@ import io
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 import numpy as np
@@ -25,7 +26,6 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from lightning_fl.checkpoint import atomic_write_bytes
-from lightning_fl.loggers import Overlay
 from lightning_fl.results import over_seeds, run_mean
 from lightning_fl.run_folder import (
     DICE_PLOT,
@@ -38,9 +38,34 @@ from lightning_fl.run_folder import (
     SweepFolder,
 )
 
+if TYPE_CHECKING:
+    import torch
+
 LOSSES = ("loss", "supervised", "condist", "proximal")  # training losses, in metrics.csv's column order
 SCHEDULES = ("condist_weight", "lr")  # per-round values the losses are weighted or stepped with
 SCHEDULE_NAMES = {"condist_weight": "ConDist weight", "lr": "learning rate"}
+
+
+@dataclass
+class Overlay:
+    """One axial slice of a case, its ground truth and the model's prediction: overlays.png, W&B's masks."""
+
+    image: np.ndarray  # uint8 grey levels
+    truth: np.ndarray  # class indices
+    prediction: np.ndarray
+
+    @staticmethod
+    def of(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) -> Overlay:
+        """The slice (last spatial axis: axial) with the most ground-truth foreground of a batch's
+        first volume `[B, C, H, W, D]`, transposed so that rows run anterior–posterior."""
+        import torch  # the plots of a sweep and the notebooks need no torch
+
+        truth = label[0, 0]
+        z = int((truth > 0).sum((0, 1)).argmax())
+        grey = image[0, 0, :, :, z].float()
+        grey = (grey - grey.min()) / (grey.max() - grey.min()).clamp_min(1e-8) * 255
+        return Overlay(*(t.T.to(torch.uint8).cpu().numpy() for t in (grey, truth[:, :, z], pred[0, 0, :, :, z])))
+
 
 Curves = tuple[list[int], dict[str, np.ndarray]]  # rounds, and name → one value per round (NaN: none)
 

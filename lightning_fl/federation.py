@@ -28,7 +28,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from lightning_fl.analysis import write_run_plots
+from lightning_fl.analysis import Overlay, write_run_plots
 from lightning_fl.build import build_clients, build_run
 from lightning_fl.client import Answer, Dropped, Trained
 from lightning_fl.data.datasets import SiteData, evaluation_loader, load_site, nifti_stem, prepare_data_root
@@ -46,7 +46,6 @@ from lightning_fl.distributed import (
 from lightning_fl.evaluation import score_cases
 from lightning_fl.inference import Predictor
 from lightning_fl.labels import LabelSpace
-from lightning_fl.loggers import Overlay
 from lightning_fl.objective import StateDict
 from lightning_fl.results import nanmean, summary_table, test_summary
 from lightning_fl.run_folder import EXTERNAL, GLOBAL, TEST, CaseRow, RunFolder

@@ -13,38 +13,17 @@ import math
 import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from lightning.fabric.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_fl.analysis import Overlay
 from lightning_fl.checkpoint import OutputError
 from lightning_fl.run_folder import DROPPED, GLOBAL, LOCAL, METRICS_COLUMNS, TRAIN, VALIDATION, RunFolder
 
 WANDB_PHASE = {VALIDATION: "val"}  # metrics.csv's phase → the W&B key's first part (others as they are)
-
-
-@dataclass
-class Overlay:
-    """One axial slice of a case, its ground truth and the model's prediction, for a W&B mask overlay."""
-
-    image: np.ndarray  # uint8 grey levels
-    truth: np.ndarray  # class indices
-    prediction: np.ndarray
-
-    @staticmethod
-    def of(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) -> Overlay:
-        """The slice (last spatial axis: axial) with the most ground-truth foreground of a batch's
-        first volume `[B, C, H, W, D]`, transposed so that rows run anterior–posterior."""
-        truth = label[0, 0]
-        z = int((truth > 0).sum((0, 1)).argmax())
-        grey = image[0, 0, :, :, z].float()
-        grey = (grey - grey.min()) / (grey.max() - grey.min()).clamp_min(1e-8) * 255
-        return Overlay(*(t.T.to(torch.uint8).cpu().numpy() for t in (grey, truth[:, :, z], pred[0, 0, :, :, z])))
 
 
 class StepMeans(Logger):

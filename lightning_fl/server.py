@@ -22,12 +22,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_fl.aggregation import StateDict, build_aggregator
+from lightning_fl.analysis import Overlay
 from lightning_fl.checkpoint import CheckpointError, check_compatible, file_sha256
 from lightning_fl.client import Answer, Dropped, Trained
 from lightning_fl.distributed import checked_on_every_rank
 from lightning_fl.errors import RunStopped
 from lightning_fl.labels import LabelSpace
-from lightning_fl.loggers import Overlay, RunLogger
+from lightning_fl.loggers import RunLogger
 from lightning_fl.results import nanmean, summary_rows
 from lightning_fl.run_folder import GLOBAL, IDENTITY, VALIDATION, CaseRow, Identity, RunFolder
 

@@ -10,6 +10,7 @@ Helpers are in `tests/helpers/`; the real CT volumes (`realdata`) sit beside the
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,16 @@ def environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         home = session_root(tmp_path_factory) / "data_home"
         patch.setenv("LIGHTNING_FL_DATA", str(home))
         yield home
+
+
+@pytest.fixture(autouse=True)
+def restored_environment() -> Iterator[None]:
+    """Whatever a test sets in the environment (Lightning's seeding sets PL_GLOBAL_SEED, a test
+    may set LIGHTNING_FL_DATA) is undone after it."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from lightning_fl import analysis, results
+from lightning_fl.analysis import Overlay
 from lightning_fl.cli import main
-from lightning_fl.loggers import Overlay
 from lightning_fl.run_folder import (
     COMPARISON_PLOT,
     DICE_PLOT,

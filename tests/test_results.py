@@ -15,9 +15,9 @@ import pytest
 
 from lightning_fl import results
 from lightning_fl.results import bootstrap_mean, paired_differences
-from lightning_fl.run_folder import CaseRow, ResultsError, RunFolder, read_cases
+from lightning_fl.run_folder import CaseRow, ResultsError, RunFolder, SweepFolder, read_cases
 from lightning_fl.sweep_plan import load_sweep
-from tests.helpers.runs import SMOKE
+from tests.helpers.runs import SMOKE, assert_reads_as_format_2
 from tests.helpers.sweeps import RESULTS, write_sweep
 
 
@@ -196,3 +196,5 @@ def test_the_committed_sweep_tables_are_what_this_version_makes_of_the_committed
         return [line for line in path.read_text().splitlines() if not line.startswith("- date: ")]
 
     assert undated(copy / "results.md") == undated(committed / "results.md")
+    for folder in SweepFolder(committed).runs().values():  # written before rounds were numbered from 1
+        assert_reads_as_format_2(folder)

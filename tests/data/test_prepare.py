@@ -16,6 +16,7 @@ from lightning_fl.data.datasets import read_datalist
 from lightning_fl.data.prepare import prepare_task
 from lightning_fl.errors import DatalistError
 from lightning_fl.labels import LabelSpace
+from tests.helpers.cli import refused
 from tests.helpers.layouts import AFFINE, make_amos, make_kits, make_msd, write_volume
 from tests.helpers.runs import REPO
 
@@ -115,12 +116,12 @@ def test_bad_cases_name_the_file_and_leave_nothing_behind(tmp_path, labels, dama
     assert not dst.exists() and [p.name for p in tmp_path.iterdir()] == ["Task03_Liver"]
 
 
-def test_command_line_errors(cli, tmp_path):
-    run = lambda *a: cli("prepare-data", *a)  # noqa: E731
-    result = run("--task", "lung", "--src", str(tmp_path), "--dst", str(tmp_path / "d"))
-    assert result.returncode == 2 and "unknown task 'lung'" in result.stderr
-    result = run("--task", "liver", "--src", str(tmp_path), "--dst", str(tmp_path / "d"))
-    assert result.returncode == 2 and "dataset.json not found" in result.stderr
+def test_command_line_errors(cli, capsys, tmp_path):
+    """The first as a shell sees it (exit status 2, one line), the second in this process."""
+    result = cli("prepare-data", "--task", "lung", "--src", str(tmp_path), "--dst", str(tmp_path / "d"))
+    assert result.returncode == 2 and "unknown task 'lung'" in result.stderr and len(result.stderr.splitlines()) == 1
+    error = refused(capsys, "prepare-data", "--task", "liver", "--src", tmp_path, "--dst", tmp_path / "d")
+    assert "dataset.json not found" in error
     with pytest.raises(ConfigError):
         from lightning_fl.data.prepare import load_task
 

@@ -14,6 +14,7 @@ import pytest
 from lightning_fl.config import load_config
 from lightning_fl.data.validation import check_federation
 from lightning_fl.labels import LabelSpace
+from tests.helpers.cli import run_main
 
 
 def _rewrite(path: Path, transform) -> None:
@@ -24,7 +25,7 @@ def _rewrite(path: Path, transform) -> None:
 
 
 @pytest.fixture()
-def broken_federation(data_home, smoke_run, tmp_path) -> Path:
+def broken_federation(data_home, tmp_path) -> Path:
     """The smoke federation with one problem of each kind, spread over the sites."""
     root = tmp_path / "federation"
     shutil.copytree(data_home / "synthetic-smoke", root)
@@ -102,19 +103,18 @@ def test_every_problem_is_found_and_named(broken_federation, smoke_config_path):
     assert not any("external" in p for p in problems)
 
 
-def test_clean_data_passes(data_home, smoke_run, smoke_config_path):
+def test_clean_data_passes(data_home, smoke_config_path):
     cfg = load_config(smoke_config_path)
     labels = LabelSpace.of(cfg.labels)
     assert check_federation(data_home / "synthetic-smoke", cfg, labels) == []
 
 
-@pytest.mark.parametrize("command", ["check-data", "fit"])
-def test_commands_list_all_problems_and_stop(cli, broken_federation, tmp_path, command):
-    args = [command, "--config", "configs/smoke.yaml", "data.synthetic=null", f"data.root={broken_federation}"]
-    if command == "fit":
-        args.append(f"output_dir={tmp_path / 'run'}")
-    result = cli(*args)
+def test_commands_list_all_problems_and_stop(cli, capsys, broken_federation, tmp_path):
+    """check-data as a shell runs it (exit status 2, no traceback), fit in this process."""
+    args = ["--config", "configs/smoke.yaml", "data.synthetic=null", f"data.root={broken_federation}"]
+    result = cli("check-data", *args)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{len(EXPECTED)} data problem(s) found" in result.stderr
-    if command == "fit":
-        assert not (tmp_path / "run").exists()  # fit stopped before creating the run folder
+    status, _, err = run_main(capsys, "fit", *args, f"output_dir={tmp_path / 'run'}")
+    assert status == 2 and f"{len(EXPECTED)} data problem(s) found" in err
+    assert not (tmp_path / "run").exists()  # fit stopped before creating the run folder

@@ -192,32 +192,6 @@ def test_evaluate_infer_and_export_take_the_checkpoints_the_job_saved(capsys, da
     assert status == 0 and (tmp_path / "ts" / "model.ts").is_file(), err[-3000:]
 
 
-@pytest.mark.slow
-def test_a_failing_site_is_dropped_in_the_rounds_fit_drops_it_and_the_run_goes_on(cli, data_home, simulated, tmp_path):
-    """One of the spleen site's two training volumes is cut short: each round that draws it fails
-    to load it, in fit and on NVFlare alike (nothing cached, so every draw reads the file)."""
-    data = tmp_path / "data"
-    shutil.copytree(data_home / "synthetic-smoke", data)
-    broken = data / "spleen" / "images" / "spleen_000.nii.gz"
-    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
-    bad = [f"data.root={data}", "data.synthetic=null", "data.check_before_fit=false", "data.cache_rate=0"]
-    fit_run, flare_run, job = tmp_path / "fit", tmp_path / "flare", tmp_path / "job"
-    _fit(cli, fit_run, *bad)
-    assert _export(job, flare_run, *bad).returncode == 0
-    result = _simulate(job, tmp_path / "workspace", data_home)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    dropped = _rows(flare_run, ("dropped",))
-    assert dropped and {r["site"] for r in dropped} == {"spleen"}
-    assert dropped == _rows(fit_run, ("dropped",))
-    assert (
-        "LoadImaged"
-        in next(r for r in csv.DictReader((flare_run / "metrics.csv").open()) if r["phase"] == "dropped")["note"]
-    )
-    ours, theirs = _model(fit_run / "last.ckpt"), _model(flare_run / "last.ckpt")
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
-    assert (flare_run / "summary.json").is_file()  # the run went on to its end
-
-
 def _site_processes(workspace: Path, site: str) -> list[int]:
     """The process ids of a site's script in the simulator's workspace (from Linux's /proc)."""
     pids = []
@@ -273,14 +247,22 @@ def test_sites_that_cannot_start_or_die_are_dropped_and_the_others_go_on(data_ho
 
 
 @pytest.mark.slow
-def test_a_job_resumed_after_the_server_stopped_gives_the_model_of_fit(data_home, simulated, tmp_path):
-    """The simulator is killed (server and sites at once) as soon as the run's state.ckpt holds round
-    1, when the sites have trained round 2 already; the job exported with --resume continues after
-    round 1, each site from its own saved optimizer state, and ends with fit's model."""
-    fit_run, _ = simulated
-    run, states = tmp_path / "flare", tmp_path / "site-states"
+def test_a_job_with_a_failing_site_resumed_after_the_server_stopped_gives_the_model_of_fit(cli, data_home, tmp_path):
+    """One of the spleen site's two training volumes is cut short: each round that draws it fails to
+    load it, in fit and on NVFlare alike (nothing cached, so every draw reads the file), and the
+    site is dropped for that round. The simulator is killed (server and sites at once) as soon as
+    the run's state.ckpt holds round 1, when the sites have trained round 2 already; the job
+    exported with --resume continues after round 1, each site from its own saved optimizer state,
+    and ends with fit's model, having dropped the site in the rounds fit drops it."""
+    data = tmp_path / "data"
+    shutil.copytree(data_home / "synthetic-smoke", data)
+    broken = data / "spleen" / "images" / "spleen_000.nii.gz"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    bad = [f"data.root={data}", "data.synthetic=null", "data.check_before_fit=false", "data.cache_rate=0"]
+    fit_run, run, states = tmp_path / "fit", tmp_path / "flare", tmp_path / "site-states"
+    _fit(cli, fit_run, *bad)
     site_states = [f"--site-state={site}={states}" for site in SITES]
-    assert _export(tmp_path / "job", run, options=tuple(site_states)).returncode == 0
+    assert _export(tmp_path / "job", run, *bad, options=tuple(site_states)).returncode == 0
     command, env = _simulator(tmp_path / "job", tmp_path / "workspace", data_home)
     simulator = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -308,7 +290,12 @@ def test_a_job_resumed_after_the_server_stopped_gives_the_model_of_fit(data_home
         ours, theirs = _model(fit_run / name), _model(run / name)
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
     assert _rows(run, ("train", "validation")) == _rows(fit_run, ("train", "validation"))
+    dropped = _rows(run, ("dropped",))
+    assert dropped and {r["site"] for r in dropped} == {"spleen"} and dropped == _rows(fit_run, ("dropped",))
+    note = next(r for r in csv.DictReader((run / "metrics.csv").open()) if r["phase"] == "dropped")["note"]
+    assert "LoadImaged" in note
     assert "after_round: 1" in (run / "resumes.yaml").read_text()
+    assert (run / "summary.json").is_file()  # the run went on to its end
 
 
 def test_a_site_keeps_the_states_a_resumed_job_can_need(tmp_path):

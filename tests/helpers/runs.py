@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 from filelock import FileLock
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_fl.build import build_run
 from lightning_fl.objective import Objective
+from lightning_fl.run_folder import RunFolder
 
 REPO = Path(__file__).resolve().parent.parent.parent
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -52,3 +53,14 @@ def made_once(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callabl
             make(folder)
             done.touch()
     return folder
+
+
+def assert_reads_as_format_2(folder: RunFolder) -> None:
+    """A finished run folder's record reads with this version: metrics with rounds numbered from 1
+    (every one of its config.yaml's), its summary's best round among them, its test cases."""
+    cfg = OmegaConf.load(folder.config)
+    rounds = {int(row["round"]) for row in folder.read_metrics() if row["phase"] == "train"}
+    assert rounds == set(range(1, cfg.fl.rounds + 1)), folder
+    best = folder.read_summary()["best_round"]
+    assert all(r in rounds for r in (best.values() if isinstance(best, dict) else [best])), folder
+    assert folder.read_cases(), folder

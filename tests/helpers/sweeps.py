@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from lightning_fl.config import to_yaml
-from lightning_fl.run_folder import CaseRow, RunFolder
+from lightning_fl.run_folder import CaseRow
 from lightning_fl.sweep_plan import PlannedRun
 
 
@@ -65,8 +65,3 @@ RESULTS = {
     for s in (0, 1)
     for v, rows in (("a", federated_rows(0.0, s)), ("b", federated_rows(0.1, s)), ("solo", standalone_rows(s)))
 }
-
-
-def write_cases(folder: RunFolder, rows: list[CaseRow]) -> None:
-    """A test_cases.csv as fit writes it."""
-    folder.write_cases(rows)
