@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from lightning_fl.config import load_config
 from lightning_fl.data.datasets import prepare_data_root
@@ -32,13 +33,20 @@ REALDATA = REPO.parent / "shared" / "realdata"  # the real CT volumes; only next
 @pytest.fixture(scope="session", autouse=True)
 def environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """W&B offline and silent, and synthetic federations under the session's folder, never in the
-    user's cache; the environment is restored after the session."""
+    user's cache; with pytest-xdist's workers, one thread per worker and per process it starts
+    (torch's threads spin while they wait: two workers of two threads each on two cores ran the
+    suite slower). The environment is restored after the session."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("WANDB_MODE", "offline")
         patch.setenv("WANDB_SILENT", "true")
         home = session_root(tmp_path_factory) / "data_home"
         patch.setenv("LIGHTNING_FL_DATA", str(home))
+        threads = torch.get_num_threads()
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            patch.setenv("OMP_NUM_THREADS", "1")
+            torch.set_num_threads(1)
         yield home
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -115,6 +115,7 @@ def fabricated_run(tmp_path_factory) -> Path:
     return tmp
 
 
+@pytest.mark.slow
 def test_fit_on_fabricated_layouts_and_cross_site_evaluation_reproduce_its_scores(cli, fabricated_run):
     """`evaluate` as a shell runs it (exit status, its table on stdout)."""
     run = fabricated_run / "run"
@@ -152,6 +153,7 @@ def test_fit_on_fabricated_layouts_and_cross_site_evaluation_reproduce_its_score
     assert "amos: mean" in result.stdout and "kidney: kidney_tumor" in result.stdout
 
 
+@pytest.mark.slow
 def test_persistent_cache_is_keyed_by_the_pipeline(tmp_path, fabricated_run):
     item = json.loads((fabricated_run / "data" / "spleen.json").read_text())["training"][0]
     item = {k: str(fabricated_run / "data" / v) for k, v in item.items()}

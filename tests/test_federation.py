@@ -84,6 +84,7 @@ def test_the_best_round_is_the_argmax_of_the_validation_curve_and_its_model_is_b
     assert {r["round"] for r in test_rows} == {str(best)}  # the test scores are of the best round's model
 
 
+@pytest.mark.slow
 def test_validation_every_k_rounds_chooses_the_best_among_the_validated(data_home, tmp_path):
     cfg = load_config(
         SMOKE,
@@ -149,6 +150,7 @@ def _training_files(federation: Federation, site: str) -> set[str]:
     return {item["image"] for item in federation.site_data[site].splits["training"]}
 
 
+@pytest.mark.slow
 def test_standalone_sites_never_aggregate_and_train_on_their_own_cases(standalone_run, data_home, tmp_path):
     federation, seen = standalone_run.federation, standalone_run.batches
     sites = list(federation.site_data)
@@ -185,6 +187,7 @@ def test_standalone_sites_never_aggregate_and_train_on_their_own_cases(standalon
     assert all((standalone_run.folder / f"best_{site}.ckpt").is_file() for site in sites)
 
 
+@pytest.mark.slow
 def test_centralized_training_sees_every_sites_cases_with_that_sites_labels(centralized_run):
     federation, seen = centralized_run.federation, centralized_run.batches
     sources = [name for name, _ in federation.clients["pooled"].sources]

@@ -45,6 +45,7 @@ def _rows(out, phase):
     return [r for r in csv.DictReader((out / "metrics.csv").open()) if r["phase"] == phase]
 
 
+@pytest.mark.slow
 def test_failed_sites_are_dropped_and_the_global_model_stays_finite(data_home, smoke_config_path, tmp_path):
     federation = _federation(smoke_config_path, tmp_path)
     for site, how in (("spleen", "raise"), ("pancreas", "nan"), ("kidney", "diverge")):
