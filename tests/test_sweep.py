@@ -12,14 +12,13 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_fl import sweep as sweeps
 from lightning_fl.cli import main
-from lightning_fl.config import ConfigError, load_config, to_yaml
+from lightning_fl.config import ConfigError, to_yaml
 from lightning_fl.errors import RunStopped
 from lightning_fl.sweep import decide
 from lightning_fl.sweep_plan import load_sweep, plan_runs
@@ -36,16 +35,8 @@ def _status(out: str, variant: str, seed: int) -> str:
     raise AssertionError(f"no row for {variant} seed {seed} in:\n{out}")
 
 
-@pytest.fixture(scope="module")
-def flat(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The smoke config in one file: it loads in half the time of the composed one."""
-    path = tmp_path_factory.mktemp("base") / "smoke_flat.yaml"
-    path.write_text(to_yaml(load_config(SMOKE)))
-    return path
-
-
-def test_each_folder_state_decides_what_the_run_does_next(tmp_path, flat):
-    sweep = load_sweep(write_sweep(tmp_path, flat, seeds=[0, 1, 2, 3]))
+def test_each_folder_state_decides_what_the_run_does_next(tmp_path, flat_smoke):
+    sweep = load_sweep(write_sweep(tmp_path, flat_smoke, seeds=[0, 1, 2, 3]))
     start, finished, cut, other = runs = plan_runs(sweep)
     finish(finished, ("summary.json", "state.ckpt"))
     finish(cut, ("state.ckpt",))
@@ -57,16 +48,18 @@ def test_each_folder_state_decides_what_the_run_does_next(tmp_path, flat):
     assert sweeps.fit_command(sweep, cut, parallel=1) == fit + ["--resume", str(cut.folder.path)]
     assert sweeps.fit_command(sweep, other, parallel=1) == fit + [
         "--config",
-        str(flat),
+        str(flat_smoke),
         "--overwrite",
         *other.overrides,
     ]
-    assert sweeps.fit_command(sweep, start, parallel=1) == fit + ["--config", str(flat), *start.overrides]
+    assert sweeps.fit_command(sweep, start, parallel=1) == fit + ["--config", str(flat_smoke), *start.overrides]
 
 
-def test_what_fit_resolves_in_config_yaml_is_no_change(tmp_path, flat):
+def test_what_fit_resolves_in_config_yaml_is_no_change(tmp_path, flat_smoke):
     """fit writes the devices and precision that `auto` chose; --parallel gives each run one process."""
-    sweep = load_sweep(write_sweep(tmp_path, flat, variants={"a": ["fabric.devices=auto", "fabric.precision=auto"]}))
+    sweep = load_sweep(
+        write_sweep(tmp_path, flat_smoke, variants={"a": ["fabric.devices=auto", "fabric.precision=auto"]})
+    )
     [run] = plan_runs(sweep)
     saved = copy.deepcopy(run.cfg)
     saved.fabric.devices, saved.fabric.precision = 2, "32-true"
@@ -80,12 +73,12 @@ def test_what_fit_resolves_in_config_yaml_is_no_change(tmp_path, flat):
     ]
 
 
-def test_an_edited_sweep_is_refused_unless_changed_runs_are_rerun(tmp_path, flat):
-    path = write_sweep(tmp_path, flat, seeds=[0, 1], overrides=["fl.rounds=3"])
+def test_an_edited_sweep_is_refused_unless_changed_runs_are_rerun(tmp_path, flat_smoke):
+    path = write_sweep(tmp_path, flat_smoke, seeds=[0, 1], overrides=["fl.rounds=3"])
     finished, cut = plan_runs(load_sweep(path))
     finish(finished, ("summary.json",))
     finish(cut, ("state.ckpt",))
-    write_sweep(tmp_path, flat, seeds=[0, 1], overrides=["fl.rounds=4", "optim.lr=0.02"])  # edited since
+    write_sweep(tmp_path, flat_smoke, seeds=[0, 1], overrides=["fl.rounds=4", "optim.lr=0.02"])  # edited since
     runs = plan_runs(load_sweep(path))
     with pytest.raises(
         ConfigError,
@@ -99,10 +92,10 @@ def test_an_edited_sweep_is_refused_unless_changed_runs_are_rerun(tmp_path, flat
 
 
 # ---------------------------------------------------------------- running
-def test_a_failed_run_does_not_stop_the_others(tmp_path, monkeypatch, capsys, flat):
+def test_a_failed_run_does_not_stop_the_others(tmp_path, monkeypatch, capsys, flat_smoke):
     """Each run is a process (a stand-in for fit here): its output goes to its log, its failure to
     the summary table with its last line of stderr, and the sweep exits 1 after the tables."""
-    path = write_sweep(tmp_path, flat, seeds=[0, 1])
+    path = write_sweep(tmp_path, flat_smoke, seeds=[0, 1])
     script = (
         "import os, pathlib, sys; print('threads', os.environ.get('OMP_NUM_THREADS'));"
         "sys.argv[1] == '1' and sys.exit('error: seed 1 went wrong');"
@@ -136,8 +129,8 @@ def test_a_failed_run_does_not_stop_the_others(tmp_path, monkeypatch, capsys, fl
     assert (tmp_path / "out" / "runs" / "fedavg" / "seed1.log").read_text().count("\n=== ") == 2  # appended
 
 
-def test_sigterm_stops_the_running_runs_and_says_how_to_go_on(tmp_path, monkeypatch, flat):
-    path = write_sweep(tmp_path, flat, seeds=[0, 1])
+def test_sigterm_stops_the_running_runs_and_says_how_to_go_on(tmp_path, monkeypatch, flat_smoke):
+    path = write_sweep(tmp_path, flat_smoke, seeds=[0, 1])
     pids = tmp_path / "pids"
     script = "import os, sys, time; open(sys.argv[1], 'a').write(f'{os.getpid()}\\n'); time.sleep(60)"
     monkeypatch.setattr(sweeps, "fit_command", lambda sweep, run, parallel: [sys.executable, "-c", script, str(pids)])
@@ -156,8 +149,10 @@ def test_sigterm_stops_the_running_runs_and_says_how_to_go_on(tmp_path, monkeypa
     assert signal.getsignal(signal.SIGTERM) is handler
 
 
-def test_tables_only_rebuilds_the_tables_from_the_finished_runs(tmp_path, capsys, flat):
-    path = write_sweep(tmp_path, flat, variants={"a": [], "b": ["method.condist=false"]}, comparisons=[["a", "b"]])
+def test_tables_only_rebuilds_the_tables_from_the_finished_runs(tmp_path, capsys, flat_smoke):
+    path = write_sweep(
+        tmp_path, flat_smoke, variants={"a": [], "b": ["method.condist=false"]}, comparisons=[["a", "b"]]
+    )
     for run in plan_runs(load_sweep(path)):
         finish(run, ("summary.json",))
         run.folder.write_cases(federated_rows(0.1 if run.variant == "b" else 0.0, run.seed))

@@ -11,18 +11,10 @@ import pytest
 
 from lightning_fl import sweep as sweeps
 from lightning_fl.cli import main
-from lightning_fl.config import ConfigError, load_config, to_yaml
+from lightning_fl.config import ConfigError
 from lightning_fl.sweep_plan import load_sweep, plan_runs
 from tests.helpers.runs import SMOKE
 from tests.helpers.sweeps import write_sweep
-
-
-@pytest.fixture(scope="module")
-def flat(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The smoke config in one file: it loads in half the time of the composed one."""
-    path = tmp_path_factory.mktemp("base") / "smoke_flat.yaml"
-    path.write_text(to_yaml(load_config(SMOKE)))
-    return path
 
 
 # ---------------------------------------------------------------- the sweep file
@@ -119,10 +111,10 @@ def test_a_sweep_file_that_is_no_mapping_is_named(tmp_path, text, message):
         load_sweep(path)
 
 
-def test_a_missing_sweep_file_and_a_bad_flag_are_one_line_errors(tmp_path, capsys, flat):
+def test_a_missing_sweep_file_and_a_bad_flag_are_one_line_errors(tmp_path, capsys, flat_smoke):
     assert main(["sweep", str(tmp_path / "none.yaml")]) == 2
     assert capsys.readouterr().err == f"lightning-fl sweep: error: sweep file not found: {tmp_path / 'none.yaml'}\n"
-    path = write_sweep(tmp_path, flat)
+    path = write_sweep(tmp_path, flat_smoke)
     assert main(["sweep", str(path), "--parallel", "0"]) == 2
     assert "--parallel: expected how many runs train at once, a whole number ≥ 1, got 0" in capsys.readouterr().err
     assert main(["sweep", str(path), "--tables-only", "--rerun-changed"]) == 2
@@ -130,11 +122,11 @@ def test_a_missing_sweep_file_and_a_bad_flag_are_one_line_errors(tmp_path, capsy
 
 
 # ---------------------------------------------------------------- the runs and their folders
-def test_every_run_gets_its_folder_overrides_and_config(tmp_path, flat):
+def test_every_run_gets_its_folder_overrides_and_config(tmp_path, flat_smoke):
     sweep = load_sweep(
         write_sweep(
             tmp_path,
-            flat,
+            flat_smoke,
             seeds=[0, 1],
             overrides=["fl.rounds=3"],
             variants={"fedavg": ["fl.aggregation=fedavg"], "plain": ["method.condist=false"]},
@@ -162,13 +154,13 @@ def test_every_run_gets_its_folder_overrides_and_config(tmp_path, flat):
         "plain-seed1",
     )
     command = sweeps.fit_command(sweep, run, parallel=1)
-    assert command == [sys.executable, "-m", "lightning_fl", "fit", "--config", str(flat), *run.overrides]
+    assert command == [sys.executable, "-m", "lightning_fl", "fit", "--config", str(flat_smoke), *run.overrides]
     assert sweeps.fit_command(sweep, run, parallel=2)[-1] == "fabric.devices=1"
 
 
-def test_a_config_mistake_in_any_variant_stops_the_sweep_before_it_trains(tmp_path, capsys, flat):
+def test_a_config_mistake_in_any_variant_stops_the_sweep_before_it_trains(tmp_path, capsys, flat_smoke):
     path = write_sweep(
-        tmp_path, flat, seeds=[0, 1], variants={"good": [], "bad": ["fl.rounds=0"], "worse": ["fl.roundz=1"]}
+        tmp_path, flat_smoke, seeds=[0, 1], variants={"good": [], "bad": ["fl.rounds=0"], "worse": ["fl.roundz=1"]}
     )
     assert main(["sweep", str(path)]) == 2
     err = capsys.readouterr().err
