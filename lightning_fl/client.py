@@ -79,7 +79,7 @@ class Client:
         self.name, self.cfg, self.fabric, self.shard, self.prepare = name, cfg, fabric, shard, prepare
         self.shares_rank, self.hide_bars = shares_rank, hide_bars
         self.steps_per_source = cfg.fl.local_steps
-        self.num_steps = cfg.fl.local_steps * len(sources)
+        self.num_steps = objective.steps_per_round  # the sources take turns: local_steps each
         self.num_cases = sum(d.num_training_cases for d in sources)
         opt = objective.configure_optimizers()
         self.module, self.optimizer = fabric.setup(objective, opt["optimizer"])

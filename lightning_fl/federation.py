@@ -15,7 +15,6 @@ writes files, logs and prints.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable
@@ -97,12 +96,7 @@ class Federation:
 
     def _resume(self, state: dict[str, Any]) -> int:
         """The server's state and each client's optimizer and schedule. Data order, augmentation
-        and dropout need nothing: they are seeded per round.
-
-        Each rank takes its own copy: processes started by `ddp_spawn` receive the one state the
-        launcher put in shared memory, and the optimizers update their loaded buffers in place
-        (FedOpt's momentum on every rank: shared, it would take every rank's step)."""
-        state = copy.deepcopy(state)
+        and dropout need nothing: they are seeded per round."""
         first = self.server.resume(state)
         for name, client in self.clients.items():
             client.load_state_dict(state["sites"][name])
@@ -274,7 +268,14 @@ class Federation:
         pairs = [(m, site) for m in self.topology.models for site in self.scored_sites]
         scores = self.score({m: server.best[m].state for m in self.topology.models}, pairs, "testing")
         rows = [
-            CaseRow(self._phase(site), model, site, nifti_stem(item["image"]), name, None if math.isnan(v) else v)
+            CaseRow(
+                EXTERNAL if site in self.external else TEST,
+                model,
+                site,
+                nifti_stem(item["image"]),
+                name,
+                None if math.isnan(v) else v,
+            )
             for (model, site), dice in scores.items()
             for name, values in dice.items()
             for item, v in zip(self.scored_sites[site].splits["testing"], values, strict=True)
@@ -286,12 +287,8 @@ class Federation:
             "best_round": best[GLOBAL].round if single else {m: b.round for m, b in best.items()},
             "best_validation_dice": best[GLOBAL].score if single else {m: b.score for m, b in best.items()},
         } | test_summary(rows, self.labels.classes, list(self.external))
-        means = {pair: {c: nanmean(v) for c, v in dice.items()} for pair, dice in scores.items()}
-        server.record_test(means, {site: self._phase(site) for site in self.scored_sites}, rows, summary)
+        server.record_test(rows, summary)
         return summary
-
-    def _phase(self, site: str) -> str:
-        return EXTERNAL if site in self.external else TEST
 
 
 @dataclass
@@ -326,7 +323,7 @@ def run_fit(cfg: DictConfig, resume: Resume | None = None, overwrite: bool = Fal
             state = folder.read_state()
             if is_main:
                 folder.check_same_run(state)
-            if state["round"] >= cfg.fl.rounds and folder.is_finished:  # on every rank: they all stop
+            if folder.holds_finished_run(state, cfg.fl.rounds):  # on every rank: they all stop
                 print(
                     f"{folder.path} holds a finished run (round {state['round']} of {cfg.fl.rounds} trained, then "
                     f"tested: {folder.SUMMARY}); nothing to do. To train more rounds: "
@@ -341,7 +338,7 @@ def run_fit(cfg: DictConfig, resume: Resume | None = None, overwrite: bool = Fal
             problems = check_federation(root, cfg, labels)
             if problems:
                 raise DataCheckError(problems)
-        return fabric.launch(_fit_on_rank, cfg, state)
+        return fabric.launch(_fit_on_rank, cfg, resume is not None)
     finally:
         if lock is not None:
             lock.release()
@@ -349,7 +346,11 @@ def run_fit(cfg: DictConfig, resume: Resume | None = None, overwrite: bool = Fal
                 folder.remove_if_unused()
 
 
-def _fit_on_rank(fabric: L.Fabric, cfg: DictConfig, resume: dict[str, Any] | None) -> dict[str, Any]:
-    summary = Federation(cfg, fabric, resume).fit()
+def _fit_on_rank(fabric: L.Fabric, cfg: DictConfig, resuming: bool) -> dict[str, Any]:
+    """The run on one rank. A resumed rank reads state.ckpt itself: the optimizers load its buffers
+    without copying them and step them in place, so ranks must not share one state, as processes
+    started by `ddp_spawn` would, given it through the launcher's shared memory."""
+    state = RunFolder(cfg.output_dir).read_state() if resuming else None
+    summary = Federation(cfg, fabric, state).fit()
     leave_process_group(fabric)
     return summary

@@ -106,7 +106,7 @@ def load_trained(path: Path, overrides: list[str] | None = None, accelerator: st
         if problem := _saved_problem(saved, ()):
             raise CheckpointError(f"{path}: its {METADATA} is not what `lightning-fl export` writes: {problem}")
         cfg = config_from_container(saved["config"], overrides, f"{path} ({METADATA})")
-        saved_round = saved_round_of(saved)
+        saved_round = RunFolder.model_round(saved)
     else:
         payload = load_model(path)
         if problem := _saved_problem(payload, ("model", "classes")):
@@ -116,7 +116,7 @@ def load_trained(path: Path, overrides: list[str] | None = None, accelerator: st
         network = build_network(cfg.model, in_channels=1, out_channels=len(cfg.labels.classes))
         check_compatible(path, payload["model"], payload["classes"], network, list(cfg.labels.classes))
         network.load_state_dict(payload["model"])
-        saved_round = saved_round_of(payload)
+        saved_round = RunFolder.model_round(payload)
     runtime = OmegaConf.merge(cfg.fabric, {"accelerator": accelerator or cfg.fabric.accelerator})
     check_accelerator(runtime.accelerator)
     precision = resolve_precision(runtime)
@@ -124,12 +124,6 @@ def load_trained(path: Path, overrides: list[str] | None = None, accelerator: st
     network = network.eval().to(fabric.device)
     name = f"{path.resolve().parent.name}/{path.name}"
     return TrainedModel(name, path, cfg, Predictor(network, fabric, cfg.model.channels_last), precision, saved_round)
-
-
-def saved_round_of(saved: dict[str, Any]) -> int | None:
-    """The round a model file was saved after, numbered from 1 (files of format 1 counted from 0)."""
-    saved_round = saved.get("round")
-    return saved_round + 1 if saved_round is not None and saved.get("format", 1) == 1 else saved_round
 
 
 def _saved_problem(saved: Any, keys: tuple[str, ...]) -> str | None:

@@ -66,6 +66,7 @@ class Objective(L.LightningModule):
         self.student = student
         self.teacher = freeze(teacher)
         self.method, self.optim, self.rounds = cfg.method, cfg.optim, cfg.fl.rounds
+        self.steps_per_round = steps_per_round
         self.total_steps = cfg.fl.rounds * steps_per_round
         self.supervised_losses = nn.ModuleList(MarginalDiceCELoss(task, ce=cfg.method.ce) for task in tasks)
         self.condist_loss = (

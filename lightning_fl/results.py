@@ -87,14 +87,14 @@ def test_summary(rows: list[CaseRow], classes: Sequence[str], external: Sequence
     }
     if not any(row.model == GLOBAL for row in rows):
         cross: dict[str, dict[str, dict[str, float]]] = {}
-        for (model, site), means in _means_by(rows).items():
+        for (model, site), means in case_means(rows).items():
             cross.setdefault(model, {})[site] = means
         summary["cross_site"] = cross
     return summary
 
 
-def _means_by(rows: list[CaseRow]) -> dict[tuple[str, str], dict[str, float]]:
-    """(model, site) → class → mean Dice over that site's cases, in row order."""
+def case_means(rows: list[CaseRow]) -> dict[tuple[str, str], dict[str, float]]:
+    """(model, site) → class → mean Dice over that site's cases (NaN: no case has it), in row order."""
     values: dict[tuple[str, str], dict[str, list[float]]] = {}
     for row in rows:
         per_class = values.setdefault((row.model, row.site), {}).setdefault(row.cls, [])
@@ -213,7 +213,7 @@ def cross_site(results: Results, variant: str) -> tuple[list[str], list[str], np
     columns = list(dict.fromkeys((row.site, row.cls) for rows in runs for row in rows))
     seeds: dict[tuple[str, str, str], list[float]] = {}
     for rows in runs:
-        for (model, site), means in _means_by(rows).items():
+        for (model, site), means in case_means(rows).items():
             for cls, value in means.items():
                 if not math.isnan(value):
                     seeds.setdefault((model, site, cls), []).append(value)

@@ -27,7 +27,7 @@ import math
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -57,7 +57,6 @@ LOCAL = "local"  # the model column of a site's training rows: the model it trai
 LOSS_COLUMNS = ("loss", "supervised", "condist", "condist_weight", "proximal", "lr")
 METRICS_COLUMNS = ("round", "phase", "site", "model", "class", "dice") + LOSS_COLUMNS + ("note",)
 CASE_COLUMNS = ("phase", "model", "site", "case", "class", "dice")
-IDENTITY = ("run_id", "config_sha256", "seed")  # in state.ckpt and the model files: which run wrote them
 
 DICE_PLOT, FINAL_PLOT, LOSS_PLOT, OVERLAY_PLOT = "dice_over_rounds.png", "final_dice.png", "losses.png", "overlays.png"
 COMPARISON_PLOT, FREQUENCY_PLOT = "comparison.png", "aggregation_frequency.png"
@@ -80,21 +79,24 @@ class CaseRow(NamedTuple):
 
 @dataclass(frozen=True)
 class Identity:
-    """Which run wrote a file: a uuid made at its start, its config.yaml's sha256 and its seed."""
+    """Which run wrote a file (state.ckpt, the model files): a uuid made at its start, its
+    config.yaml's sha256 and its seed."""
 
     run_id: str
     config_sha256: str
     seed: int
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "config_sha256": self.config_sha256, "seed": self.seed}
+    @staticmethod
+    def of(saved: dict[str, Any]) -> Identity:
+        """The identity a file written with `dataclasses.asdict(identity)` holds."""
+        return Identity(**{f.name: saved[f.name] for f in fields(Identity)})
 
 
 class RunFolder:
     """Every file of one run's folder, with its reader and writer (all writes atomic)."""
 
     CONFIG, METRICS, SUMMARY, CASES = "config.yaml", "metrics.csv", "summary.json", "test_cases.csv"
-    STATE, LOCK, RESUMES, WANDB = "state.ckpt", "run.lock", "resumes.yaml", "wandb"
+    STATE, LOCK, RESUMES = "state.ckpt", "run.lock", "resumes.yaml"
     RECORD = (CONFIG, METRICS, SUMMARY, CASES)  # the run's record: also saved in its W&B run
 
     def __init__(self, path: Path | str) -> None:
@@ -124,10 +126,6 @@ class RunFolder:
     def state(self) -> Path:
         return self.path / self.STATE
 
-    @property
-    def wandb(self) -> Path:
-        return self.path / self.WANDB
-
     @staticmethod
     def model_file(kind: str, model: str = GLOBAL) -> str:
         """`best.ckpt` / `last.ckpt` of the global model; `best_<site>.ckpt` of a standalone site's model."""
@@ -148,6 +146,10 @@ class RunFolder:
     def has_state(self) -> bool:
         """It trained at least one round (it can be resumed)."""
         return self.state.is_file()
+
+    def holds_finished_run(self, state: dict[str, Any], rounds: int) -> bool:
+        """Its `state` (read from state.ckpt) is after the last of `rounds`, and the run was tested."""
+        return state["round"] >= rounds and self.is_finished
 
     # ---------------------------------------------------------------- owning the folder
     def lock(self) -> FileLock:
@@ -223,6 +225,13 @@ class RunFolder:
         """A model file: its weights, with `round` (numbered from 1), score, classes, config and identity."""
         save_model(self.model(kind, model), weights, format=FORMAT, **meta)
 
+    @staticmethod
+    def model_round(saved: dict[str, Any]) -> int | None:
+        """The round a loaded model file (or an export's metadata) was saved after, numbered from 1,
+        where it says (files of format 1 counted from 0)."""
+        saved_round = saved.get("round")
+        return saved_round + 1 if saved_round is not None and saved.get("format", 1) == 1 else saved_round
+
     def save_state(self, state: dict[str, Any]) -> None:
         """state.ckpt: the resumable state after `state["round"]` (numbered from 1)."""
         save_state(self.state, {"format": FORMAT, **state})
@@ -277,8 +286,8 @@ class RunFolder:
         """Append to `resumes.yaml` when, after which round and with which config changes the run was resumed."""
         path = self.path / self.RESUMES
         history = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
-        entry = {"after_round": after_round, "at": time.strftime("%Y-%m-%d %H:%M:%S"), "changed": changed}
-        entry["overrides"] = list(overrides)
+        at = time.strftime("%Y-%m-%d %H:%M:%S")
+        entry = {"after_round": after_round, "at": at, "changed": changed, "overrides": list(overrides)}
         atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(list(history) + [entry])))
 
     # ---------------------------------------------------------------- summary.json

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 import lightning as L
@@ -29,8 +29,8 @@ from lightning_fl.distributed import checked_on_every_rank
 from lightning_fl.errors import RunStopped
 from lightning_fl.labels import LabelSpace
 from lightning_fl.loggers import RunLogger
-from lightning_fl.results import nanmean, summary_rows
-from lightning_fl.run_folder import GLOBAL, IDENTITY, VALIDATION, CaseRow, Identity, RunFolder
+from lightning_fl.results import case_means, nanmean, summary_rows
+from lightning_fl.run_folder import GLOBAL, VALIDATION, CaseRow, Identity, RunFolder
 
 T = TypeVar("T")
 POOLED = "pooled"  # the one client of centralized training
@@ -145,7 +145,7 @@ class Server:
             self.models[model] = saved["state"]
             self.aggregators[model].load_state_dict(saved["server"])
             self.best[model] = Best(**saved["best"])
-        self.identity = Identity(*(state[key] for key in IDENTITY))
+        self.identity = Identity.of(state)
         if self.is_main:
             self.logger = RunLogger(self.folder, self.cfg, resume=(state["metrics_bytes"], state["wandb_id"]))
         return state["round"] + 1
@@ -223,21 +223,16 @@ class Server:
 
         self.on_main("writing the summary", write)
 
-    def record_test(
-        self,
-        means: dict[tuple[str, str], dict[str, float]],
-        phases: dict[str, str],
-        rows: list[CaseRow],
-        summary: dict[str, Any],
-    ) -> None:
-        """The test of each model's best round: its Dice per (model, site) in metrics.csv (phase
-        `phases[site]`, at the model's best round) and W&B with the headline numbers and the
-        per-class table (after the last round), every case in test_cases.csv."""
+    def record_test(self, rows: list[CaseRow], summary: dict[str, Any]) -> None:
+        """The test of each model's best round: every case in test_cases.csv, the mean Dice per
+        (model, site) in metrics.csv (at the model's best round) and W&B with the headline numbers
+        and the per-class table (after the last round)."""
+        phases = {row.site: row.phase for row in rows}
 
         def write() -> None:
             logger = self.logger
             assert logger is not None
-            for (model, site), dice in means.items():
+            for (model, site), dice in case_means(rows).items():
                 logger.dice(self.best[model].round, phases[site], site, model, dice)
             headline = {f"test/dice/{c}": v for c, v in summary["test_dice"].items()} | {
                 f"external/{e}/dice/{c}": v for e, organs in summary["external_dice"].items() for c, v in organs.items()
@@ -263,7 +258,7 @@ class Server:
         metrics_bytes = self.logger.position()
         self.folder.save_state(
             resumable
-            | self.identity.as_dict()
+            | asdict(self.identity)
             | {
                 "metrics_bytes": metrics_bytes,
                 "metrics_sha256": file_sha256(self.folder.metrics, metrics_bytes),
@@ -282,7 +277,7 @@ class Server:
         meta = {
             "classes": list(self.labels.classes),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
-            **self.identity.as_dict(),
+            **asdict(self.identity),
         }
         for model in self.topology.models:
             score = record.scores.get(model, math.nan)

@@ -89,7 +89,7 @@ class ConDistFLController(ModelController):
                 f"the job's config is not the one of the run in {folder.path} ({', '.join(changed)} differ); "
                 f"export the job again with --resume {folder.path}, which takes the run's {folder.CONFIG}"
             )
-        if state["round"] >= cfg.fl.rounds and folder.is_finished:
+        if folder.holds_finished_run(state, cfg.fl.rounds):
             return server, cfg.fl.rounds + 1
         folder.record_resume(state["round"], [], [])
         return server, server.resume(state)
