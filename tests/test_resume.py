@@ -60,8 +60,8 @@ def test_a_run_killed_mid_round_resumes_to_the_run_left_alone(cli, smoke_run, tm
 @pytest.mark.slow
 def test_two_processes_killed_mid_round_resume_spawned_to_the_reference_run(cli, reference_fit, tmp_path):
     """Two gloo ranks (one thread each) killed at once, resumed with the other start method (spawn:
-    the ranks receive the saved state through shared memory, each must take its own copy): the
-    weights and metrics of the one-process reference run."""
+    ranks that shared one saved state, FedOpt's momentum among it, would each step it): the weights
+    and metrics of the one-process reference run."""
     killed = tmp_path / "killed"
     _kill_in_round_2(cli, killed, *EXACT, "fabric.devices=2", "fabric.strategy=ddp", OMP_NUM_THREADS="1")
     resumed = cli(
