@@ -29,6 +29,7 @@ from lightning_fl.config import load_config  # noqa: E402
 from lightning_fl.distributed import resolve_precision  # noqa: E402
 from lightning_fl.labels import LabelSpace  # noqa: E402
 from lightning_fl.losses import ConDistDiceLoss, MarginalDiceCELoss, deep_supervision_weights  # noqa: E402
+from lightning_fl.networks import memory_format  # noqa: E402
 from tests.helpers.reference_losses import condist_loss_loop, marginal_loss_loop  # noqa: E402
 
 
@@ -76,9 +77,7 @@ def main() -> None:
     )
 
     g = torch.Generator().manual_seed(0)
-    image = torch.randn(batch_size, 1, *spatial, generator=g).to(fabric.device)
-    if cfg.model.channels_last:
-        image = image.to(memory_format=torch.channels_last_3d)
+    image = torch.randn(batch_size, 1, *spatial, generator=g).to(fabric.device, memory_format=memory_format(cfg.model))
     label = torch.tensor([0] + foreground)[torch.randint(len(foreground) + 1, (batch_size, 1, *spatial), generator=g)]
     batch = {"image": image, "label": label.to(fabric.device)}
     condist_step, supervised_step = median_times(

@@ -74,10 +74,11 @@ def main() -> None:
     files = {name: [args.realdata / f for f in pair] for name, pair in CASES.items()}
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = load_config(args.config, args.overrides).data
+    cfg = load_config(args.config, args.overrides)
+    data, classes = cfg.data, cfg.labels.classes
     spleen = [0, 3]  # the spleen site's classes: the label values of spleen_8
-    head, tail = split_at_first_random(training_transform(data, spleen))
-    evaluation, full = evaluation_transform(data), training_transform(data, spleen)
+    head, tail = split_at_first_random(training_transform(data, spleen, classes))
+    evaluation, full = evaluation_transform(data), training_transform(data, spleen, classes)
     print(
         f"config {args.config.name}: spacing {list(data.spacing_mm)} mm, patch {list(data.patch_size)}, "
         f"{data.samples_per_volume} samples per volume, batch {data.batch_size} volumes; "

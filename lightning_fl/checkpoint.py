@@ -98,6 +98,14 @@ def check_compatible(
     if list(saved_classes) != list(classes):
         raise CheckpointError(f"{path} was made for the classes {list(saved_classes)}, this run has {list(classes)}")
     expected = model.state_dict()
+    if dims := next(
+        ((saved[k].dim() - 2, v.dim() - 2) for k, v in expected.items() if k in saved and saved[k].dim() != v.dim()),
+        None,
+    ):
+        raise CheckpointError(
+            f"{path} holds a {dims[0]}D network, but this config's model is {dims[1]}D (model.strides); "
+            f"use a {dims[1]}D checkpoint or the config it was trained with"
+        )
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     reshaped = [
         f"{k} {tuple(saved[k].shape)} ≠ {tuple(v.shape)}"

@@ -84,7 +84,7 @@ class Client:
         opt = objective.configure_optimizers()
         self.module, self.optimizer = fabric.setup(objective, opt["optimizer"])
         self.scheduler: torch.optim.lr_scheduler.LRScheduler = opt["lr_scheduler"]["scheduler"]
-        self.sources = [(d.name, TrainingStream(d, cfg.data)) for d in sources]
+        self.sources = [(d.name, TrainingStream(d, cfg.data, cfg.labels.classes)) for d in sources]
         self.step_means: StepMeans = fabric.logger  # where the objective's `log_dict` goes (build_fabric)
         self.group: Any = None  # the process group of a data-parallel client
         if shard[1] > 1:

@@ -189,11 +189,14 @@ class DataConfig:
     sites: list[SiteConfig] = field(default_factory=list)
     external: list[SiteConfig] = field(default_factory=list)  # test-only sites, labelled per organ
     synthetic: Optional[SyntheticConfig] = None  # generate the phantom federation into root if missing
-    spacing_mm: list[float] = ranged([1.44423774, 1.44423774, 2.87368553], gt=0, length=3)
+    # mm, x y z; 0 on an axis keeps each volume's own spacing there (a 2D model's slices: z is 0)
+    spacing_mm: list[float] = ranged([1.44423774, 1.44423774, 2.87368553], ge=0, length=3)
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
-    patch_size: list[int] = ranged([224, 224, 64], ge=1, length=3)
-    # patch centres: "pos_neg" (foreground : background at pos_neg_ratio) or "classes" (each class alike)
+    patch_size: list[int] = ranged([224, 224, 64], ge=1)  # one size per spatial axis of the model: x y (z)
+    # patch centres: "pos_neg" (foreground : background at pos_neg_ratio) or "classes" (each class
+    # present in the case at its class_ratios share)
     crop: str = ranged("pos_neg", choices=("pos_neg", "classes"))
+    class_ratios: dict[str, float] = field(default_factory=dict)  # crop=classes: class name → share (unnamed: 1)
     pos_neg_ratio: list[float] = ranged([2.0, 1.0], ge=0, length=2)
     samples_per_volume: int = ranged(2, ge=1)
     batch_size: int = ranged(2, ge=1)  # volumes per step; each gives samples_per_volume patches
@@ -215,7 +218,7 @@ class ModelConfig:
     deep_supervision_heads: int = ranged(3, ge=0)
     norm: str = ranged("instance", choices=("instance", "batch"))
     res_block: bool = False
-    channels_last: bool = True  # channels_last_3d memory format: faster 3D convolutions
+    channels_last: bool = True  # channels-last memory format: faster convolutions
 
 
 @dataclass
@@ -262,7 +265,7 @@ class FederationConfig:
 
 @dataclass
 class EvalConfig:
-    roi_size: list[int] = ranged([224, 224, 64], ge=1, length=3)
+    roi_size: list[int] = ranged([224, 224, 64], ge=1)  # one size per spatial axis of the model; 2D: slices
     overlap: float = ranged(0.5, ge=0, lt=1)  # of neighbouring sliding windows
     sw_batch_size: int = ranged(4, ge=1)
     blend_mode: str = ranged("gaussian", choices=("gaussian", "constant"))
@@ -543,8 +546,7 @@ def _validate(cfg: DictConfig) -> None:
     if sum(cfg.data.pos_neg_ratio) == 0:
         raise ConfigError("data.pos_neg_ratio: expected at least one of the two weights > 0, got [0, 0]")
     _check_network(cfg.model)
-    check_size(cfg.model, cfg.data.patch_size, "data.patch_size")
-    check_size(cfg.model, cfg.eval.roi_size, "eval.roi_size")
+    _check_geometry(cfg)
     names = [s.name for s in all_sites(cfg)]
     if len(set(names)) != len(names):
         raise ConfigError(f"data.sites: site names must be unique, got {names}")
@@ -588,9 +590,10 @@ def _check_network(model: DictConfig) -> None:
             f"{len(model.kernel_size)}, {levels} and {len(model.filters)}"
         )
     dims = {len(k) for k in model.kernel_size} | {len(s) for s in model.strides}
-    if dims != {3}:
+    if dims not in ({2}, {3}):
         raise ConfigError(
-            f"model.kernel_size and model.strides: expected 3 values (x, y, z) per level, got lengths {sorted(dims)}"
+            "model.kernel_size and model.strides: expected 3 values (x, y, z) per level for a 3D network or 2 "
+            f"(x, y) for a 2D one, all levels alike, got lengths {sorted(dims)}"
         )
     even = [list(k) for k in model.kernel_size if any(size % 2 == 0 for size in k)]
     if even:
@@ -603,6 +606,43 @@ def _check_network(model: DictConfig) -> None:
             f"model.deep_supervision_heads must lie in [0, {max(levels - 2, 0)}] for {levels} levels, "
             f"got {model.deep_supervision_heads}"
         )
+
+
+def spatial_dims(model: DictConfig) -> int:
+    """2 (a network of axial slices) or 3: the one place the dimensionality is stated, `model.strides`."""
+    return len(model.strides[0])
+
+
+def _check_geometry(cfg: DictConfig) -> None:
+    """Sizes with one value per spatial axis of the model; a 2D model's slices keep their thickness."""
+    dims = spatial_dims(cfg.model)
+    for key in ("data.patch_size", "eval.roi_size"):
+        size = OmegaConf.select(cfg, key)
+        if len(size) != dims:
+            axes = "x, y, z" if dims == 3 else "x, y: an axial slice"
+            raise ConfigError(
+                f"{key}={list(size)}: the model is {dims}D (model.strides), so expected {dims} values ({axes})"
+            )
+        check_size(cfg.model, size, key)
+    spacing = list(cfg.data.spacing_mm)
+    if dims == 2 and spacing[2] != 0:
+        raise ConfigError(
+            f"data.spacing_mm={spacing}: a 2D model trains on axial slices resampled in plane only, so the "
+            "third value must be 0 (each volume keeps its own slice spacing)"
+        )
+    if not all(spacing[:2]):
+        raise ConfigError(f"data.spacing_mm={spacing}: the in-plane spacing (x, y) must be > 0")
+    if cfg.data.class_ratios and cfg.data.crop != "classes":
+        raise ConfigError(f"data.class_ratios sets shares of data.crop=classes, but data.crop is {cfg.data.crop}")
+    labels = LabelSpace.of(cfg.labels)
+    unknown = sorted(set(cfg.data.class_ratios) - set(labels.classes))
+    if unknown:
+        raise ConfigError(
+            f"data.class_ratios names {unknown}, which are not classes of labels.classes {list(labels.classes)}"
+        )
+    bad = {k: v for k, v in cfg.data.class_ratios.items() if not (math.isfinite(v) and v >= 0)}
+    if bad:
+        raise ConfigError(f"data.class_ratios: expected finite shares ≥ 0, got {bad}")
 
 
 def size_divisor(model: DictConfig) -> list[int]:

@@ -70,7 +70,7 @@ class Federation:
         if fabric.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
         root = prepare_data_root(cfg, self.labels)
-        self.predictor = Predictor(self.network, fabric, cfg.model.channels_last)  # reaches the device in setup
+        self.predictor = Predictor(self.network, fabric, cfg.model)  # reaches the device in setup
         self.site_data = {s.name: load_site(root, s, self.labels) for s in cfg.data.sites}
         self.external = {s.name: load_site(root, s, self.labels, required=("testing",)) for s in cfg.data.external}
         self.scored_sites = self.site_data | self.external  # tested in this order

@@ -25,19 +25,19 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.inferers import sliding_window_inference
+from monai.inferers import SliceInferer, sliding_window_inference
 from monai.networks.utils import convert_to_torchscript
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from lightning_fl.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, check_compatible, load_model
-from lightning_fl.config import config_from_container
+from lightning_fl.config import config_from_container, spatial_dims
 from lightning_fl.data.datasets import nifti_stem
 from lightning_fl.data.transforms import inference_transform
 from lightning_fl.data.validation import check_image
 from lightning_fl.distributed import check_accelerator, resolve_precision
 from lightning_fl.errors import DatalistError
-from lightning_fl.networks import build_network
+from lightning_fl.networks import SliceWise, build_network, memory_format
 from lightning_fl.run_folder import FORMAT, RunFolder
 
 TORCHSCRIPT_SUFFIX = ".ts"
@@ -49,13 +49,15 @@ class Predictor:
     """A network as evaluation and inference run it: inputs on its device and in its memory
     format, float32 logits out, under the run's autocast precision."""
 
-    def __init__(self, network: nn.Module, fabric: L.Fabric, channels_last: bool) -> None:
-        self.network, self.fabric, self.channels_last = network, fabric, channels_last
+    def __init__(self, network: nn.Module, fabric: L.Fabric, model: DictConfig) -> None:
+        self.network, self.fabric = network, fabric
+        self.dims, self.memory_format = spatial_dims(model), memory_format(model)
 
     def prepare(self, image: Tensor) -> Tensor:
-        """An input batch on the network's device and in its memory format."""
+        """An input batch on the network's device, and in its memory format where it is the network's
+        input (a 2D network's volumes are cut into slices first)."""
         image = image.to(self.fabric.device)
-        return image.to(memory_format=torch.channels_last_3d) if self.channels_last and image.dim() == 5 else image
+        return image.to(memory_format=self.memory_format) if image.dim() == self.dims + 2 else image
 
     def __call__(self, image: Tensor) -> Tensor:
         with self.fabric.autocast():
@@ -63,15 +65,12 @@ class Predictor:
 
 
 def sliding_logits(model: Callable[[Tensor], Tensor], image: Tensor, eval_cfg: DictConfig) -> Tensor:
-    """Logits `[B, C, *S]` of whole volumes, by Gaussian-blended sliding windows."""
-    return sliding_window_inference(
-        image,
-        roi_size=list(eval_cfg.roi_size),
-        sw_batch_size=eval_cfg.sw_batch_size,
-        predictor=model,
-        overlap=eval_cfg.overlap,
-        mode=eval_cfg.blend_mode,
-    )
+    """Logits `[B, C, *S]` of whole volumes `[B, 1, *S]`, by Gaussian-blended sliding windows: 3D
+    windows, or for a 2D model (a 2D `eval.roi_size`) 2D windows on each axial slice."""
+    settings = {"sw_batch_size": eval_cfg.sw_batch_size, "overlap": eval_cfg.overlap, "mode": eval_cfg.blend_mode}
+    if len(eval_cfg.roi_size) == 2:
+        return SliceInferer(roi_size=list(eval_cfg.roi_size), spatial_dim=2, progress=False, **settings)(image, model)
+    return sliding_window_inference(image, roi_size=list(eval_cfg.roi_size), predictor=model, **settings)
 
 
 @dataclass
@@ -107,6 +106,8 @@ def load_trained(path: Path, overrides: list[str] | None = None, accelerator: st
             raise CheckpointError(f"{path}: its {METADATA} is not what `lightning-fl export` writes: {problem}")
         cfg = config_from_container(saved["config"], overrides, f"{path} ({METADATA})")
         saved_round = RunFolder.model_round(saved)
+        if spatial_dims(cfg.model) == 2:  # exported as `SliceWise`, taking volumes; slices are cut here
+            network = network.network
     else:
         payload = load_model(path)
         if problem := _saved_problem(payload, ("model", "classes")):
@@ -123,7 +124,7 @@ def load_trained(path: Path, overrides: list[str] | None = None, accelerator: st
     fabric = L.Fabric(accelerator=runtime.accelerator, devices=1, precision=precision)
     network = network.eval().to(fabric.device)
     name = f"{path.resolve().parent.name}/{path.name}"
-    return TrainedModel(name, path, cfg, Predictor(network, fabric, cfg.model.channels_last), precision, saved_round)
+    return TrainedModel(name, path, cfg, Predictor(network, fabric, cfg.model), precision, saved_round)
 
 
 def _saved_problem(saved: Any, keys: tuple[str, ...]) -> str | None:
@@ -241,7 +242,8 @@ def save_like(volume: np.ndarray, like: nib.Nifti1Image, path: Path) -> Path:
 
 def export_torchscript(model: TrainedModel, out_dir: Path) -> tuple[Path, Path]:
     """`model.ts` (TorchScript, float32, with `metadata.json` inside as MONAI bundles keep it) and
-    the same `metadata.json` beside it. The deep-supervision heads only train, so they are left out."""
+    the same `metadata.json` beside it. The deep-supervision heads only train, so they are left out;
+    a 2D network is wrapped to take volumes (`SliceWise`), so every exported model takes a volume."""
     cfg = model.cfg
     plain = OmegaConf.merge(cfg.model, {"deep_supervision_heads": 0})
     network = build_network(plain, in_channels=1, out_channels=len(cfg.labels.classes))
@@ -253,9 +255,10 @@ def export_torchscript(model: TrainedModel, out_dir: Path) -> tuple[Path, Path]:
     network.load_state_dict(state)
     network = network.eval().cpu()
     metadata = bundle_metadata(model)
-    example = torch.randn(1, 1, *cfg.eval.roi_size)
-    if cfg.model.channels_last:
-        example = example.to(memory_format=torch.channels_last_3d)
+    if spatial_dims(cfg.model) == 2:
+        network, example = SliceWise(network), torch.randn(1, 1, *cfg.eval.roi_size, 3)  # any number of slices
+    else:
+        example = torch.randn(1, 1, *cfg.eval.roi_size).to(memory_format=memory_format(cfg.model))
     ts_path, meta_path = out_dir / "model.ts", out_dir / METADATA
     with warnings.catch_warnings():  # TorchScript's notes on MONAI's type annotations
         warnings.simplefilter("ignore", UserWarning)
@@ -265,11 +268,17 @@ def export_torchscript(model: TrainedModel, out_dir: Path) -> tuple[Path, Path]:
     return ts_path, meta_path
 
 
+def window_size(eval_cfg: DictConfig) -> list[int]:
+    """The exported model's sliding window on a volume: `eval.roi_size`, or a 2D one's slice `[x, y, 1]`."""
+    return [*eval_cfg.roi_size, 1] if len(eval_cfg.roi_size) == 2 else list(eval_cfg.roi_size)
+
+
 def bundle_metadata(model: TrainedModel) -> dict[str, Any]:
     """MONAI-bundle-style metadata: what the network takes and returns, and how to prepare its input."""
     cfg = model.cfg
     classes = list(cfg.labels.classes)
     window = cfg.data.intensity
+    shape: list[Any] = list(cfg.eval.roi_size) if len(cfg.eval.roi_size) == 3 else [*cfg.eval.roi_size, "*"]
     return {
         "version": "1.0.0",
         "monai_version": monai.__version__,
@@ -287,12 +296,12 @@ def bundle_metadata(model: TrainedModel) -> dict[str, Any]:
                     "format": "hounsfield",
                     "modality": "CT",
                     "num_channels": 1,
-                    "spatial_shape": list(cfg.eval.roi_size),
+                    "spatial_shape": shape,
                     "dtype": "float32",
                     "is_patch_data": True,
                     "channel_def": {"0": "image"},
                     "orientation": "RAS",
-                    "spacing_mm": list(cfg.data.spacing_mm),
+                    "spacing_mm": list(cfg.data.spacing_mm),  # 0: the input's own spacing on that axis
                     "intensity_window": {
                         "hu_min": window.hu_min,
                         "hu_max": window.hu_max,
@@ -311,7 +320,7 @@ def bundle_metadata(model: TrainedModel) -> dict[str, Any]:
                     "type": "image",
                     "format": "segmentation",
                     "num_channels": len(classes),
-                    "spatial_shape": list(cfg.eval.roi_size),
+                    "spatial_shape": shape,
                     "dtype": "float32",
                     "value_range": ["-inf", "inf"],
                     "is_patch_data": True,
@@ -322,7 +331,7 @@ def bundle_metadata(model: TrainedModel) -> dict[str, Any]:
         },
         "inference": {
             "sliding_window": {
-                "roi_size": list(cfg.eval.roi_size),
+                "roi_size": window_size(cfg.eval),
                 "overlap": cfg.eval.overlap,
                 "blend_mode": cfg.eval.blend_mode,
             }

@@ -11,7 +11,7 @@ from lightning_fl.config import CONFIG_DIR, ConfigError, check_size, load_config
 from lightning_fl.networks import build_network
 
 
-@pytest.mark.parametrize("name", ["condistfl_synthetic", "condistfl_paper", "smoke"])
+@pytest.mark.parametrize("name", ["condistfl_synthetic", "condistfl_paper", "smoke", "smoke_2d", "testbed"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIG_DIR / f"{name}.yaml")
     assert cfg.labels.classes[0] == "background" and len(cfg.data.sites) == 4
@@ -77,7 +77,7 @@ def test_overrides_reach_nested_keys_and_list_items():
             "data.augmentation.zoom_range=[1.4,0.7]",
             r"zoom_range: expected a range \[low, high\] with low ≤ high, got \[1.4, 0.7\]",
         ),
-        ("eval.roi_size=[24,24]", r"eval.roi_size: expected 3 values, got 2: \[24, 24\]"),
+        ("eval.roi_size=[24,24]", r"eval.roi_size=\[24, 24\]: the model is 3D \(model.strides\), so expected 3 values"),
     ],
 )
 def test_bad_overrides_are_clear_errors(override, message):
@@ -118,6 +118,34 @@ def test_patch_sizes_the_network_cannot_take_are_config_errors():
         ConfigError, match=r"eval.roi_size=\[32, 32, 16\] leaves one voxel at the network's deepest level"
     ):
         check_size(model, [32, 32, 16], "eval.roi_size")
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "data.patch_size=[32,32,32]",
+            r"data.patch_size=\[32, 32, 32\]: the model is 2D \(model.strides\), so expected 2",
+        ),
+        ("eval.roi_size=[32]", r"eval.roi_size=\[32\]: the model is 2D .* expected 2 values \(x, y: an axial slice\)"),
+        ("data.spacing_mm=[8,8,8]", r"a 2D model trains on axial slices resampled in plane only, so the third value"),
+        ("data.spacing_mm=[0,8,0]", r"data.spacing_mm=\[0.0, 8.0, 0.0\]: the in-plane spacing \(x, y\) must be > 0"),
+        ("model.strides=[[1,1],[2,2,2],[2,2],[2,2],[2,2]]", r"expected 3 values \(x, y, z\) per level .* or 2"),
+        (
+            "data.class_ratios={kidney: 2}",
+            r"data.class_ratios sets shares of data.crop=classes, but data.crop is pos_neg",
+        ),
+        (
+            "data.class_ratios={kidny: 2}",
+            r"data.class_ratios names \['kidny'\], which are not classes of labels.classes",
+        ),
+    ],
+)
+def test_2d_geometry_mistakes_are_config_errors(override, message):
+    """A 2D model (configs/smoke_2d.yaml) states the dimensionality; every size must agree with it."""
+    overrides = [override] + (["data.crop=classes"] if "kidny" in override else [])
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIG_DIR / "smoke_2d.yaml", overrides)
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,7 @@ def test_training_stream_replays_a_round_and_shards_split_its_batches(data_home,
     cfg = load_config(smoke_config_path, ["data.samples_per_volume=2"])
     labels = LabelSpace.of(cfg.labels)
     site = load_site(prepare_data_root(cfg, labels), cfg.data.sites[0], labels)
-    stream = TrainingStream(site, cfg.data)
+    stream = TrainingStream(site, cfg.data, labels.classes)
 
     def first(seed: int, shard: tuple[int, int] = (0, 1), n: int = 3) -> list[torch.Tensor]:
         return [batch["image"].as_tensor() for batch in stream.start_round(seed, n, shard)]

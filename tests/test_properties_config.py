@@ -135,7 +135,7 @@ def _exercise(cfg: Any, key: str, case: dict[str, str]) -> str:
         ("data.root", "data.spacing_mm", "data.synthetic", "data.cache", "data.num_workers", "data.check")
     ):
         foreground = labels.foreground(cfg.data.sites[0].classes)
-        patches = training_transform(cfg.data, [0, *foreground])(dict(case))
+        patches = training_transform(cfg.data, [0, *foreground], cfg.labels.classes)(dict(case))
         assert len(patches) == cfg.data.samples_per_volume
         assert all(tuple(p["image"].shape[1:]) == tuple(cfg.data.patch_size) for p in patches)
         return "training transform"
@@ -253,7 +253,7 @@ def test_the_fifteen_impossible_values_are_refused_at_once_before_any_work(tmp_p
         "fl.server_lr=-1",
         "eval.overlap=1.5",
         "data.batch_size=0",
-        "data.spacing_mm=[0,0,0]",
+        "data.spacing_mm=[-1,-1,-1]",
         "data.intensity.scale=0",
         "fl.server_momentum=1.5",
         "data.cache_rate=2",

@@ -6,37 +6,15 @@ asked. The run holds its folder's lock while it runs."""
 from __future__ import annotations
 
 import csv
-import os
 import shutil
-import signal
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from lightning_fl.checkpoint import RunFolderError
 from lightning_fl.run_folder import RunFolder
 from tests.helpers.cli import run_main
-from tests.helpers.runs import EXACT, SMOKE, SMOKE_WANDB
-
-
-def _kill_in_round_2(cli, out: Path, *overrides: str, **env: str) -> None:
-    """Start the smoke fit into `out`, and SIGKILL every rank once it is training round 2."""
-    process = cli.start("fit", "--config", str(SMOKE), f"output_dir={out}", *overrides, capture=False, **env)
-    deadline = time.monotonic() + 300
-    while not (out / "state.ckpt").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    with pytest.raises(RunFolderError, match="is in use"):
-        RunFolder(out).lock()  # held by the running fit
-    time.sleep(0.3)  # into round 2's local training
-    os.killpg(process.pid, signal.SIGKILL)  # every rank at once
-    process.wait()
-    assert torch.load(out / "state.ckpt", weights_only=True)["round"] == 1, "the kill did not land in round 2"
-
-
-def _model(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "last.ckpt", weights_only=True)["model"]
+from tests.helpers.runs import EXACT, SMOKE, SMOKE_WANDB, kill_in_round_2, last_model
 
 
 def _scores(run: Path) -> list[dict[str, str]]:
@@ -47,10 +25,10 @@ def _scores(run: Path) -> list[dict[str, str]]:
 @pytest.mark.slow
 def test_a_run_killed_mid_round_resumes_to_the_run_left_alone(cli, smoke_run, tmp_path):
     killed = tmp_path / "killed"
-    _kill_in_round_2(cli, killed, *SMOKE_WANDB[1:], "logger.wandb.mode=disabled")
+    kill_in_round_2(cli, killed, *SMOKE_WANDB[1:], "logger.wandb.mode=disabled")
     result = cli("fit", "--resume", str(killed))
     assert result.returncode == 0, result.stderr[-3000:]
-    first, second = _model(smoke_run), _model(killed)
+    first, second = last_model(smoke_run), last_model(killed)
     assert all(torch.equal(first[k], second[k]) for k in first)  # bitwise
     assert (smoke_run / "metrics.csv").read_text() == (killed / "metrics.csv").read_text()
     assert "after_round: 1" in (killed / "resumes.yaml").read_text()
@@ -63,12 +41,12 @@ def test_two_processes_killed_mid_round_resume_spawned_to_the_reference_run(cli,
     ranks that shared one saved state, FedOpt's momentum among it, would each step it): the weights
     and metrics of the one-process reference run."""
     killed = tmp_path / "killed"
-    _kill_in_round_2(cli, killed, *EXACT, "fabric.devices=2", "fabric.strategy=ddp", OMP_NUM_THREADS="1")
+    kill_in_round_2(cli, killed, *EXACT, "fabric.devices=2", "fabric.strategy=ddp", OMP_NUM_THREADS="1")
     resumed = cli(
         "fit", "--resume", str(killed), "--allow-config-change", "fabric.strategy=ddp_spawn", OMP_NUM_THREADS="1"
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    first, second = _model(reference_fit), _model(killed)
+    first, second = last_model(reference_fit), last_model(killed)
     assert all(torch.equal(first[k], second[k]) for k in first)  # bitwise
     assert _scores(killed) == _scores(reference_fit)
     assert "changed:\n  - fabric.strategy" in (killed / "resumes.yaml").read_text()

@@ -7,7 +7,7 @@ share it, so nothing here knows which one it reads.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,8 +109,9 @@ class TrainingStream:
     is full.
     """
 
-    def __init__(self, site: SiteData, data: DictConfig) -> None:
-        self.dataset = cached_dataset(site.splits["training"], training_transform(data, [0, *site.foreground]), data)
+    def __init__(self, site: SiteData, data: DictConfig, class_names: Sequence[str]) -> None:
+        transform = training_transform(data, [0, *site.foreground], class_names)
+        self.dataset = cached_dataset(site.splits["training"], transform, data)
         self.batch_size, self.num_workers = data.batch_size, data.num_workers
         self.generator = torch.Generator()
 

@@ -73,9 +73,11 @@ def preprocessing(
     ]
 
 
-def _augmentation(aug: DictConfig) -> list[mt.Transform]:
-    """nnU-Net-style augmentations; a transform whose probability is 0 is left out."""
-    interp = ("trilinear", "nearest")
+def _augmentation(aug: DictConfig, dims: int) -> list[mt.Transform]:
+    """nnU-Net-style augmentations of `dims`-D patches (a 2D patch rotates in its plane); a transform
+    whose probability is 0 is left out."""
+    linear = "trilinear" if dims == 3 else "bilinear"
+    interp = (linear, "nearest")
     rotate = math.radians(aug.rotate_degrees)
     spatial: list[tuple[float, mt.Transform]] = [
         (
@@ -118,7 +120,9 @@ def _augmentation(aug: DictConfig) -> list[mt.Transform]:
         ),
         (
             aug.lowres_prob,
-            mt.RandSimulateLowResolutiond("image", zoom_range=tuple(aug.lowres_range), prob=aug.lowres_prob),
+            mt.RandSimulateLowResolutiond(
+                "image", zoom_range=tuple(aug.lowres_range), upsample_mode=linear, prob=aug.lowres_prob
+            ),
         ),
         (
             aug.gamma_prob,
@@ -131,23 +135,28 @@ def _augmentation(aug: DictConfig) -> list[mt.Transform]:
             ),
         ),
     ]
-    flips = [(aug.flip_prob, mt.RandFlipd(KEYS, spatial_axis=axis, prob=aug.flip_prob)) for axis in range(3)]
+    flips = [(aug.flip_prob, mt.RandFlipd(KEYS, spatial_axis=axis, prob=aug.flip_prob)) for axis in range(dims)]
     return [t for p, t in spatial + intensity + flips if p > 0]
 
 
-def training_transform(data: DictConfig, classes: Sequence[int]) -> mt.Compose:
+def training_transform(data: DictConfig, classes: Sequence[int], class_names: Sequence[str]) -> mt.Compose:
     """Preprocessing, then `samples_per_volume` random patches and augmentation. Patch centres:
     `data.crop: pos_neg` (the paper's) draws foreground and background voxels at
     `data.pos_neg_ratio`; `classes` (nnU-Net's oversampling) draws each of `classes` (background
-    and the site's labelled classes, by index) equally often, among those the case contains, so a
-    small tumour is centred as often as its organ."""
+    and the site's labelled classes, by index into `class_names`) at its `data.class_ratios` share,
+    among those the case contains, so a small tumour is centred as often as its organ. A 2D patch
+    (`data.patch_size` of two values) is an axial slice: cropped one voxel thick, then the axis dropped."""
+    dims = len(data.patch_size)
+    size = list(data.patch_size) + ([1] if dims == 2 else [])
     if data.crop == "classes":
-        ratios = [1.0 if c in classes else 0.0 for c in range(max(classes) + 1)]
+        ratios = [
+            float(data.class_ratios.get(class_names[c], 1.0)) if c in classes else 0.0 for c in range(max(classes) + 1)
+        ]
         indices = mt.ClassesToIndicesd("label", num_classes=len(ratios))
         crop = mt.RandCropByLabelClassesd(
             KEYS,
             label_key="label",
-            spatial_size=list(data.patch_size),
+            spatial_size=size,
             ratios=ratios,
             num_classes=len(ratios),
             num_samples=data.samples_per_volume,
@@ -160,17 +169,18 @@ def training_transform(data: DictConfig, classes: Sequence[int]) -> mt.Compose:
         crop = mt.RandCropByPosNegLabeld(
             KEYS,
             label_key="label",
-            spatial_size=list(data.patch_size),
+            spatial_size=size,
             pos=pos,
             neg=neg,
             num_samples=data.samples_per_volume,
             fg_indices_key="label_fg_indices",
             bg_indices_key="label_bg_indices",
         )
+    slices = [mt.SqueezeDimd(KEYS, dim=-1)] if dims == 2 else []
     return mt.Compose(
         preprocessing(data)
-        + [mt.SpatialPadd(KEYS, spatial_size=list(data.patch_size)), indices, crop]
-        + _augmentation(data.augmentation)
+        + [mt.SpatialPadd(KEYS, spatial_size=size), indices, crop, *slices]
+        + _augmentation(data.augmentation, dims)
     )
 
 

@@ -108,7 +108,7 @@ class FlareClient:
         fabric = build_fabric(cfg)
         run = build_run(cfg)
         self.labels, self.network = run.labels, run.network
-        self.predictor = Predictor(self.network, fabric, cfg.model.channels_last)
+        self.predictor = Predictor(self.network, fabric, cfg.model)
         self.data = load_site(prepare_data_root(cfg, self.labels), sites[name], self.labels)
         self.client = build_clients(run, fabric, {name: self.data}, {name: (0, 1)}, self.predictor.prepare)[name]
         self.validation = evaluation_loader(self.data.splits["validation"], cfg.data)

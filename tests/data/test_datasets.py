@@ -69,7 +69,7 @@ def test_datalist_errors_name_the_file_and_entry(smoke_root, tmp_path):
 def test_training_pipeline_gives_patches_of_the_configured_size(smoke_root):
     root, cfg = smoke_root
     item = read_datalist(root / "pancreas.json")["training"][0]
-    transform = training_transform(cfg.data, [0, 4, 5])
+    transform = training_transform(cfg.data, [0, 4, 5], cfg.labels.classes)
     transform.set_random_state(0)
     patches = transform(item)
     assert len(patches) == cfg.data.samples_per_volume
@@ -94,7 +94,7 @@ def test_class_balanced_crops_centre_small_classes_as_often_as_large_ones(smoke_
     )
     label = evaluation_transform(cfg.data)(item)["label"].numpy()
     tumour_share = float((label == 7).sum() / np.isin(label, [6, 7]).sum())
-    transform = training_transform(cfg.data, [0, 6, 7])
+    transform = training_transform(cfg.data, [0, 6, 7], cfg.labels.classes)
     transform.set_random_state(1)
     centres = np.array([int(p["label"][0, 4, 4, 4]) for p in transform(item)])
     share = {c: float(np.mean(centres == c)) for c in (0, 6, 7)}
@@ -104,6 +104,33 @@ def test_class_balanced_crops_centre_small_classes_as_often_as_large_ones(smoke_
         else {0: 1 / 3, 6: 2 / 3 * (1 - tumour_share), 7: 2 / 3 * tumour_share}
     )
     assert all(abs(share[c] - expected[c]) < 0.1 for c in share), (share, expected)
+
+
+def test_2d_slices_are_centred_on_each_class_at_its_configured_share(smoke_root):
+    """A 2D patch is one axial slice, resampled in plane only (the volume keeps its slice spacing),
+    and its centre pixel lies in each class at that class's `data.class_ratios` share, counted over
+    many draws: kidney twice as often as background and tumour."""
+    root, _ = smoke_root
+    cfg = load_config(
+        REPO / "configs" / "smoke_2d.yaml",
+        [f"data.root={root}", "data.crop=classes", "data.class_ratios={kidney: 2.0}", "data.spacing_mm=[4, 4, 0]"],
+    )
+    cfg.data.samples_per_volume, cfg.data.patch_size = 400, [8, 8]  # centre = slice[4, 4]
+    item = next(
+        i
+        for i in read_datalist(root / "kidney.json")["training"]
+        if (np.asanyarray(nib.load(i["label"]).dataobj) == 7).any()
+    )
+    native_z = float(nib.load(item["image"]).header.get_zooms()[2])
+    transform = training_transform(cfg.data, [0, 6, 7], cfg.labels.classes)
+    transform.set_random_state(2)
+    slices = transform(item)
+    assert all(tuple(s["image"].shape) == (1, 8, 8) for s in slices)
+    centres = np.array([int(s["label"][0, 4, 4]) for s in slices])
+    share = {c: float(np.mean(centres == c)) for c in (0, 6, 7)}
+    assert all(abs(share[c] - expected) < 0.07 for c, expected in ((0, 0.25), (6, 0.5), (7, 0.25))), share
+    volume = evaluation_transform(cfg.data)(item)["image"]
+    assert np.allclose(np.abs(np.diag(volume.affine.numpy())[:3]), [4.0, 4.0, native_z])
 
 
 def test_preprocessing_reorients_resamples_and_windows(smoke_root):
@@ -137,3 +164,18 @@ def test_real_ct_goes_through_the_demo_preprocessing(realdata):
     # the spleen enhances: its windowed intensity is well above the body's fat and air
     assert image[0][spleen].mean() > image[0][~spleen].mean() + 1.0
     assert torch.equal(torch.as_tensor(label.unique()), torch.tensor([0.0, 1.0]))
+
+
+@pytest.mark.realdata
+def test_real_ct_gives_2d_slices_resampled_in_plane_only(realdata):
+    """spleen_8 (LAS, 0.785 × 0.785 × 7.5 mm) through the 2D pipeline: 8 mm in plane, its 32 slices
+    kept at 7.5 mm, and training slices of the configured size, some through the spleen."""
+    cfg = load_config(REPO / "configs" / "smoke_2d.yaml", ["data.crop=classes", "data.samples_per_volume=6"])
+    item = {"image": str(realdata / "spleen_8_ct.nii.gz"), "label": str(realdata / "spleen_8_label_orig.nii.gz")}
+    volume = evaluation_transform(cfg.data)(item)["image"]
+    assert np.allclose(np.diag(volume.affine.numpy())[:3], [8.0, 8.0, 7.5]) and volume.shape[-1] == 32
+    transform = training_transform(cfg.data, [0, 1], cfg.labels.classes)  # the file's own values: 1 is spleen
+    transform.set_random_state(0)
+    slices = transform(item)
+    assert all(tuple(s["image"].shape) == (1, *cfg.data.patch_size) for s in slices)
+    assert any((s["label"] == 1).any() for s in slices)

@@ -4,19 +4,25 @@ objective built by the project's recipe, and folders made once per test session.
 from __future__ import annotations
 
 import os
+import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_fl.build import build_run
+from lightning_fl.checkpoint import RunFolderError
 from lightning_fl.objective import Objective
 from lightning_fl.run_folder import RunFolder
 
 REPO = Path(__file__).resolve().parent.parent.parent
 SMOKE = REPO / "configs" / "smoke.yaml"
+SMOKE_2D = REPO / "configs" / "smoke_2d.yaml"
 # float32 on the CPU, without W&B: the runs that bitwise comparisons are made between (also with one
 # thread per process: oneDNN's float32 sums depend on the thread count on some CPUs)
 EXACT = ("fabric.accelerator=cpu", "fabric.precision=32-true", "logger.wandb.mode=disabled")
@@ -64,3 +70,21 @@ def assert_reads_as_format_2(folder: RunFolder) -> None:
     best = folder.read_summary()["best_round"]
     assert all(r in rounds for r in (best.values() if isinstance(best, dict) else [best])), folder
     assert folder.read_cases(), folder
+
+
+def kill_in_round_2(cli: Any, out: Path, *overrides: str, config: Path = SMOKE, **env: str) -> None:
+    """Start the fit of `config` (the smoke's) into `out`, and SIGKILL every rank once it is training round 2."""
+    process = cli.start("fit", "--config", str(config), f"output_dir={out}", *overrides, capture=False, **env)
+    deadline = time.monotonic() + 300
+    while not (out / "state.ckpt").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with pytest.raises(RunFolderError, match="is in use"):
+        RunFolder(out).lock()  # held by the running fit
+    time.sleep(0.3)  # into round 2's local training
+    os.killpg(process.pid, signal.SIGKILL)  # every rank at once
+    process.wait()
+    assert torch.load(out / "state.ckpt", weights_only=True)["round"] == 1, "the kill did not land in round 2"
+
+
+def last_model(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "last.ckpt", weights_only=True)["model"]
