@@ -5,6 +5,9 @@ Prints two ratios (median of timed repeats, after warm-up):
      optimizer step) divided by a supervised-only step (marginal loss alone)   target ≤ 1.5
   2. forward+backward of lightning_fl.losses divided by a straightforward per-channel
      implementation of the same formulas with MONAI's Dice (tests/helpers/reference_losses.py)  goal ≤ 0.5
+and what each step achieves: its FLOPs (counted by torch.utils.flop_counter) per second, against
+the peak of this device at the same precision and threads, measured as a large matrix product.
+2D and 3D alike: the network and patch are the config's (`model=dynunet_2d` for slices).
 
     python benchmarks/condist_cost.py [--config configs/condistfl_synthetic.yaml] [--repeats 20]
 """
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # tests.helpers.reference_losses
@@ -53,6 +57,27 @@ def step_timer(cfg, fabric: L.Fabric, condist: bool, batch: dict[str, torch.Tens
     return step
 
 
+def step_flops(step: Callable[[], None]) -> int:
+    """Floating-point operations of one call of `step` (convolutions and matrix products, as
+    PyTorch's FLOP counter counts them; 2 per multiply-add)."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def matmul_peak(fabric: L.Fabric, size: int = 4096) -> float:
+    """FLOP/s of a `size`² matrix product under the run's autocast: what this device reaches at
+    best with these threads and this precision, the yardstick for the steps."""
+    a, b = (torch.randn(size, size, device=fabric.device) for _ in range(2))
+
+    def product() -> None:
+        with fabric.autocast():
+            a @ b
+
+    (seconds,) = median_times([product], repeats=5, warmup=2)
+    return 2 * size**3 / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "condistfl_synthetic.yaml")
@@ -84,6 +109,9 @@ def main() -> None:
         [step_timer(cfg, fabric, True, batch), step_timer(cfg, fabric, False, batch)], args.repeats, warmup=3
     )
     peak = torch.cuda.max_memory_allocated() / 2**30 if fabric.device.type == "cuda" else None
+    timers = (step_timer(cfg, fabric, True, batch), step_timer(cfg, fabric, False, batch))
+    condist_flops, supervised_flops = (step_flops(t) for t in timers)
+    device_peak = matmul_peak(fabric)
 
     logits = torch.randn(batch_size, heads, labels.num_classes, *spatial, generator=g).to(fabric.device)
     teacher = torch.randn(batch_size, labels.num_classes, *spatial, generator=g).to(fabric.device)
@@ -112,6 +140,14 @@ def main() -> None:
     print(f"{'losses fwd+bwd, per-channel MONAI reference':<52}{loop_time * 1e3:>10.1f}")
     if peak is not None:
         print(f"{'peak GPU memory of the training steps (GiB)':<52}{peak:>10.1f}")
+    print(f"\n{'step':<12}{'GFLOP':>10}{'GFLOP/s':>10}{'of peak':>10}")
+    for name, flops, seconds in (
+        ("ConDist", condist_flops, condist_step),
+        ("supervised", supervised_flops, supervised_step),
+    ):
+        rate = flops / seconds
+        print(f"{name:<12}{flops / 1e9:>10.1f}{rate / 1e9:>10.1f}{rate / device_peak:>10.1%}")
+    print(f"peak: {device_peak / 1e9:.0f} GFLOP/s ({cfg.fabric.precision} 4096² matrix product)")
     print(f"\nConDist step / supervised step = {condist_step / supervised_step:.2f}   (target ≤ 1.5)")
     print(f"fast losses / per-channel losses = {fast_time / loop_time:.2f}   (goal ≤ 0.5)")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -43,3 +44,13 @@ def test_every_test_file_the_documents_name_exists():
     assert len(named) > 10
     missing = sorted(name for name in named if not (REPO / "tests" / name.removeprefix("tests/")).is_file())
     assert not missing, missing
+
+
+def test_the_readme_demo_block_is_the_committed_demo_run():
+    """README.md's demo table and its measurement line are what experiments/readme_demo.py makes of
+    experiments/results/demo, so the README never shows a run the repository does not hold."""
+    spec = importlib.util.spec_from_file_location("readme_demo", REPO / "experiments" / "readme_demo.py")
+    readme_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readme_demo)
+    block = readme_demo.BLOCK.search((REPO / "README.md").read_text())
+    assert block is not None and block.group(2) == readme_demo.demo_block()
