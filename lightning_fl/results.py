@@ -325,8 +325,30 @@ def paired_differences(results: Results, a: str, b: str) -> list[Difference]:
 
 
 # ---------------------------------------------------------------- a sweep's tables
+CONVERGED_CHANGE = 0.01  # a run has converged when its validation curve's last quarter moves less
+
+
+def validation_curve(metrics: Iterable[Mapping[str, str]]) -> dict[int, float]:
+    """Round → mean validation Dice over every model, site and class scored that round (metrics.csv's
+    rows): the curve whose tail says whether a run has converged."""
+    values: dict[int, list[float]] = {}
+    for row in metrics:
+        if row["phase"] == "validation" and row["dice"] != "":
+            values.setdefault(int(row["round"]), []).append(float(row["dice"]))
+    return {r: nanmean(v) for r, v in sorted(values.items())}
+
+
+def last_quarter_change(curve: Mapping[int, float], rounds: int) -> float:
+    """How far the curve moves (max − min) from round R − ⌈R/4⌉ to the last round R: where the best
+    round lies when this is small is not an artefact of stopping early. NaN with fewer than two
+    validated rounds there."""
+    tail = [v for r, v in curve.items() if r >= rounds - math.ceil(rounds / 4)]
+    return max(tail) - min(tail) if len(tail) >= 2 else math.nan
+
+
 def run_costs(runs: Mapping[tuple[str, int], RunFolder]) -> dict[tuple[str, int], dict[str, Any]]:
-    """What each finished run cost, from its summary.json: wall time, time per round, device, precision."""
+    """What each finished run cost and where it ended, from its summary.json and metrics.csv: wall
+    time, time per round, device, precision, and its validation curve's last-quarter change."""
     costs = {}
     for key, folder in runs.items():
         summary = folder.read_summary()
@@ -337,6 +359,7 @@ def run_costs(runs: Mapping[tuple[str, int], RunFolder]) -> dict[tuple[str, int]
                 "round_s": sum(rounds) / len(rounds),
                 "device": summary.get("device", "not recorded"),
                 "precision": summary.get("precision", "not recorded"),
+                "tail_change": last_quarter_change(validation_curve(folder.read_metrics()), summary["rounds"]),
             }
     return costs
 
@@ -369,21 +392,26 @@ def _signed(value: float) -> str:
 
 
 def _time_table(variants: Sequence[str], costs: Mapping[tuple[str, int], dict[str, Any]]) -> list[str]:
-    """Per variant: minutes per run and seconds per round (mean over its seeds), where and how it ran."""
+    """Per variant: minutes per run and seconds per round (mean over its seeds), the largest
+    last-quarter change of a seed's validation curve and how many seeds converged, where and how it ran."""
     rows = []
     for variant in variants:
         mine = [c for (v, _), c in costs.items() if v == variant]
         if mine:
+            changes = [c.get("tail_change", math.nan) for c in mine]
             rows.append(
                 [
                     variant,
                     str(len(mine)),
                     f"{np.mean([c['wall_s'] for c in mine]) / 60:.1f}",
                     f"{np.mean([c['round_s'] for c in mine]):.1f}",
+                    "n/a" if any(math.isnan(x) for x in changes) else f"{max(changes):.3f}",
+                    f"{sum(x < CONVERGED_CHANGE for x in changes)} of {len(mine)}",
                     "; ".join(sorted({f"{c['device']}, {c['precision']}" for c in mine})),
                 ]
             )
-    return _markdown(["variant", "runs", "min per run", "s per round", "device, precision"], rows) if rows else []
+    header = ["variant", "runs", "min per run", "s per round", "last-quarter change", "converged", "device, precision"]
+    return _markdown(header, rows) if rows else []
 
 
 def _shown(path: Path) -> Path:
@@ -448,10 +476,12 @@ def results_markdown(
         ]
     if costs:
         lines += [
-            "## Time",
+            "## Time and convergence",
             "",
             "Wall time of each run (training, validation and test) and of a round, mean over "
-            "the seeds; the device and precision each ran on.",
+            "the seeds; how far each seed's mean validation Dice moved (max − min) over the last quarter of "
+            f"the rounds, the largest over the seeds, and how many seeds moved less than {CONVERGED_CHANGE} "
+            "(converged); the device and precision each ran on.",
             "",
             *_time_table(variants, costs),
         ]

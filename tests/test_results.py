@@ -76,14 +76,21 @@ def test_results_md_gives_mean_and_std_over_seeds_and_a_cross_site_table(tmp_pat
     assert "| liver | 0.700 | n/a | n/a |" in one_seed
 
 
-def test_results_md_says_what_each_variant_cost_and_where_it_ran(tmp_path):
+def test_results_md_says_what_each_variant_cost_where_it_ran_and_whether_it_converged(tmp_path):
     sweep = _sweep_for_tables(tmp_path)
-    for variant, seed, wall in (("a", 0, 600.0), ("a", 1, 720.0), ("b", 0, 300.0)):
+    # mean validation Dice of rounds 1-8 (two classes a round); the last quarter is rounds 6-8
+    curves = {
+        ("a", 0): [0.1, 0.3, 0.5, 0.6, 0.70, 0.700, 0.705, 0.702],  # moves 0.005: converged
+        ("a", 1): [0.1, 0.3, 0.5, 0.6, 0.65, 0.680, 0.700, 0.730],  # moves 0.050: still rising
+        ("b", 0): [0.1, 0.2, 0.3, 0.4, 0.50, 0.500, 0.500, 0.500],
+    }
+    for (variant, seed), wall in zip(curves, (600.0, 720.0, 300.0)):
         folder = sweep.output_dir / "runs" / variant / f"seed{seed}"
         folder.mkdir(parents=True)
         (folder / "summary.json").write_text(
             json.dumps(
                 {
+                    "rounds": 8,
                     "wall_time_s": wall,
                     "round_time_s": [10.0, 20.0],
                     "device": "AMD EPYC, 2 cores",
@@ -91,11 +98,17 @@ def test_results_md_says_what_each_variant_cost_and_where_it_ran(tmp_path):
                 }
             )
         )
+        rows = [
+            f"{r},validation,s,global,{cls},{dice + offset}"
+            for r, dice in enumerate(curves[(variant, seed)], 1)
+            for cls, offset in (("liver", 0.1), ("spleen", -0.1))
+        ]
+        (folder / "metrics.csv").write_text("\n".join(["round,phase,site,model,class,dice", *rows]) + "\n")
     runs = {(v, s): sweep.folder.run(v, s) for v in ("a", "b") for s in (0, 1)}
     md = results.results_markdown(sweep, RESULTS, [], "", results.run_costs(runs))
-    time_table = md[md.index("## Time") :]
-    assert "| a | 2 | 11.0 | 15.0 | AMD EPYC, 2 cores, 32-true |" in time_table
-    assert "| b | 1 | 5.0 | 15.0 | AMD EPYC, 2 cores, 32-true |" in time_table
+    time_table = md[md.index("## Time and convergence") :]
+    assert "| a | 2 | 11.0 | 15.0 | 0.050 | 1 of 2 | AMD EPYC, 2 cores, 32-true |" in time_table
+    assert "| b | 1 | 5.0 | 15.0 | 0.000 | 1 of 1 | AMD EPYC, 2 cores, 32-true |" in time_table
 
 
 def test_paired_differences_are_over_the_cases_both_scored():
