@@ -8,14 +8,17 @@ Prints two ratios (median of timed repeats, after warm-up):
 and what each step achieves: its FLOPs (counted by torch.utils.flop_counter) per second, against
 the peak of this device at the same precision and threads, measured as a large matrix product.
 2D and 3D alike: the network and patch are the config's (`model=dynunet_2d` for slices).
+`--compile` adds the ConDist step under `torch.compile` against eager: step time, compile time
+and whether the losses agree.
 
-    python benchmarks/condist_cost.py [--config configs/condistfl_synthetic.yaml] [--repeats 20]
+    python benchmarks/condist_cost.py [--config configs/condistfl_synthetic.yaml] [--repeats 20] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,24 +40,53 @@ from lightning_fl.networks import memory_format  # noqa: E402
 from tests.helpers.reference_losses import condist_loss_loop, marginal_loss_loop  # noqa: E402
 
 
-def step_timer(cfg, fabric: L.Fabric, condist: bool, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
-    """One optimizer step of a real objective (the config's first site's) on Fabric, as the round loop runs it."""
+def step_timer(
+    cfg, fabric: L.Fabric, condist: bool, batch: dict[str, torch.Tensor], compiled: bool = False
+) -> Callable[[], float]:
+    """One optimizer step of a real objective (the config's first site's) on Fabric, as the round
+    loop runs it; returns the step's loss. The network's weights are seeded (seed 0), so two timers
+    start from the same model; `compiled`: student and teacher through `torch.compile`."""
     cfg = cfg.copy()
     cfg.method.condist = condist
     run = build_run(cfg)
+    torch.manual_seed(0)
     objective = run.objective([run.labels.foreground(cfg.data.sites[0].classes)], run.new_network())
+    if compiled:
+        objective.student, objective.teacher = torch.compile(objective.student), torch.compile(objective.teacher)
     module, optimizer = fabric.setup(objective, objective.configure_optimizers()["optimizer"])
     module.train()
 
-    def step() -> None:
+    def step() -> float:
         with fabric.autocast():
             loss = module.training_step(batch, 0)
         fabric.backward(loss)
         fabric.clip_gradients(module, optimizer, max_norm=cfg.optim.grad_clip_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss.item()
 
     return step
+
+
+def compile_check(cfg, fabric: L.Fabric, batch: dict[str, torch.Tensor], repeats: int) -> None:
+    """`torch.compile` against eager on the ConDist step: the compiled first step (compilation
+    included), the median step after it, and how far the two agree over the first steps from the
+    same weights and batch (worth it only where faster at equal numbers, the compile time paid back)."""
+    eager, compiled = step_timer(cfg, fabric, True, batch), step_timer(cfg, fabric, True, batch, compiled=True)
+    start = time.perf_counter()
+    losses = [(compiled(), eager())]
+    first = time.perf_counter() - start
+    losses += [(compiled(), eager()) for _ in range(4)]
+    eager_time, compiled_time = median_times([eager, compiled], repeats, warmup=1)
+    gap = max(abs(c - e) / abs(e) for c, e in losses)
+    print(f"\n{'torch.compile, ConDist step':<52}{'ms':>10}")
+    print(f"{'eager':<52}{eager_time * 1e3:>10.1f}")
+    print(f"{'compiled':<52}{compiled_time * 1e3:>10.1f}")
+    print(f"{'first compiled step (compiling included), s':<52}{first:>10.1f}")
+    print(f"compiled / eager = {compiled_time / eager_time:.2f}; largest relative loss gap over 5 steps {gap:.1e}")
+    saved = eager_time - compiled_time
+    if saved > 0:
+        print(f"compilation paid back after {first / saved:.0f} steps")
 
 
 def step_flops(step: Callable[[], None]) -> int:
@@ -82,6 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "condistfl_synthetic.yaml")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--compile", action="store_true", help="also time the ConDist step under torch.compile")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.patch_size=[16,16,16]")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
@@ -150,6 +183,8 @@ def main() -> None:
     print(f"peak: {device_peak / 1e9:.0f} GFLOP/s ({cfg.fabric.precision} 4096² matrix product)")
     print(f"\nConDist step / supervised step = {condist_step / supervised_step:.2f}   (target ≤ 1.5)")
     print(f"fast losses / per-channel losses = {fast_time / loop_time:.2f}   (goal ≤ 0.5)")
+    if args.compile:
+        compile_check(cfg, fabric, batch, args.repeats)
 
 
 if __name__ == "__main__":

@@ -136,14 +136,17 @@ def check_accelerator(accelerator: str) -> None:
         )
 
 
-def resolve_devices(fabric_cfg: DictConfig, sites: int) -> int:
-    """`auto`: every GPU where there are GPUs; on a CPU one process per site up to the cores, since
-    a small network's step barely gains from a second thread but sites train independently."""
+def resolve_devices(fabric_cfg: DictConfig, clients: int) -> int:
+    """`auto`: every GPU where there are GPUs; on a CPU one process per client up to the cores, since
+    a small network's step barely gains from a second thread but clients train independently. One
+    pooled client (centralized) gets one process and every core: data-parallel over two one-thread
+    processes, its round took 26 s against 18 s (2D testbed network, 2-core AMD EPYC, bf16)."""
     if fabric_cfg.devices != "auto":
         return int(fabric_cfg.devices)
     if fabric_cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return torch.cuda.device_count()
-    return max(1, min(sites, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(clients, cores))
 
 
 def build_fabric(cfg: DictConfig) -> L.Fabric:
@@ -152,7 +155,8 @@ def build_fabric(cfg: DictConfig) -> L.Fabric:
     settings = cfg.fabric
     check_accelerator(settings.accelerator)
     settings.precision = resolve_precision(settings)
-    settings.devices = resolve_devices(settings, len(cfg.data.sites))
+    clients = 1 if cfg.method.training == "centralized" else len(cfg.data.sites)
+    settings.devices = resolve_devices(settings, clients)
     strategy: Any = "auto"
     if settings.devices * settings.num_nodes > 1:  # config.py allows "auto", "ddp", "ddp_spawn"
         strategy = FederatedDDPStrategy(start_method=START_METHODS.get(settings.strategy, "popen"))

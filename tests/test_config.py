@@ -163,16 +163,17 @@ def test_impossible_optimizer_values_are_config_errors(override, message):
         load_config(CONFIG_DIR / "smoke.yaml", [override])
 
 
-def test_auto_devices_is_a_process_per_site_up_to_the_cores(monkeypatch):
+def test_auto_devices_is_a_process_per_client_up_to_the_cores(monkeypatch):
     from lightning_fl import distributed
 
-    cfg = load_config(CONFIG_DIR / "condistfl_synthetic.yaml", ["fabric.accelerator=cpu"])
-    assert cfg.fabric.devices == "auto"
-    for cores, expected in ((1, 1), (2, 2), (16, 4)):
-        monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
-        assert distributed.resolve_devices(cfg.fabric, len(cfg.data.sites)) == expected
+    for method, clients in (("condistfl", 4), ("standalone", 4), ("centralized", 1)):
+        cfg = load_config(CONFIG_DIR / "condistfl_synthetic.yaml", ["fabric.accelerator=cpu", f"method={method}"])
+        assert cfg.fabric.devices == "auto"
+        for cores in (1, 2, 16):
+            monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+            assert distributed.build_fabric(cfg.copy()).world_size == min(cores, clients)
     cfg.fabric.devices = 3
-    assert distributed.resolve_devices(cfg.fabric, len(cfg.data.sites)) == 3
+    assert distributed.resolve_devices(cfg.fabric, 4) == 3
 
 
 def test_a_model_saved_with_one_external_site_still_loads():
