@@ -297,6 +297,24 @@ def frequency_figure(points: Mapping[str, Mapping[int, Sequence[float]]]) -> Fig
     return fig
 
 
+def dice_by_size_figure(points: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]]) -> Figure:
+    """One panel per class: each test case's Dice against the class's volume in that case (ml, log
+    scale), one colour per variant, every seed's point: whether a low mean Dice is the method's or
+    the small structures'. `points` = class → variant → (volume ml, Dice) pairs."""
+    fig = Figure(figsize=(4 * len(points), 3.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(points), sharey=True, squeeze=False)).ravel()
+    for ax, (cls, by_variant) in zip(axes, points.items()):
+        for variant, pairs in by_variant.items():
+            ax.scatter(*zip(*pairs), s=14, alpha=0.6, label=variant)
+        ax.set_xscale("log")
+        ax.set(title=cls, xlabel="volume in the case (ml)", ylim=(-0.03, 1.03))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test Dice of the case")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", fontsize=8, ncol=min(6, len(labels)))
+    return fig
+
+
 def sweep_validation_dice(folder: Path | str) -> dict[str, Curves]:
     """Per variant, each class's validation Dice over rounds (as `validation_dice`), mean over its seeds."""
     by_variant: dict[str, list[Curves]] = {}

@@ -208,3 +208,14 @@ def test_a_stopped_sweep_resumes_to_the_results_of_a_run_left_alone(cli, smoke_r
     rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
     dice = {v: [r["dice"] for r in rows if r["variant"] == v] for v in variants}
     assert dice["lr_low"] and dice["lr_low"] != dice["smoke"]  # the comparison tells the two runs apart
+
+    # the finished sweep's per-case Dice against each structure's size (experiments/tumour_size.py)
+    result = cli.python("experiments/tumour_size.py", tmp_path / "out", "--classes", "liver", "liver_tumor")
+    assert result.returncode == 0, result.stderr
+    table = (tmp_path / "out" / "dice_by_size.md").read_text()
+    scored = [r for r in rows if r["phase"] == "test" and r["class"] == "liver" and r["dice"]]
+    counts = [int(n) for n in re.findall(r"\((\d+)\)", table.split("### liver_tumor")[0])]
+    assert sum(counts) == sum(int(r["cases"]) for r in scored)  # every liver case score in one size bin
+    assert (tmp_path / "out" / "dice_by_size.png").stat().st_size > 0
+    missing = cli.python("experiments/tumour_size.py", tmp_path / "nowhere")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
