@@ -29,11 +29,11 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # tests.helpers.reference_losses
 
-from _timing import median_times  # noqa: E402
+from _timing import median_times, record  # noqa: E402
 
 from lightning_fl.build import build_run  # noqa: E402
 from lightning_fl.config import load_config  # noqa: E402
-from lightning_fl.distributed import resolve_precision  # noqa: E402
+from lightning_fl.distributed import device_name, resolve_precision  # noqa: E402
 from lightning_fl.labels import LabelSpace  # noqa: E402
 from lightning_fl.losses import ConDistDiceLoss, MarginalDiceCELoss, deep_supervision_weights  # noqa: E402
 from lightning_fl.networks import memory_format  # noqa: E402
@@ -68,7 +68,7 @@ def step_timer(
     return step
 
 
-def compile_check(cfg, fabric: L.Fabric, batch: dict[str, torch.Tensor], repeats: int) -> None:
+def compile_check(cfg, fabric: L.Fabric, batch: dict[str, torch.Tensor], repeats: int) -> tuple[float, float]:
     """`torch.compile` against eager on the ConDist step: the compiled first step (compilation
     included), the median step after it, and how far the two agree over the first steps from the
     same weights and batch (worth it only where faster at equal numbers, the compile time paid back)."""
@@ -87,6 +87,7 @@ def compile_check(cfg, fabric: L.Fabric, batch: dict[str, torch.Tensor], repeats
     saved = eager_time - compiled_time
     if saved > 0:
         print(f"compilation paid back after {first / saved:.0f} steps")
+    return compiled_time / eager_time, first
 
 
 def step_flops(step: Callable[[], None]) -> int:
@@ -115,6 +116,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "condistfl_synthetic.yaml")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--compile", action="store_true", help="also time the ConDist step under torch.compile")
+    parser.add_argument("--record", action="store_true", help="record the figures in benchmarks/README.md's table")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.patch_size=[16,16,16]")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
@@ -183,8 +185,25 @@ def main() -> None:
     print(f"peak: {device_peak / 1e9:.0f} GFLOP/s ({cfg.fabric.precision} 4096² matrix product)")
     print(f"\nConDist step / supervised step = {condist_step / supervised_step:.2f}   (target ≤ 1.5)")
     print(f"fast losses / per-channel losses = {fast_time / loop_time:.2f}   (goal ≤ 0.5)")
-    if args.compile:
-        compile_check(cfg, fabric, batch, args.repeats)
+    compiled = compile_check(cfg, fabric, batch, args.repeats) if args.compile else None
+    if args.record:
+        levels, rate = len(cfg.model.filters), condist_flops / condist_step
+        row = {
+            "network": f"{len(spatial)}D, {cfg.model.filters[0]} base filters, {levels} levels",
+            "batch": f"{batch_size} × {'×'.join(map(str, spatial))}",
+            "device": device_name(fabric.device),
+            "threads": str(torch.get_num_threads()) if fabric.device.type == "cpu" else "",
+            "precision": cfg.fabric.precision,
+            "ConDist step (ms)": f"{condist_step * 1e3:.1f}",
+            "supervised step (ms)": f"{supervised_step * 1e3:.1f}",
+            "ratio (target ≤ 1.5)": f"{condist_step / supervised_step:.2f}",
+            "ConDist GFLOP/s (of peak)": f"{rate / 1e9:.1f} ({rate / device_peak:.0%})",
+            "peak GFLOP/s": f"{device_peak / 1e9:.0f}",
+            "compiled / eager (compile s)": "not measured"
+            if compiled is None
+            else f"{compiled[0]:.2f} ({compiled[1]:.0f})",
+        }
+        record("step_cost", row, key=("network", "batch", "device", "threads", "precision"))
 
 
 if __name__ == "__main__":

@@ -40,3 +40,16 @@ def test_round_time_benchmark_splits_a_round(cli, data_home):
     assert set(rows) == {"local steps", "validation", "checkpoint", "round"}
     assert 0 < rows["local steps"] < rows["round"] and rows["validation"] > 0
     assert "loop overhead / local steps" in result.stdout
+
+
+@pytest.mark.parametrize("figures", sorted((REPO / "benchmarks" / "figures").glob("*.json")), ids=lambda p: p.stem)
+def test_the_written_tables_are_the_recorded_figures(figures, monkeypatch):
+    """Each table a script writes into benchmarks/README.md shows the rows it recorded, and nothing typed by hand."""
+    import json
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from _timing import README, block, table_markdown
+
+    written = block(figures.stem).search(README.read_text())
+    assert written is not None, f"benchmarks/README.md has no '{figures.stem}' block"
+    assert written.group(2) == table_markdown(json.loads(figures.read_text()))
