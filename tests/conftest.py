@@ -25,7 +25,7 @@ from lightning_fl.distributed import build_fabric
 from lightning_fl.federation import Federation
 from lightning_fl.labels import LabelSpace
 from tests.helpers.cli import Cli
-from tests.helpers.runs import EXACT, REPO, SMOKE, SMOKE_WANDB, made_once, session_root
+from tests.helpers.runs import EXACT, REPO, SMOKE, SMOKE_2D, SMOKE_WANDB, made_once, session_root
 
 REALDATA = REPO.parent / "shared" / "realdata"  # the real CT volumes; only next to the development checkout
 
@@ -118,6 +118,18 @@ def reference_fit(cli: Cli, data_home: Path, tmp_path_factory: pytest.TempPathFa
     """The smoke config trained exactly (float32, one thread, no W&B) in one process: what the
     2-process, resumed and NVFlare runs must give bitwise."""
     return made_once(tmp_path_factory, "reference_fit", lambda out: cli.fit_smoke(out, *EXACT, OMP_NUM_THREADS="1"))
+
+
+@pytest.fixture(scope="session")
+def fit_2d(cli: Cli, data_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """configs/smoke_2d.yaml trained exactly (float32, one thread) in one process, W&B offline with
+    every round's overlays: what the 2D tests, the 2-process 2D run and the 2D NVFlare job compare with."""
+
+    def fit(out: Path) -> None:
+        result = cli("fit", "--config", str(SMOKE_2D), f"output_dir={out}", *EXACT, *SMOKE_WANDB, OMP_NUM_THREADS="1")
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    return made_once(tmp_path_factory, "fit_2d", fit)
 
 
 @dataclass

@@ -1,12 +1,12 @@
-"""The 2D configuration end to end (configs/smoke_2d.yaml: a 2D DynUNet of axial slices): `fit`,
-two ranks killed and resumed, `evaluate --cross-site`, `export` and `infer` on a volume; slice by
-slice prediction against a plain loop; 2D and 3D models kept apart with one line."""
+"""The 2D configuration end to end (configs/smoke_2d.yaml: a 2D DynUNet of axial slices): `fit`
+with its W&B overlays, two ranks killed and resumed, `evaluate --cross-site`, `export` and `infer`
+on a volume; slice by slice prediction against a plain loop; 2D and 3D models kept apart with one
+line. (The 2D NVFlare job: tests/flare/test_nvflare.py.)"""
 
 from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -14,6 +14,7 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 from omegaconf import OmegaConf
+from PIL import Image
 
 from lightning_fl.checkpoint import CheckpointError, check_compatible
 from lightning_fl.config import load_config
@@ -21,20 +22,10 @@ from lightning_fl.inference import sliding_logits
 from lightning_fl.networks import SliceWise, build_network
 from lightning_fl.run_folder import RunFolder
 from tests.helpers.cli import refused, run_main
-from tests.helpers.runs import EXACT, SMOKE, SMOKE_2D, kill_in_round_2, last_model, made_once
+from tests.helpers.runs import EXACT, SMOKE, SMOKE_2D, kill_in_round_2, last_model
+from tests.helpers.wandb_records import history, offline_run, run_records
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def fit_2d(cli, data_home, tmp_path_factory) -> Path:
-    """configs/smoke_2d.yaml trained exactly (float32, one thread, no W&B) in one process."""
-
-    def fit(out: Path) -> None:
-        result = cli("fit", "--config", str(SMOKE_2D), f"output_dir={out}", *EXACT, OMP_NUM_THREADS="1")
-        assert result.returncode == 0, result.stderr[-3000:]
-
-    return made_once(tmp_path_factory, "fit_2d", fit)
 
 
 def test_a_2d_run_trains_slices_and_scores_volumes(fit_2d):
@@ -46,6 +37,20 @@ def test_a_2d_run_trains_slices_and_scores_volumes(fit_2d):
     cases = folder.read_cases()
     assert {c.site for c in cases} >= {"liver", "spleen", "pancreas", "kidney", "external"}
     assert all(c.dice is None or 0.0 <= c.dice <= 1.0 for c in cases)
+
+
+def test_wandb_gets_each_sites_overlay_of_a_predicted_volume_every_round(fit_2d):
+    """The offline W&B run of the 2D fit: every round, each site's first validation volume as
+    predicted slice by slice, an axial slice with its ground truth and prediction masks."""
+    cfg = load_config(SMOKE_2D, ["output_dir=unused"])
+    wandb_run = offline_run(fit_2d)
+    rows = [row for row in history(run_records(wandb_run)) if "overlay/liver" in row]
+    assert len(rows) == cfg.fl.rounds and all({f"overlay/{s.name}" for s in cfg.data.sites} <= r.keys() for r in rows)
+    image = rows[-1]["overlay/liver"]
+    assert image["_type"] == "image-file" and set(image["masks"]) == {"ground_truth", "prediction"}
+    truth = Image.open(wandb_run / "files" / image["masks"]["ground_truth"]["path"])
+    picture = Image.open(wandb_run / "files" / image["path"])
+    assert truth.size == picture.size and truth.getextrema()[1] > 0  # the slice shows the liver
 
 
 def test_two_ranks_killed_and_resumed_give_the_one_process_2d_run(cli, fit_2d, tmp_path):

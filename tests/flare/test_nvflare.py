@@ -30,7 +30,7 @@ from lightning_fl.flare import CONFIG_FILE  # noqa: E402
 from lightning_fl.flare.client import SiteStateStore  # noqa: E402
 from lightning_fl.flare.server import ConDistFLController  # noqa: E402
 from tests.helpers.cli import run_main  # noqa: E402
-from tests.helpers.runs import EXACT, SMOKE  # noqa: E402
+from tests.helpers.runs import EXACT, SMOKE, SMOKE_2D  # noqa: E402
 
 SITES = ["liver", "spleen", "pancreas", "kidney"]
 
@@ -48,10 +48,10 @@ def _export_nvflare(*args: str) -> Exported:
     return Exported(code, stderr.getvalue())
 
 
-def _export(job: Path, run: Path, *overrides: str, options: tuple[str, ...] = ()) -> Exported:
-    """The smoke config's job, run into `run`, exactly (float32, no W&B)."""
+def _export(job: Path, run: Path, *overrides: str, options: tuple[str, ...] = (), config: Path = SMOKE) -> Exported:
+    """The smoke config's job (or `config`'s), run into `run`, exactly (float32, no W&B)."""
     return _export_nvflare(
-        "--config", str(SMOKE), "--output", str(job), *options, f"output_dir={run}", *EXACT, *overrides
+        "--config", str(config), "--output", str(job), *options, f"output_dir={run}", *EXACT, *overrides
     )
 
 
@@ -161,6 +161,19 @@ def test_the_simulated_job_gives_the_model_of_fit_bitwise(simulated):
     fit_summary = json.loads((fit_run / "summary.json").read_text())
     assert summary["best_round"] == fit_summary["best_round"]
     assert summary["best_validation_dice"] == fit_summary["best_validation_dice"]
+
+
+@pytest.mark.slow
+def test_the_2d_job_gives_the_model_of_the_2d_fit_bitwise(fit_2d, data_home, tmp_path):
+    """The 2D smoke config (axial slices) as an NVFlare job in the simulator: the global model of
+    every round and the validation Dice are those of `fit`."""
+    job, run = tmp_path / "job", tmp_path / "run"
+    assert _export(job, run, config=SMOKE_2D).returncode == 0
+    result = _simulate(job, tmp_path / "workspace", data_home)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    ours, theirs = _model(fit_2d / "last.ckpt"), _model(run / "last.ckpt")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert _rows(run, ("validation",)) == _rows(fit_2d, ("validation",))
 
 
 @pytest.mark.slow
