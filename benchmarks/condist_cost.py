@@ -140,11 +140,9 @@ def main() -> None:
     image = torch.randn(batch_size, 1, *spatial, generator=g).to(fabric.device, memory_format=memory_format(cfg.model))
     label = torch.tensor([0] + foreground)[torch.randint(len(foreground) + 1, (batch_size, 1, *spatial), generator=g)]
     batch = {"image": image, "label": label.to(fabric.device)}
-    condist_step, supervised_step = median_times(
-        [step_timer(cfg, fabric, True, batch), step_timer(cfg, fabric, False, batch)], args.repeats, warmup=3
-    )
-    peak = torch.cuda.max_memory_allocated() / 2**30 if fabric.device.type == "cuda" else None
     timers = (step_timer(cfg, fabric, True, batch), step_timer(cfg, fabric, False, batch))
+    condist_step, supervised_step = median_times(timers, args.repeats, warmup=3)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if fabric.device.type == "cuda" else None
     condist_flops, supervised_flops = (step_flops(t) for t in timers)
     device_peak = matmul_peak(fabric)
 

@@ -22,7 +22,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_fl.config import CONFIG_DIR
-from lightning_fl.run_folder import EXTERNAL, GLOBAL, TEST, CaseRow, RunFolder, SweepFolder
+from lightning_fl.run_folder import EXTERNAL, GLOBAL, TEST, VALIDATION, CaseRow, RunFolder, SweepFolder
 from lightning_fl.sweep_plan import Sweep
 
 Results = dict[tuple[str, int], list[CaseRow]]  # (variant, seed) → its run's test cases
@@ -333,7 +333,7 @@ def validation_curve(metrics: Iterable[Mapping[str, str]]) -> dict[int, float]:
     rows): the curve whose tail says whether a run has converged."""
     values: dict[int, list[float]] = {}
     for row in metrics:
-        if row["phase"] == "validation" and row["dice"] != "":
+        if row["phase"] == VALIDATION and row["dice"] != "":
             values.setdefault(int(row["round"]), []).append(float(row["dice"]))
     return {r: nanmean(v) for r, v in sorted(values.items())}
 
@@ -398,7 +398,7 @@ def _time_table(variants: Sequence[str], costs: Mapping[tuple[str, int], dict[st
     for variant in variants:
         mine = [c for (v, _), c in costs.items() if v == variant]
         if mine:
-            changes = [c.get("tail_change", math.nan) for c in mine]
+            changes = [c["tail_change"] for c in mine]
             rows.append(
                 [
                     variant,
