@@ -247,6 +247,9 @@ class OptimConfig:
     nesterov: bool = True
     weight_decay: float = ranged(1e-5, ge=0)
     eta_min: float = ranged(1e-7, ge=0)
+    # rounds over whose local steps lr rises linearly to lr before the cosine decay; 0: none (the
+    # paper). Rounds, not steps, so that a pooled client and a site warm up over the same rounds.
+    warmup_rounds: int = ranged(0, ge=0)
     grad_clip_norm: float = ranged(1.0, ge=0)  # 0: no clipping
 
 
@@ -538,6 +541,11 @@ def _validate(cfg: DictConfig) -> None:
     if cfg.optim.nesterov and cfg.optim.momentum == 0:
         raise ConfigError(
             "optim.nesterov=true needs optim.momentum > 0 (Nesterov momentum of nothing); set one or the other"
+        )
+    if not cfg.optim.warmup_rounds < cfg.fl.rounds:
+        raise ConfigError(
+            f"optim.warmup_rounds must be < fl.rounds ({cfg.fl.rounds}): the cosine decay needs a round, "
+            f"got {cfg.optim.warmup_rounds}"
         )
     _check_method(cfg)
     window = cfg.data.intensity

@@ -146,8 +146,9 @@ class Objective(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        """SGD with a cosine schedule over every local step of the whole run, stepped per iteration (not
-        reset when new global weights arrive)."""
+        """SGD with a cosine schedule over every local step of the whole run (after a linear warm-up
+        over the first `optim.warmup_rounds` rounds), stepped per iteration (not reset when new global
+        weights arrive)."""
         optimizer = torch.optim.SGD(
             self.student.parameters(),
             lr=self.optim.lr,
@@ -155,7 +156,13 @@ class Objective(L.LightningModule):
             nesterov=self.optim.nesterov,
             weight_decay=self.optim.weight_decay,
         )
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=self.total_steps, eta_min=self.optim.eta_min
+        warmup = self.optim.warmup_rounds * self.steps_per_round
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=self.total_steps - warmup, eta_min=self.optim.eta_min
         )
+        scheduler: torch.optim.lr_scheduler.LRScheduler = cosine
+        if warmup:
+            # step i < warmup at lr (i + 1) / (warmup + 1), the cosine's first step at lr
+            linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / (warmup + 1), total_iters=warmup)
+            scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

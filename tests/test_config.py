@@ -156,6 +156,8 @@ def test_2d_geometry_mistakes_are_config_errors(override, message):
         ("optim.momentum=-1", r"optim.momentum: expected a value ≥ 0 and < 1, got -1"),
         ("optim.lr=.nan", r"optim.lr: expected a value that is finite, got nan"),
         ("optim.momentum=0", r"optim.nesterov=true needs optim.momentum > 0"),
+        ("optim.warmup_rounds=2", r"optim.warmup_rounds must be < fl.rounds \(2\).*got 2"),
+        ("optim.warmup_rounds=-1", r"optim.warmup_rounds: expected a value ≥ 0, got -1"),
     ],
 )
 def test_impossible_optimizer_values_are_config_errors(override, message):

@@ -4,11 +4,14 @@ ConDist's switches."""
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from lightning_fl.build import build_run
 from lightning_fl.config import MethodConfig, load_config
 from lightning_fl.distributed import build_fabric
 from lightning_fl.federation import Federation
@@ -170,3 +173,23 @@ def test_method_switches_reach_the_site(smoke_config_path):
 def test_a_constant_condist_weight_is_a_schedule_that_starts_where_it_ends():
     method = OmegaConf.structured(MethodConfig(condist_weight_start=0.5, condist_weight_end=0.5))
     assert [condist_weight(method, r, 6) for r in range(1, 7)] == [0.5] * 6
+
+
+@pytest.mark.parametrize("sources", [1, 2])
+def test_warm_up_rises_linearly_over_the_first_rounds_then_decays_by_cosine(smoke_config_path, sources):
+    """A pooled client (two sources taking turns) warms up over the same rounds as a site."""
+    cfg = load_config(smoke_config_path, ["fl.rounds=4", "fl.local_steps=5", "optim.warmup_rounds=1", "optim.lr=0.2"])
+    run = build_run(cfg)
+    objective = run.objective([[1]] * sources, run.new_network())
+    schedule = objective.configure_optimizers()
+    optimizer, scheduler = schedule["optimizer"], schedule["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(objective.total_steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    warmup = 5 * sources  # one round's local steps
+    assert rates[:warmup] == pytest.approx([0.2 * (i + 1) / (warmup + 1) for i in range(warmup)])
+    decay = objective.total_steps - warmup
+    cosine = [1e-7 + (0.2 - 1e-7) * (1 + math.cos(math.pi * i / decay)) / 2 for i in range(decay)]
+    assert rates[warmup:] == pytest.approx(cosine)
