@@ -22,6 +22,11 @@ from lightning_fl.config import ConfigError
 StateDict = dict[str, Tensor]
 
 
+def update_norm(update: StateDict) -> float:
+    """The L2 norm of an update's floating-point entries, all of them as one vector."""
+    return float(torch.sqrt(sum((v.double() ** 2).sum() for v in update.values() if v.is_floating_point())))
+
+
 def weighted_mean(updates: Sequence[StateDict], weights: Sequence[float]) -> StateDict:
     """Σ_k w_k Δ_k / Σ_k w_k for floating-point entries, the first update's value for the others."""
     if not updates or len(updates) != len(weights):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,16 +39,23 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
     try:
         _atomic_write(path, write)
     except OSError as err:
-        raise OutputError(f"cannot write {path}: {err.strerror or err}; any previous version of it is intact") from err
+        raise OutputError(
+            f"cannot write {path}: {why_not_written(path.parent, err)}; any previous version of it is intact"
+        ) from err
+
+
+def why_not_written(folder: Path, err: OSError) -> str:
+    """Why a folder could not be made or written in: a file where it or a folder above it should be
+    (named, instead of the OS's "File exists" or "Not a directory"), else the OS's reason."""
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    return f"{blocker} is a file, not a folder" if blocker else str(err.strerror or err)
 
 
 def _atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
     try:
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make run files private
+        os.fchmod(fd, umask_mode(0o666))  # mkstemp's 0600 would make run files private
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -58,11 +66,34 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+def first_nonfinite(tree: Any, name: str = "") -> str | None:
+    """The name (`model.conv.weight`, `optimizers.0.state.3`) of the first floating tensor in `tree`
+    (tensors in nested dicts, lists and tuples) that holds NaN or ±inf; None when all are finite."""
+    import torch
+
+    if isinstance(tree, torch.Tensor):
+        return name if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else None
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    return next(
+        (bad for key, value in items if (bad := first_nonfinite(value, f"{name}.{key}" if name else str(key)))), None
+    )
+
+
+def check_finite(path: Path, tree: Any, writing: bool = False) -> None:
+    """The gate every model file passes, read or written: a tensor holding NaN or ±inf is a broken
+    model (a diverged run, a damaged file), refused with the file and the first bad tensor rather
+    than used for predictions, scores or further training."""
+    if bad := first_nonfinite(tree):
+        action = "refusing to write" if writing else "refusing to use"
+        raise CheckpointError(f"{path}: tensor {bad} holds NaN or infinite values (a broken model); {action} it")
+
+
 def save_model(path: Path, state: dict[str, torch.Tensor], **meta: Any) -> None:
     """`{"model": state_dict, **meta}` with tensors on the CPU, loadable with `weights_only=True`."""
     import torch
 
     payload = {"model": {k: v.detach().cpu() for k, v in state.items()}, **meta}
+    check_finite(path, payload, writing=True)
     atomic_write_bytes(path, lambda f: torch.save(payload, f))
 
 
@@ -70,20 +101,24 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     """The resumable state of a run; the previous file stays in place until the new one is complete."""
     import torch
 
+    check_finite(path, state, writing=True)
     atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
 def load_model(path: Path) -> dict[str, Any]:
-    """A checkpoint file's contents on the CPU (tensors only); a missing or damaged file is a `CheckpointError`."""
+    """A checkpoint file's contents on the CPU (tensors only); a missing, damaged or broken (non-finite)
+    file is a `CheckpointError`."""
     import torch
 
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch.load raises many types for a damaged file
         first_line = next(iter(str(err).splitlines()), "")  # an empty file: EOFError without a message
         raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {first_line}") from err
+    check_finite(path, payload)
+    return payload
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -121,6 +156,30 @@ def check_compatible(
         raise CheckpointError(
             f"{path} holds another network than this run's model config: " + "; ".join(d for d in details if d)
         )
+
+
+def move_aside(folder: Path) -> Path:
+    """Rename `folder` to `<name>.replaced-<date-time>` beside it and return where it went: what an
+    `--overwrite` does with the folder it replaces, so that nothing of the user's is deleted."""
+    folder = folder.absolute()  # `.` has no name to extend
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, n = folder.with_name(f"{folder.name}.replaced-{stamp}"), 1
+    while aside.exists():  # replaced twice within a second
+        n += 1
+        aside = folder.with_name(f"{folder.name}.replaced-{stamp}-{n}")
+    try:
+        folder.rename(aside)
+    except OSError as err:
+        raise OutputError(f"cannot move {folder} aside to {aside}: {err.strerror or err}") from err
+    return aside
+
+
+def umask_mode(mode: int = 0o777) -> int:
+    """`mode` as the user's umask lets a new file or folder have it (a folder made by
+    tempfile.mkdtemp is 0700 whatever the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
 
 
 def file_sha256(path: Path, size: int | None = None) -> str:

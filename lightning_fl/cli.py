@@ -95,6 +95,12 @@ def _check_data(args: argparse.Namespace) -> None:
     from lightning_fl.data.validation import DataCheckError, check_federation
 
     labels = LabelSpace.of(cfg.labels)
+    root = Path(cfg.data.root).expanduser()
+    if cfg.data.synthetic is not None and not root.exists():  # a mistyped path is not filled with a federation
+        raise DatalistError(
+            f"data.root {root} does not exist; check-data checks data that is there (fit generates the "
+            "synthetic federation on first use, `lightning-fl synth --out DIR` writes one)"
+        )
     root = prepare_data_root(cfg, labels)
     problems = check_federation(root, cfg, labels)
     if problems:

@@ -264,6 +264,9 @@ class FederationConfig:
     server_lr_min: float = ranged(0.9, ge=0)
     server_momentum: float = ranged(0.6, ge=0, lt=1)
     min_sites: int = ranged(1, ge=1)  # a round whose failed sites leave fewer updates than this stops the run
+    # an update whose norm is more than this many times the round's median (3 updates or more) is
+    # dropped like a failed site's; 0: no bound
+    max_update_ratio: float = ranged(10.0, ge=0)
 
 
 @dataclass

@@ -71,10 +71,12 @@ def place_sites(names: Sequence[str], costs: Sequence[float], world_size: int) -
 
 def resolve_precision(fabric_cfg: DictConfig) -> str:
     """`auto`: bf16 autocast where the hardware computes in bf16 (recent GPUs, CPUs with
-    AVX512-BF16 or AMX), full float32 elsewhere. Any explicit Fabric precision is kept."""
-    if fabric_cfg.precision != "auto":
-        return fabric_cfg.precision
+    AVX512-BF16 or AMX), full float32 elsewhere. `16-mixed` off a GPU is `auto`'s choice for the
+    CPU: Lightning would silently run bf16 there while the run recorded float16. Any other explicit
+    Fabric precision is kept."""
     on_gpu = fabric_cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if fabric_cfg.precision != "auto" and not (fabric_cfg.precision == "16-mixed" and not on_gpu):
+        return fabric_cfg.precision
     if on_gpu:
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return (
@@ -154,7 +156,9 @@ def build_fabric(cfg: DictConfig) -> L.Fabric:
     config, so the saved config says what ran); its logger averages the sites' step metrics."""
     settings = cfg.fabric
     check_accelerator(settings.accelerator)
-    settings.precision = resolve_precision(settings)
+    asked, settings.precision = settings.precision, resolve_precision(settings)
+    if asked not in ("auto", settings.precision):
+        print(f"fabric.precision={asked} needs a GPU; running (and recording) {settings.precision}")
     clients = 1 if cfg.method.training == "centralized" else len(cfg.data.sites)
     settings.devices = resolve_devices(settings, clients)
     strategy: Any = "auto"

@@ -91,6 +91,8 @@ class Federation:
             if client.shard[1] > 1:
                 client.data_parallel(self.placement.groups[name])
         self.server = run.server(fabric)
+        # the time spent on the rounds before a resume (state.ckpt's; none in one saved before it kept it)
+        self.timing: dict[str, Any] = {"wall_time_s": 0.0, "round_time_s": []}
         self.first_round = self.server.start() if resume is None else self._resume(resume)
         self._loaders: dict[str, Any] = {}
 
@@ -100,6 +102,7 @@ class Federation:
         first = self.server.resume(state)
         for name, client in self.clients.items():
             client.load_state_dict(state["sites"][name])
+        self.timing |= state.get("timing", {})
         return first
 
     def _client_states(self) -> dict[str, dict[str, Any]]:
@@ -222,8 +225,8 @@ class Federation:
         round and write the summary; returns the summary (`summary.json`)."""
         cfg, server = self.cfg, self.server
         overlays: dict[str, Overlay] = {}  # the last round's, for overlays.png
-        round_times: list[float] = []
-        start = time.perf_counter()
+        round_times: list[float] = list(self.timing["round_time_s"])
+        start = time.perf_counter() - self.timing["wall_time_s"]  # a resumed run's time covers its earlier rounds
         rounds = tqdm(
             range(self.first_round, cfg.fl.rounds + 1),
             desc="rounds",
@@ -241,7 +244,8 @@ class Federation:
             record.seconds = time.perf_counter() - round_start
             round_times.append(record.seconds)
             overlays = record.overlays
-            server.save(record, self._client_states())
+            timing = {"wall_time_s": time.perf_counter() - start, "round_time_s": round_times}
+            server.save(record, self._client_states(), timing)
             score, best = nanmean(list(record.scores.values())), nanmean([b.score for b in server.best.values()])
             rounds.set_postfix(val_dice=f"{score:.3f}", best=f"{best:.3f}")
 
@@ -332,6 +336,9 @@ def run_fit(cfg: DictConfig, resume: Resume | None = None, overwrite: bool = Fal
                 return folder.read_summary()
             if is_main:
                 folder.record_resume(state["round"], resume.changed, resume.overrides)
+                if resume.changed:  # the run's config from now on: a later --resume continues with it
+                    folder.update_config(cfg)
+                folder.summary.unlink(missing_ok=True)  # describes no model of the run until its new test
         labels = LabelSpace.of(cfg.labels)
         root = prepare_data_root(cfg, labels)  # once, before launch
         if cfg.data.check_before_fit and is_main:

@@ -30,7 +30,14 @@ from monai.networks.utils import convert_to_torchscript
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from lightning_fl.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, check_compatible, load_model
+from lightning_fl.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_compatible,
+    check_finite,
+    load_model,
+)
 from lightning_fl.config import config_from_container, spatial_dims
 from lightning_fl.data.datasets import nifti_stem
 from lightning_fl.data.transforms import inference_transform
@@ -151,9 +158,11 @@ def _load_torchscript(path: Path, extra: dict[str, Any]) -> nn.Module:
     if not path.is_file():
         raise CheckpointError(f"model not found: {path}")
     try:
-        return torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except Exception as err:  # noqa: BLE001 - torch.jit.load raises many types for a damaged file
         raise CheckpointError(f"cannot read TorchScript model {path}: {str(err).splitlines()[0]}") from err
+    check_finite(path, module.state_dict())
+    return module
 
 
 def nifti_inputs(source: Path) -> list[Path]:

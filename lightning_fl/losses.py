@@ -38,6 +38,13 @@ def _flatten(logits: Tensor, label: Tensor, channel_dim: int) -> tuple[Tensor, T
             f"label shape {tuple(label.shape)} does not match logits {tuple(logits.shape)}: "
             f"expected [B, 1, *spatial] = [{batch}, 1, {', '.join(map(str, spatial))}]"
         )
+    num_classes = logits.shape[channel_dim]
+    low, high = int(label.min()), int(label.max())
+    if low < 0 or high >= num_classes:  # a label value no class has: never clamped into one
+        raise ValueError(
+            f"label values must be class indices 0–{num_classes - 1}, got values from {low} to {high} "
+            "(data.check_before_fit names the file)"
+        )
     if logits.dtype != torch.float64:
         logits = logits.float()
     # contiguous: a channels-last network output would leave the class axis innermost, and the
@@ -160,7 +167,7 @@ class MarginalDiceCELoss(nn.Module):
         fg_index = torch.tensor(self.foreground, device=device)
         bg_index = (group_of_class == 0).nonzero().flatten()
         merge = torch.nn.functional.one_hot(group_of_class, len(self.foreground) + 1).T.to(logits.dtype)
-        target = group_of_class[label.clamp(0, num_classes - 1)]
+        target = group_of_class[label]
         with torch.autocast(device.type, enabled=False):  # sums over many voxels stay in float32
             return _MarginalDiceCE.apply(
                 logits, target, merge, fg_index, bg_index, self.ce == "official", self.smooth_dr
@@ -283,7 +290,6 @@ class ConDistDiceLoss(nn.Module):
             )
         student, target = _flatten(student_logits, label, channel_dim=1)
         teacher = teacher_logits.detach().to(student.dtype).flatten(2).contiguous()
-        target = target.clamp(0, self.num_classes - 1)
         with torch.autocast(student.device.type, enabled=False):  # sums over many voxels stay in float32
             return _ConDistDice.apply(
                 student,

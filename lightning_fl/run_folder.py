@@ -41,8 +41,10 @@ from lightning_fl.checkpoint import (
     atomic_write_text,
     file_sha256,
     load_model,
+    move_aside,
     save_model,
     save_state,
+    why_not_written,
 )
 from lightning_fl.config import load_config, to_yaml
 from lightning_fl.errors import UserInputError
@@ -139,8 +141,19 @@ class RunFolder:
 
     @property
     def is_finished(self) -> bool:
-        """Tested, its summary written: `fit`'s last step."""
-        return self.summary.is_file()
+        """Tested, its per-case scores and then its summary written whole (`fit`'s last steps): a
+        damaged summary.json or test_cases.csv (`damage`) leaves the run to be tested again."""
+        return self.summary.is_file() and self.damage() is None
+
+    def damage(self) -> str | None:
+        """Why the record of a tested run cannot be read back whole (summary.json or test_cases.csv
+        missing, cut short or ill-typed), naming the file; None when both read."""
+        try:
+            self.read_summary()
+            self.read_cases()
+        except ResultsError as err:
+            return str(err)
+        return None
 
     @property
     def has_state(self) -> bool:
@@ -170,8 +183,8 @@ class RunFolder:
 
     def claim(self, overwrite: bool) -> tuple[FileLock, Path | None]:
         """Create and lock the folder of a new run. A folder that holds anything is refused, so that
-        no run is replaced by mistake, or with `overwrite` moved aside (never deleted): returns the
-        lock and where the old folder went."""
+        no run is replaced by mistake, or with `overwrite` moved aside (never deleted) if it is a run
+        (it has config.yaml, the first file a run writes): returns the lock and where the old folder went."""
         aside = None
         if self.path.is_dir() and any(p.name != self.LOCK for p in self.path.iterdir()):  # a lock alone: nothing ran
             if not overwrite:
@@ -180,29 +193,25 @@ class RunFolder:
                     f"{self.path}.replaced-<date-time>) and start a new run there, "
                     f"or fit --resume {self.path} to continue its run"
                 )
+            if not self.config.is_file():
+                raise RunFolderError(
+                    f"output_dir {self.path} holds files but no {self.CONFIG}, so it is not a run folder; "
+                    "--overwrite moves only a run aside: choose another output_dir"
+                )
             aside = self._move_aside()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise OutputError(f"cannot create the run folder {self.path}: {err.strerror or err}") from err
+            raise OutputError(f"cannot create the run folder {self.path}: {why_not_written(self.path, err)}") from err
         return self.lock(), aside
 
     def _move_aside(self) -> Path:
-        """Rename the folder to `<name>.replaced-<date-time>` beside it, unless a run is writing there."""
-        folder = self.path.absolute()  # `.` has no name to extend
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        aside, n = folder.with_name(f"{folder.name}.replaced-{stamp}"), 1
-        while aside.exists():  # replaced twice within a second
-            n += 1
-            aside = folder.with_name(f"{folder.name}.replaced-{stamp}-{n}")
-        lock = RunFolder(folder).lock()
+        """`move_aside` the folder, unless a run is writing there."""
+        lock = self.lock()
         try:
-            folder.rename(aside)
-        except OSError as err:
-            raise OutputError(f"cannot move {folder} aside to {aside}: {err.strerror or err}") from err
+            return move_aside(self.path)
         finally:
             lock.release()
-        return aside
 
     def remove_if_unused(self) -> None:
         """Remove the folder if it holds only its lock: a run that stopped before writing anything."""
@@ -215,6 +224,10 @@ class RunFolder:
         """The run's resolved config (creating the folder), and the identity of the run it starts."""
         atomic_write_text(self.config, to_yaml(cfg))
         return Identity(uuid.uuid4().hex, file_sha256(self.config), cfg.seed)
+
+    def update_config(self, cfg: DictConfig) -> None:
+        """Replace config.yaml with the config a resume changed (resumes.yaml says what changed)."""
+        atomic_write_text(self.config, to_yaml(cfg))
 
     def read_config(self) -> DictConfig:
         """The run's config.yaml, checked like any config file."""
@@ -300,6 +313,8 @@ class RunFolder:
         if not self.summary.is_file():
             return {}
         summary = _read_json(self.summary)
+        if problem := _summary_problem(summary):
+            raise ResultsError(f"{self.summary}: {problem}; the file is damaged (fit --resume {self.path} tests again)")
         if summary.get("format", 1) == 1:
             best = summary.get("best_round")
             if isinstance(best, int):
@@ -324,7 +339,13 @@ class RunFolder:
             raise ResultsError(
                 f"{self.cases} not found: the run's per-case test scores (fit writes them when it tests)"
             )
-        return read_cases(self.cases)
+        rows = read_cases(self.cases)
+        classes = set(self.read_config().labels.classes)
+        if unknown := next((r for r in rows if r.cls not in classes), None):
+            raise ResultsError(
+                f"{self.cases}: class {unknown.cls!r} of case {unknown.case} is not one of the run's classes"
+            )
+        return rows
 
     # ---------------------------------------------------------------- metrics.csv
     def read_metrics(self) -> list[dict[str, str]]:
@@ -340,19 +361,75 @@ class RunFolder:
 
 
 def read_cases(path: Path) -> list[CaseRow]:
-    """A test_cases.csv, checked (also the files of a downloaded W&B run)."""
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not set(CASE_COLUMNS) <= set(reader.fieldnames):
-            raise ResultsError(f"{path}: expected the columns {','.join(CASE_COLUMNS)}, got {reader.fieldnames}")
-        rows = []
-        for line, row in enumerate(reader, start=2):
-            try:
-                dice = float(row["dice"]) if row["dice"] else None
-            except ValueError:
-                raise ResultsError(f"{path}: line {line}: dice {row['dice']!r} is not a number") from None
-            rows.append(CaseRow(row["phase"], row["model"], row["site"], row["case"], row["class"], dice))
+    """A test_cases.csv, read whole and checked row by row (also the files of a downloaded W&B run):
+    a file cut short, a row with a field missing or too many, an empty name or a Dice that is not a
+    number in [0, 1] is refused, never read in part."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ResultsError(f"{path}: not the UTF-8 CSV lightning-fl writes ({err.reason})") from err
+    if not text.endswith("\n"):  # write_cases ends every line, the last included
+        raise ResultsError(f"{path}: its last line is cut short (no line end): the file is damaged")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if reader.fieldnames is None or list(reader.fieldnames) != list(CASE_COLUMNS):
+        raise ResultsError(f"{path}: expected the columns {','.join(CASE_COLUMNS)}, got {reader.fieldnames}")
+    rows = []
+    for line, row in enumerate(reader, start=2):
+        if None in row or None in row.values():
+            raise ResultsError(f"{path}: line {line}: expected the {len(CASE_COLUMNS)} fields {','.join(CASE_COLUMNS)}")
+        if empty := [c for c in CASE_COLUMNS[:-1] if not row[c]]:
+            raise ResultsError(f"{path}: line {line}: no {empty[0]}")
+        try:
+            dice = float(row["dice"]) if row["dice"] else None
+        except ValueError:
+            raise ResultsError(f"{path}: line {line}: dice {row['dice']!r} is not a number") from None
+        if dice is not None and not 0 <= dice <= 1:
+            raise ResultsError(f"{path}: line {line}: dice {row['dice']} is not in [0, 1]")
+        rows.append(CaseRow(row["phase"], row["model"], row["site"], row["case"], row["class"], dice))
     return rows
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_dice(value: Any) -> bool:
+    """A Dice as summary.json holds it: in [0, 1], or null (a class no case contains)."""
+    return value is None or (_is_number(value) and 0 <= value <= 1)
+
+
+def _is_per_model(value: Any, check: Any) -> bool:
+    """`check(value)`, or a mapping of model → such a value (standalone runs: one per site's model)."""
+    return check(value) or (isinstance(value, dict) and bool(value) and all(check(v) for v in value.values()))
+
+
+def _dice_table(value: Any) -> bool:
+    return isinstance(value, dict) and all(_is_dice(v) for v in value.values())
+
+
+SUMMARY_CHECKS: dict[str, tuple[str, Any]] = {
+    "rounds": ("a whole number ≥ 1", lambda v: type(v) is int and v >= 1),
+    "best_round": ("a round (per model)", lambda v: _is_per_model(v, lambda r: type(r) is int)),
+    "best_validation_dice": ("a Dice (per model)", lambda v: _is_per_model(v, _is_dice)),
+    "test_dice": ("a mapping of class → Dice", _dice_table),
+    "test_mean_dice": ("a Dice", _is_dice),
+    "external_dice": (
+        "a mapping of site → class → Dice",
+        lambda v: isinstance(v, dict) and all(_dice_table(t) for t in v.values()),
+    ),
+    "wall_time_s": ("a number of seconds", _is_number),
+    "round_time_s": ("a list of seconds", lambda v: isinstance(v, list) and all(_is_number(t) for t in v)),
+}
+
+
+def _summary_problem(summary: dict[str, Any]) -> str | None:
+    """What in a read summary.json is not what fit writes: a key missing or of another type."""
+    for key, (expected, check) in SUMMARY_CHECKS.items():
+        if key not in summary:
+            return f"no '{key}'"
+        if not check(summary[key]):
+            return f"'{key}' is {str(summary[key])[:40]!r}, expected {expected}"
+    return None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -12,16 +12,17 @@ run folder (metrics.csv, W&B, the model files, state.ckpt).
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypeVar
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_fl.aggregation import StateDict, build_aggregator
+from lightning_fl.aggregation import StateDict, build_aggregator, update_norm
 from lightning_fl.analysis import Overlay
 from lightning_fl.checkpoint import CheckpointError, check_compatible, file_sha256
 from lightning_fl.client import Answer, Dropped, Trained
@@ -145,7 +146,9 @@ class Server:
             self.models[model] = saved["state"]
             self.aggregators[model].load_state_dict(saved["server"])
             self.best[model] = Best(**saved["best"])
-        self.identity = Identity.of(state)
+        # config.yaml was checked against the state (`check_same_run`) and may since hold the
+        # resume's config changes: the states saved from now on belong to it
+        self.identity = replace(Identity.of(state), config_sha256=file_sha256(self.folder.config))
         if self.is_main:
             self.logger = RunLogger(self.folder, self.cfg, resume=(state["metrics_bytes"], state["wandb_id"]))
         return state["round"] + 1
@@ -156,7 +159,9 @@ class Server:
         return round % self.cfg.eval.every == 0 or round == self.cfg.fl.rounds
 
     def drop_failed(self, round: int, answers: dict[str, Answer]) -> None:
-        """Record the clients whose round failed; stop when fewer than `fl.min_sites` updates are left."""
+        """Record the clients whose round failed, turning an outlying update into a failure first
+        (`drop_outliers`); stop when fewer than `fl.min_sites` updates are left."""
+        self.drop_outliers(answers)
         dropped = {name: a.reason for name, a in answers.items() if isinstance(a, Dropped)}
         if dropped:
             self.on_main("recording dropped sites", lambda: self._record_dropped(round, dropped))
@@ -168,6 +173,30 @@ class Server:
                 f"The last good global model is {self.folder.model('last')}"
                 + (f" (round {round - 1})" if round > 1 else " (none yet: this was the first round)")
             )
+
+    def drop_outliers(self, answers: dict[str, Answer]) -> None:
+        """Replace by a `Dropped` answer every update whose L2 norm exceeds `fl.max_update_ratio` times
+        the median norm of the updates to the same model (3 updates at least: with 2 neither is the
+        odd one). Finite but absurd updates (a bug, a corrupted batch, a hostile site) would otherwise
+        wreck the global model for every site; an update within the bound is trusted as it is."""
+        ratio = self.cfg.fl.max_update_ratio
+        if ratio == 0:
+            return
+        for model in self.topology.models:
+            norms = {
+                name: update_norm(a.delta)
+                for name, a in answers.items()
+                if isinstance(a, Trained) and self.topology.model_of[name] == model
+            }
+            if len(norms) < 3:
+                continue
+            median = statistics.median(norms.values())
+            for name, norm in norms.items():
+                if norm > ratio * median:
+                    answers[name] = Dropped(
+                        f"update norm {norm:.3g} is more than fl.max_update_ratio={ratio:g} times the round's "
+                        f"median {median:.3g}"
+                    )
 
     def aggregate(self, answers: dict[str, Answer]) -> None:
         """Each model's aggregator turns its clients' updates into its next weights; a model none of
@@ -198,12 +227,19 @@ class Server:
                 self.best[model] = Best(record.round, score, self.models[model])
                 record.improved.add(model)
 
-    def save(self, record: RoundRecord, client_states: dict[str, dict[str, Any]] | None = None) -> None:
+    def save(
+        self,
+        record: RoundRecord,
+        client_states: dict[str, dict[str, Any]] | None = None,
+        timing: dict[str, Any] | None = None,
+    ) -> None:
         """metrics.csv, W&B and the model files, then state.ckpt (with the clients' optimizer and
-        schedule states where the server holds them: an engine's sites keep their own)."""
+        schedule states where the server holds them: an engine's sites keep their own; and the
+        run's time so far, where the loop measures it)."""
         self.on_main(f"writing round {record.round}", lambda: self._record_round(record))
         resumable = {
             "round": record.round,
+            "timing": timing or {},
             "classes": list(self.labels.classes),
             "sites": client_states or {},
             "models": {

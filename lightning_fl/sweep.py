@@ -45,20 +45,24 @@ STOP_WAIT_S = 30.0  # how long stopped runs get to exit before SIGKILL
 
 def saved_changes(saved: DictConfig, planned: DictConfig) -> list[str]:
     """Keys whose values differ between a run's config.yaml and the config the sweep plans for it.
-    Not compared: output_dir (a sweep may be run from elsewhere), fabric.devices (a site-parallel
+    Not compared: output_dir (a sweep may be run from elsewhere), logger.wandb.group (the sweep
+    file's name: a renamed sweep file trains nothing differently), fabric.devices (a site-parallel
     run computes the same on any number of processes, and `--parallel` sets 1) and a planned
     fabric.precision `auto` (fit writes what `auto` chose into config.yaml)."""
-    changed = config_changes(saved, planned, ignore=("output_dir", "fabric.devices"))
+    changed = config_changes(saved, planned, ignore=("output_dir", "logger.wandb.group", "fabric.devices"))
     return [k for k in changed if not (k == "fabric.precision" and planned.fabric.precision == "auto")]
 
 
 def decide(runs: list[PlannedRun], rerun_changed: bool = False) -> None:
     """What each run's folder leaves to do: none → start; summary.json → finished, skip; state.ckpt
-    without summary.json → cut off, `fit --resume`; anything else → `fit --overwrite` (fit moves the
+    without summary.json (or with a damaged one or a damaged test_cases.csv: said) → cut off, `fit
+    --resume`; anything else → `fit --overwrite` (fit moves the
     old folder aside). A finished or cut-off run whose config.yaml differs from what the sweep now
     plans is refused (the sweep file was edited), or with `rerun_changed` started again."""
     for run in runs:
         finished = run.folder.is_finished
+        if not finished and run.folder.summary.is_file():
+            print(f"{run.name}: not finished: {run.folder.damage()}")
         if finished or run.folder.has_state:
             run.saved = run.folder.read_config()
             run.changed = saved_changes(run.saved, run.cfg)

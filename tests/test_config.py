@@ -165,6 +165,19 @@ def test_impossible_optimizer_values_are_config_errors(override, message):
         load_config(CONFIG_DIR / "smoke.yaml", [override])
 
 
+def test_float16_autocast_off_a_gpu_runs_and_is_recorded_as_autos_choice(capsys):
+    """Lightning runs bf16 where 16-mixed is asked on a CPU: the config (saved with the run, and the
+    summary's precision) says what ran, not what was asked."""
+    from lightning_fl import distributed
+
+    cfg = load_config(CONFIG_DIR / "smoke.yaml", ["fabric.accelerator=cpu", "fabric.precision=16-mixed"])
+    auto = distributed.resolve_precision(OmegaConf.merge(cfg.fabric, {"precision": "auto"}))
+    fabric = distributed.build_fabric(cfg)
+    assert cfg.fabric.precision == auto and auto in ("bf16-mixed", "32-true")
+    assert fabric.strategy.precision.precision == auto  # what Fabric runs
+    assert f"fabric.precision=16-mixed needs a GPU; running (and recording) {auto}" in capsys.readouterr().out
+
+
 def test_auto_devices_is_a_process_per_client_up_to_the_cores(monkeypatch):
     from lightning_fl import distributed
 

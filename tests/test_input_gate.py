@@ -25,6 +25,7 @@ from tests.helpers.inputs import (
     write_site,
 )
 from tests.helpers.layouts import AFFINE, make_msd
+from tests.helpers.runs import SMOKE
 
 
 def json_kinds(good: dict, split: str) -> dict[str, bytes]:
@@ -367,3 +368,10 @@ def test_fit_resume_refuses_a_state_file_that_is_not_a_checkpoint(capsys, smoke_
     before = sorted(p.name for p in run.iterdir())
     assert_refused(*run_cli(capsys, "fit", "--resume", run), "fit", state)
     assert sorted(p.name for p in run.iterdir() if p.name != "run.lock") == before
+
+
+def test_check_data_refuses_a_synthetic_root_that_does_not_exist_instead_of_filling_it(capsys, tmp_path):
+    typo = tmp_path / "synthtic"
+    status, lines = run_cli(capsys, "check-data", "--config", SMOKE, f"data.root={typo}")
+    assert_refused(status, lines, "check-data", f"data.root {typo} does not exist")
+    assert list(tmp_path.iterdir()) == []

@@ -189,3 +189,17 @@ def test_bad_arguments_are_refused():
         ConDistDiceLoss(4, [1], [0, 2, 3], temperature=0.0)
     with pytest.raises(ValueError, match="label shape"):
         MarginalDiceCELoss([1])(torch.zeros(2, 3, 4, 4), torch.zeros(2, 1, 4, 5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("value", [-1, 8, 9])
+def test_a_label_value_no_class_has_is_refused_not_clamped_into_a_class(value):
+    """With data.check_before_fit=false nothing read the files first: a 9 among 8 classes must stop
+    the site's step (the site is dropped, saying why), not train as class 7 or background."""
+    logits = torch.randn(1, 8, 4, 4, 3)
+    label = torch.zeros(1, 1, 4, 4, 3, dtype=torch.long)
+    label[0, 0, 1, 2, 0] = value
+    message = f"label values must be class indices 0–7, got values from {min(value, 0)} to {max(value, 0)}"
+    with pytest.raises(ValueError, match=message):
+        MarginalDiceCELoss([1, 2])(logits, label)
+    with pytest.raises(ValueError, match=message):
+        ConDistDiceLoss(8, [1, 2], [0, 3, [4, 5], [6, 7]])(logits, logits, label)

@@ -18,7 +18,7 @@ from lightning_fl.results import bootstrap_mean, paired_differences
 from lightning_fl.run_folder import CaseRow, ResultsError, RunFolder, SweepFolder, read_cases
 from lightning_fl.sweep_plan import load_sweep
 from tests.helpers.runs import SMOKE, assert_reads_as_format_2
-from tests.helpers.sweeps import RESULTS, write_sweep
+from tests.helpers.sweeps import RESULTS, summary, write_sweep
 
 
 def _sweep_for_tables(tmp_path: Path):
@@ -89,13 +89,13 @@ def test_results_md_says_what_each_variant_cost_where_it_ran_and_whether_it_conv
         folder.mkdir(parents=True)
         (folder / "summary.json").write_text(
             json.dumps(
-                {
-                    "rounds": 8,
-                    "wall_time_s": wall,
-                    "round_time_s": [10.0, 20.0],
-                    "device": "AMD EPYC, 2 cores",
-                    "precision": "32-true",
-                }
+                summary(
+                    rounds=8,
+                    wall_time_s=wall,
+                    round_time_s=[10.0, 20.0],
+                    device="AMD EPYC, 2 cores",
+                    precision="32-true",
+                )
             )
         )
         rows = [

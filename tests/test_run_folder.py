@@ -29,6 +29,7 @@ from lightning_fl.run_folder import (
     LOSS_PLOT,
     METRICS_COLUMNS,
     OVERLAY_PLOT,
+    ResultsError,
     RunFolder,
     SweepFolder,
 )
@@ -82,6 +83,15 @@ def test_fit_refuses_a_folder_that_holds_files(run, smoke_config_path, tmp_path,
     (other / "todo.txt").write_text("compare with the paper\n")
     assert main(["fit", "--config", str(smoke_config_path), f"output_dir={other}"]) == 2
     assert f"output_dir {other} already holds files" in _error(capsys)
+    assert [p.name for p in other.iterdir()] == ["todo.txt"]
+
+    # --overwrite moves only a run aside: a folder without config.yaml (notes, data, `.`) stays where it is
+    assert main(["fit", "--config", str(smoke_config_path), f"output_dir={other}", "--overwrite"]) == 2
+    assert _error(capsys) == (
+        f"lightning-fl fit: error: output_dir {other} holds files but no config.yaml, so it is not a run folder; "
+        "--overwrite moves only a run aside: choose another output_dir"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "run"]
     assert [p.name for p in other.iterdir()] == ["todo.txt"]
 
     assert main(["fit", "--resume", str(run), "--overwrite"]) == 2
@@ -278,3 +288,57 @@ def test_the_committed_demo_run_reads_with_this_version():
     demo = RunFolder(REPO / "experiments" / "results" / "demo")
     assert_reads_as_format_2(demo)
     assert demo.read_config().fl.aggregation == "fedopt"
+
+
+def _cut_mid_number(text: str) -> str:
+    """test_cases.csv cut inside its last Dice: 0.020398842 would read as 0.0203."""
+    return text[:-4]
+
+
+DAMAGES = {
+    "summary.json truncated": ("summary.json", lambda t: t[: len(t) // 2], "not the JSON lightning-fl writes"),
+    "summary.json empty": ("summary.json", lambda t: "", "not the JSON lightning-fl writes"),
+    "summary.json a list": ("summary.json", lambda t: "[1, 2]", "expected a JSON object, got list"),
+    "summary.json a string for a Dice": (
+        "summary.json",
+        lambda t: re.sub(r'"test_mean_dice": [^,]+', '"test_mean_dice": "high"', t),
+        "'test_mean_dice' is 'high', expected a Dice",
+    ),
+    "summary.json without rounds": ("summary.json", lambda t: re.sub(r'"rounds": \d+,', "", t), "no 'rounds'"),
+    "test_cases.csv cut mid-row": ("test_cases.csv", _cut_mid_number, "its last line is cut short"),
+    "test_cases.csv a field missing": (
+        "test_cases.csv",
+        lambda t: re.sub(r",[0-9.]*\n", "\n", t, count=1),
+        "line 2: expected the 6 fields phase,model,site,case,class,dice",
+    ),
+    "test_cases.csv an unknown class": (
+        "test_cases.csv",
+        lambda t: re.sub(r",liver,([0-9.]*)\n", r",liver_tumour,\1\n", t, count=1),  # the class, not the site
+        "class 'liver_tumour' of case",
+    ),
+    "test_cases.csv a Dice above 1": ("test_cases.csv", lambda t: re.sub(r",0\.", ",7.", t, count=1), "not in [0, 1]"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_record_is_refused_naming_the_file_and_the_run_is_not_finished(smoke_run, tmp_path, damage):
+    name, change, message = DAMAGES[damage]
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    folder = RunFolder(run)
+    assert folder.is_finished and folder.damage() is None
+    (run / name).write_text(change((run / name).read_text()))
+    assert not folder.is_finished
+    assert folder.damage().startswith(f"{run / name}: ") and message in folder.damage(), folder.damage()
+    with pytest.raises(ResultsError, match=re.escape(message)):
+        folder.read_summary() if name == "summary.json" else folder.read_cases()
+
+
+def test_fit_resume_tests_a_run_with_a_damaged_record_again_and_rewrites_it(smoke_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    (run / "test_cases.csv").write_text(_cut_mid_number((run / "test_cases.csv").read_text()))
+    assert main(["fit", "--resume", str(run)]) == 0
+    assert "holds a finished run" not in capsys.readouterr().out
+    assert RunFolder(run).is_finished
+    assert (run / "test_cases.csv").read_bytes() == (smoke_run / "test_cases.csv").read_bytes()

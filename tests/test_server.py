@@ -5,6 +5,7 @@ model stays finite; too few updates stop the run cleanly; the best round is the 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import statistics
 
@@ -91,3 +92,30 @@ def test_min_sites_must_fit_the_federation(smoke_config_path):
 
     with pytest.raises(ConfigError, match=r"fl.min_sites must lie in \[1, 4\]"):
         load_config(smoke_config_path, ["fl.min_sites=5"])
+
+
+@pytest.mark.slow
+def test_a_site_sending_a_million_times_its_update_is_dropped_like_a_failed_one(data_home, smoke_config_path, tmp_path):
+    """A finite but absurd update (a bug, a corrupted batch, a hostile site) is dropped by the norm
+    bound, and the run is the run in which that site failed every round."""
+    bounded = _federation(smoke_config_path, tmp_path / "bounded")
+    train = bounded.clients["kidney"].train
+
+    def inflated(global_state, round):
+        answer = train(global_state, round)
+        return dataclasses.replace(answer, delta={k: v * 1e6 for k, v in answer.delta.items()})
+
+    bounded.clients["kidney"].train = inflated
+    bounded.fit()
+    failed = _federation(smoke_config_path, tmp_path / "failed")
+    _break(failed, "kidney", "raise")
+    failed.fit()
+
+    notes = {r["round"]: r["note"] for r in _rows(tmp_path / "bounded", "dropped")}
+    assert set(notes) == {"1", "2"} and all(r["site"] == "kidney" for r in _rows(tmp_path / "bounded", "dropped"))
+    assert "is more than fl.max_update_ratio=10 times the round's median" in notes["1"]
+    for name in ("best.ckpt", "last.ckpt"):
+        guarded, without = (
+            torch.load(tmp_path / run / name, weights_only=True)["model"] for run in ("bounded", "failed")
+        )
+        assert all(torch.equal(guarded[k], without[k]) for k in without)

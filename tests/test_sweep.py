@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import os
 import re
 import signal
@@ -23,7 +24,7 @@ from lightning_fl.errors import RunStopped
 from lightning_fl.sweep import decide
 from lightning_fl.sweep_plan import load_sweep, plan_runs
 from tests.helpers.runs import SMOKE
-from tests.helpers.sweeps import federated_rows, finish, write_sweep
+from tests.helpers.sweeps import CASES, federated_rows, finish, summary, write_sweep
 
 
 def _status(out: str, variant: str, seed: int) -> str:
@@ -91,6 +92,17 @@ def test_an_edited_sweep_is_refused_unless_changed_runs_are_rerun(tmp_path, flat
     assert [r.action for r in runs] == ["overwrite", "overwrite"]
 
 
+def test_a_renamed_sweep_file_finds_its_runs_finished(tmp_path, flat_smoke):
+    """The W&B group is the sweep file's name; renaming the file changes no run's training."""
+    path = write_sweep(tmp_path, flat_smoke)
+    [run] = plan_runs(load_sweep(path))
+    finish(run, ("summary.json", "state.ckpt"))
+    [again] = plan_runs(load_sweep(path.rename(tmp_path / "renamed.yaml")))
+    assert (run.cfg.logger.wandb.group, again.cfg.logger.wandb.group) == ("sweep", "renamed")
+    decide([again])
+    assert (again.action, again.changed) == ("skip", [])
+
+
 # ---------------------------------------------------------------- running
 def test_a_failed_run_does_not_stop_the_others(tmp_path, monkeypatch, capsys, flat_smoke):
     """Each run is a process (a stand-in for fit here): its output goes to its log, its failure to
@@ -99,13 +111,15 @@ def test_a_failed_run_does_not_stop_the_others(tmp_path, monkeypatch, capsys, fl
     script = (
         "import os, pathlib, sys; print('threads', os.environ.get('OMP_NUM_THREADS'));"
         "sys.argv[1] == '1' and sys.exit('error: seed 1 went wrong');"
-        "folder = pathlib.Path(sys.argv[2]); folder.mkdir(parents=True); (folder / 'summary.json').write_text('{}');"
-        "(folder / 'test_cases.csv').write_text('phase,model,site,case,class,dice\\n');"
+        "folder = pathlib.Path(sys.argv[2]); folder.mkdir(parents=True);"
+        "(folder / 'summary.json').write_text(sys.argv[4]);"
+        "(folder / 'test_cases.csv').write_text(sys.argv[5]);"
         "(folder / 'config.yaml').write_text(sys.argv[3])"
     )
 
     def stand_in(sweep, run, parallel):
-        return [sys.executable, "-c", script, str(run.seed), str(run.folder.path), to_yaml(run.cfg)]
+        record = [json.dumps(summary()), CASES]
+        return [sys.executable, "-c", script, str(run.seed), str(run.folder.path), to_yaml(run.cfg), *record]
 
     monkeypatch.setattr(sweeps, "fit_command", stand_in)
     assert main(["sweep", str(path), "--parallel", "2"]) == 1

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import monai.transforms as mt
 import torch
+from filelock import FileLock, Timeout
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.data.utils import pickle_hashing
 from omegaconf import DictConfig
@@ -77,7 +78,8 @@ def load_site(root: Path, site: DictConfig, labels: LabelSpace, required: tuple[
 
 def prepare_data_root(cfg: DictConfig, labels: LabelSpace) -> Path:
     """The folder holding the datalists; a configured synthetic federation is generated there on
-    first use and reused afterwards, but only if it was generated from the same settings."""
+    first use and reused afterwards, but only if it was generated from the same settings. One
+    command generates it (under a lock beside it) while any other started at once waits for it."""
     root = Path(cfg.data.root).expanduser()
     if cfg.data.synthetic is None:
         if not root.is_dir():
@@ -87,7 +89,18 @@ def prepare_data_root(cfg: DictConfig, labels: LabelSpace) -> Path:
 
     sites = all_sites(cfg)
     if not root.exists():
-        write_federation(root, cfg.data.synthetic, sites, labels, progress=cfg.logger.progress)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(root.parent / f".{root.name}.lock"))  # several commands started at once
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"waiting for another command to finish generating {root}")
+            lock.acquire()
+        try:
+            if not root.exists():  # else another command made it while this one waited
+                write_federation(root, cfg.data.synthetic, sites, labels, progress=cfg.logger.progress)
+        finally:
+            lock.release()
     manifest = root / MANIFEST
     if not manifest.is_file() or manifest.read_bytes() != manifest_text(cfg.data.synthetic, sites, labels).encode():
         raise DatalistError(

@@ -811,6 +811,19 @@ def manifest_text(synthetic, sites, labels: LabelSpace) -> str:
     )
 
 
+def _is_running(pid: str) -> bool:
+    """Whether the process `pid` (a decimal string) is alive on this machine."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def write_federation(out_dir: Path, synthetic, sites, labels: LabelSpace, progress: bool = False) -> None:
     """Write every site's images, labels and datalist under `out_dir`, atomically: the federation is
     built in a hidden sibling folder and renamed into place only when complete."""
@@ -832,6 +845,9 @@ def write_federation(out_dir: Path, synthetic, sites, labels: LabelSpace, progre
     if out_dir.exists():
         raise FileExistsError(f"synthetic data folder already exists: {out_dir}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by a generation that was killed
+        if not _is_running(stale.name.rpartition("-")[2]):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

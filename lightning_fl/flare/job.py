@@ -18,7 +18,7 @@ from nvflare.job_config.api import FedJob
 from nvflare.job_config.script_runner import FrameworkType, ScriptRunner
 from omegaconf import DictConfig
 
-from lightning_fl.checkpoint import OutputError, RunFolderError, atomic_write_text
+from lightning_fl.checkpoint import OutputError, RunFolderError, atomic_write_text, move_aside, umask_mode
 from lightning_fl.config import ConfigError, to_yaml
 from lightning_fl.data.datasets import prepare_data_root
 from lightning_fl.flare import CONFIG_FILE, TRAIN, VALIDATE
@@ -53,8 +53,8 @@ def export_job(
         unknown = sorted(set(given) - set(sites))
         if unknown:
             raise ConfigError(f"{option} {unknown[0]}: not one of data.sites {sites}")
-    if output.exists() and not overwrite:
-        raise RunFolderError(f"{output} exists; pass --overwrite to replace the job there")
+    if output.exists():
+        _check_replaceable(output, overwrite)
     if cfg.data.synthetic is not None:  # generated once here, before the sites start (the simulator, POC)
         prepare_data_root(cfg, LabelSpace.of(cfg.labels))
 
@@ -93,15 +93,33 @@ def _site_args(data_root: str | None, state_dir: str | None) -> list[str]:
     return args + (["--state-dir", state_dir] if state_dir else [])
 
 
+def _check_replaceable(output: Path, overwrite: bool) -> None:
+    """An existing `output` may be replaced only when asked to and only if it is a job this command
+    wrote (its meta.json and the server app's config): never a run, a data folder or `.`."""
+    if not output.is_dir():
+        raise RunFolderError(f"--output {output} is a file; expected a folder for the job (or a new path)")
+    if not overwrite:
+        raise RunFolderError(f"{output} exists; pass --overwrite to replace the job there (it is moved aside)")
+    if not ((output / "meta.json").is_file() and (output / "app_server" / "config" / CONFIG_FILE).is_file()):
+        raise RunFolderError(
+            f"--output {output} is not a job written by export-nvflare (no meta.json and "
+            f"app_server/config/{CONFIG_FILE}); it is left as it is: choose another --output"
+        )
+
+
 def _write(job: FedJob, output: Path) -> None:
-    """Export into a staging folder beside `output`, then move it in place: never half a job."""
+    """Export into a staging folder beside `output`, then move it in place: never half a job. A job
+    already there (checked by `_check_replaceable`) is moved aside, never deleted."""
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         job.export_job(str(staging))
+        exported = staging / JOB_NAME
+        for folder in (exported, *(p for p in exported.rglob("*") if p.is_dir())):
+            folder.chmod(umask_mode())
         if output.exists():
-            shutil.rmtree(output)
-        (staging / JOB_NAME).rename(output)
+            print(f"moved the previous job {output} aside to {move_aside(output)}")
+        exported.rename(output)
     except OSError as err:
         raise OutputError(f"cannot write the job to {output}: {err.strerror or err}") from err
     finally:

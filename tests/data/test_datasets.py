@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -36,6 +38,33 @@ def test_synthetic_federation_is_generated_once_and_reused(smoke_root):
     stamp = (root / "liver.json").stat().st_mtime_ns
     assert prepare_data_root(cfg, labels) == root
     assert (root / "liver.json").stat().st_mtime_ns == stamp
+
+
+GENERATE = (
+    "import sys\n"
+    "from lightning_fl.config import load_config\n"
+    "from lightning_fl.data.datasets import prepare_data_root\n"
+    "from lightning_fl.labels import LabelSpace\n"
+    "cfg = load_config(sys.argv[1], ['data.root=' + sys.argv[2]])\n"
+    "prepare_data_root(cfg, LabelSpace.of(cfg.labels))\n"
+)
+
+
+def test_two_commands_started_at_once_on_a_fresh_machine_share_one_generation(tmp_path, smoke_root):
+    """One generates the federation under the lock beside it, the other waits and uses it (as a
+    sweep's first wave of parallel runs does); both give the same files as a single generation."""
+    root = tmp_path / "federation"
+    commands = [
+        subprocess.Popen([sys.executable, "-c", GENERATE, str(SMOKE), str(root)], cwd=REPO, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    for command in commands:
+        _, err = command.communicate(timeout=600)
+        assert command.returncode == 0, err.decode()[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".federation.lock", "federation"]
+    alone, _ = smoke_root
+    assert (root / "synthetic.yaml").read_bytes() == (alone / "synthetic.yaml").read_bytes()
+    assert (root / "liver.json").read_bytes() == (alone / "liver.json").read_bytes()
 
 
 def test_cached_federation_from_other_settings_is_refused(smoke_root):

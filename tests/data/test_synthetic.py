@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -292,6 +293,16 @@ def test_failure_leaves_nothing_behind(tmp_path, labels, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_federation(tmp_path / "data", make_synthetic(), make_sites(), labels)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_generations_staging_folder_is_cleaned_and_a_running_ones_kept(tmp_path, labels, monkeypatch):
+    killed, running = tmp_path / ".data.tmp-999999999", tmp_path / f".data.tmp-{os.getppid()}"  # no such pid; alive
+    for staging in (killed, running):
+        staging.mkdir()
+        (staging / "liver.json").write_text("{}")
+    monkeypatch.setattr(synthetic.os, "cpu_count", lambda: 1)
+    write_federation(tmp_path / "data", make_synthetic(), make_sites(), labels)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["data", running.name])
 
 
 def test_failure_in_a_worker_process_leaves_nothing_behind(tmp_path, labels):

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -38,14 +39,15 @@ SITES = ["liver", "spleen", "pancreas", "kidney"]
 class Exported(NamedTuple):
     returncode: int
     stderr: str
+    stdout: str
 
 
 def _export_nvflare(*args: str) -> Exported:
     """`lightning-fl export-nvflare *args` in this process (NVFlare is imported once, not per call)."""
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+    stderr, stdout = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
         code = main(["export-nvflare", *args])
-    return Exported(code, stderr.getvalue())
+    return Exported(code, stderr.getvalue(), stdout.getvalue())
 
 
 def _export(job: Path, run: Path, *overrides: str, options: tuple[str, ...] = (), config: Path = SMOKE) -> Exported:
@@ -122,9 +124,23 @@ def test_the_job_holds_the_server_workflow_a_client_app_per_site_and_the_config(
         assert command[3:] == (["--data-root", "/data/kidney", "--state-dir", "/state"] if site == "kidney" else [])
         assert set(executor["tasks"]) == {"train", "validate"}
 
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(job.stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0700
+
     again = _export(job, run)
     assert again.returncode == 2 and f"{job} exists; pass --overwrite" in again.stderr
-    assert _export(job, run, options=("--overwrite",)).returncode == 0
+    replaced = _export(job, run, options=("--overwrite",))
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    (aside,) = tmp_path.glob("job.replaced-*")  # the old job is moved aside, never deleted
+    assert f"moved the previous job {job} aside to {aside}" in replaced.stdout
+    assert (aside / "app_server" / "config" / CONFIG_FILE).read_text() == saved
+    # --overwrite replaces only a job: a run folder (or any other folder) is left as it is
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    refused = _export(run, tmp_path / "run2", options=("--overwrite",))
+    assert refused.returncode == 2 and f"--output {run} is not a job written by export-nvflare" in refused.stderr
+    assert (run / "notes.txt").read_text() == "mine" and not list(tmp_path.glob("run.replaced-*"))
     wrong = _export(tmp_path / "j2", run, options=("--site", "heart=/data"))
     assert wrong.returncode == 2 and "--site heart: not one of data.sites" in wrong.stderr
     alone = _export(tmp_path / "j3", run, "method=standalone")
