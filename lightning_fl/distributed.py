@@ -270,7 +270,11 @@ def device_name(device: torch.device) -> str:
         else []
     )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{names[0] if names else platform.processor() or 'CPU'}, {cores} cores"
+    # kernels limited to an older instruction set (how an AVX2-only CPU is measured on a newer one)
+    capped = os.environ.get("ATEN_CPU_CAPABILITY") or os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return f"{names[0] if names else platform.processor() or 'CPU'}, {cores} cores" + (
+        f", kernels capped at {capped.lower()}" if capped else ""
+    )
 
 
 def move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
