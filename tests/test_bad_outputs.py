@@ -73,7 +73,7 @@ def test_a_model_file_with_one_nan_weight_is_refused_by_every_command_and_never_
     model = ("--checkpoint", broken / "best.ckpt")
     for command in (
         ("infer", *model, "--input", image, "--output", tmp_path / "labels"),
-        ("evaluate", *model, "--output", tmp_path / "scores"),
+        ("evaluate", *model, "--cross-site", "--output", tmp_path / "scores"),
         ("export", *model, "--output", tmp_path / "export"),
     ):
         assert expected in refused(capsys, *command), command

@@ -88,13 +88,13 @@ def test_two_processes_give_the_weights_of_one(cli, reference_fit, tmp_path):
     alone moves an old folder aside (--overwrite), before the other rank starts."""
     two = tmp_path / "two"
     two.mkdir()
-    (two / "old.txt").write_text("an earlier run\n")
+    (two / "config.yaml").write_text("an earlier run\n")
     args = ("fit", "--config", str(SMOKE), "--overwrite", f"output_dir={two}", *EXACT, "fabric.devices=2")
     result = cli(*args, "fabric.strategy=ddp", OMP_NUM_THREADS="1")
     assert result.returncode == 0, result.stderr[-3000:]
     aside = next(tmp_path.glob("two.replaced-*"))
     assert f"moved the previous {two} aside to {aside}\n" in result.stdout
-    assert sorted(p.name for p in aside.iterdir()) == ["old.txt", "run.lock"]
+    assert sorted(p.name for p in aside.iterdir()) == ["config.yaml", "run.lock"]
     assert "Starting with 2 processes" in result.stderr + result.stdout
     assert result.stdout.count("Best global model") == 1  # only rank 0 prints the table
     first = torch.load(reference_fit / "last.ckpt", weights_only=True)["model"]
