@@ -232,6 +232,7 @@ def run_sweep(
     decide(runs, rerun_changed)
     outcomes: dict[str, Outcome] = {}
     if not tables_only:
+        prepare_data(runs)
         outcomes = execute(sweep, runs, parallel)
         print("\n" + status_table(runs, outcomes))
     results, missing = collect_results(runs)
@@ -242,6 +243,20 @@ def run_sweep(
         raise RunStopped(
             f"{len(failed)} of {len(runs)} runs failed: " + "; ".join(f"{run.name} (log: {run.log})" for run in failed)
         )
+
+
+def prepare_data(runs: list[PlannedRun]) -> None:
+    """Generate each synthetic federation that the runs left to train use, once, before the first
+    wave: runs started side by side then find it there instead of waiting for one another."""
+    from lightning_fl.data.datasets import prepare_data_root
+    from lightning_fl.labels import LabelSpace
+
+    roots: dict[Path, PlannedRun] = {}
+    for run in runs:
+        if run.action != "skip" and run.cfg.data.synthetic is not None:
+            roots.setdefault(Path(run.cfg.data.root).expanduser(), run)
+    for run in roots.values():
+        prepare_data_root(run.cfg, LabelSpace.of(run.cfg.labels))
 
 
 def collect_results(runs: list[PlannedRun]) -> tuple[Results, list[str]]:

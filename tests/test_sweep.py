@@ -104,7 +104,7 @@ def test_a_renamed_sweep_file_finds_its_runs_finished(tmp_path, flat_smoke):
 
 
 # ---------------------------------------------------------------- running
-def test_a_failed_run_does_not_stop_the_others(tmp_path, monkeypatch, capsys, flat_smoke):
+def test_a_failed_run_does_not_stop_the_others(tmp_path, monkeypatch, capsys, flat_smoke, data_home):
     """Each run is a process (a stand-in for fit here): its output goes to its log, its failure to
     the summary table with its last line of stderr, and the sweep exits 1 after the tables."""
     path = write_sweep(tmp_path, flat_smoke, seeds=[0, 1])
@@ -143,7 +143,7 @@ def test_a_failed_run_does_not_stop_the_others(tmp_path, monkeypatch, capsys, fl
     assert (tmp_path / "out" / "runs" / "fedavg" / "seed1.log").read_text().count("\n=== ") == 2  # appended
 
 
-def test_sigterm_stops_the_running_runs_and_says_how_to_go_on(tmp_path, monkeypatch, flat_smoke):
+def test_sigterm_stops_the_running_runs_and_says_how_to_go_on(tmp_path, monkeypatch, flat_smoke, data_home):
     path = write_sweep(tmp_path, flat_smoke, seeds=[0, 1])
     pids = tmp_path / "pids"
     script = "import os, sys, time; open(sys.argv[1], 'a').write(f'{os.getpid()}\\n'); time.sleep(60)"
@@ -161,6 +161,19 @@ def test_sigterm_stops_the_running_runs_and_says_how_to_go_on(tmp_path, monkeypa
     with pytest.raises(ProcessLookupError):
         os.kill(int(pids.read_text()), 0)  # the run was stopped and waited for
     assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_the_synthetic_data_is_generated_once_before_the_first_wave(tmp_path, monkeypatch, flat_smoke):
+    """Two runs started side by side on a fresh data root both find the federation there."""
+    root = tmp_path / "fresh"
+    path = write_sweep(tmp_path, flat_smoke, seeds=[0, 1], overrides=[f"data.root={root}"])
+    seen = tmp_path / "seen"
+    script = "import pathlib, sys; open(sys.argv[1], 'a').write(f'{pathlib.Path(sys.argv[2]).is_dir()}\\n')"
+    monkeypatch.setattr(
+        sweeps, "fit_command", lambda sweep, run, parallel: [sys.executable, "-c", script, str(seen), str(root)]
+    )
+    main(["sweep", str(path), "--parallel", "2"])
+    assert seen.read_text() == "True\nTrue\n" and (root / "synthetic.yaml").is_file()
 
 
 def test_tables_only_rebuilds_the_tables_from_the_finished_runs(tmp_path, capsys, flat_smoke):
