@@ -39,7 +39,7 @@ def _flatten(logits: Tensor, label: Tensor, channel_dim: int) -> tuple[Tensor, T
             f"expected [B, 1, *spatial] = [{batch}, 1, {', '.join(map(str, spatial))}]"
         )
     num_classes = logits.shape[channel_dim]
-    low, high = int(label.min()), int(label.max())
+    low, high = torch.stack(torch.aminmax(label)).tolist()  # one reduction, one device sync
     if low < 0 or high >= num_classes:  # a label value no class has: never clamped into one
         raise ValueError(
             f"label values must be class indices 0–{num_classes - 1}, got values from {low} to {high} "

@@ -149,11 +149,16 @@ class RunFolder:
         """Why the record of a tested run cannot be read back whole (summary.json or test_cases.csv
         missing, cut short or ill-typed), naming the file; None when both read."""
         try:
-            self.read_summary()
-            self.read_cases()
+            self.read_record()
         except ResultsError as err:
             return str(err)
         return None
+
+    def read_record(self) -> list[CaseRow]:
+        """A tested run's per-case scores, once its summary.json and test_cases.csv have both read
+        whole; a `ResultsError` names the file that does not."""
+        self.read_summary()
+        return self.read_cases()
 
     @property
     def has_state(self) -> bool:

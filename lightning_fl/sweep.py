@@ -36,7 +36,7 @@ from lightning_fl.results import (
     results_markdown,
     run_costs,
 )
-from lightning_fl.run_folder import COMPARISON_PLOT, FREQUENCY_PLOT
+from lightning_fl.run_folder import COMPARISON_PLOT, FREQUENCY_PLOT, ResultsError
 from lightning_fl.sweep_plan import PlannedRun, Sweep, plan_runs
 
 POLL_S = 0.2
@@ -263,10 +263,13 @@ def collect_results(runs: list[PlannedRun]) -> tuple[Results, list[str]]:
     """Each finished run's test cases, and for every other run why it is not in the tables."""
     results, missing = {}, []
     for run in runs:
-        if not run.folder.is_finished:
-            missing.append(f"{run.name} (not finished)")
-        else:
-            results[(run.variant, run.seed)] = run.folder.read_cases()
+        try:  # each run's record read once: a missing or damaged one leaves the run out
+            if run.folder.summary.is_file():
+                results[(run.variant, run.seed)] = run.folder.read_record()
+                continue
+        except ResultsError:
+            pass
+        missing.append(f"{run.name} (not finished)")
     return results, missing
 
 
