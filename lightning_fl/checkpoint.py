@@ -11,8 +11,9 @@ import hashlib
 import os
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from lightning_fl.errors import UserInputError
 
@@ -51,7 +52,37 @@ def why_not_written(folder: Path, err: OSError) -> str:
     return f"{blocker} is a file, not a folder" if blocker else str(err.strerror or err)
 
 
+def atomic_write_together(writes: Mapping[Path, Callable[[BinaryIO], Any]], move_old_aside: bool = False) -> None:
+    """Files that belong together (an export's model and metadata, a sweep's tables): every one
+    written to a temporary file first, then all renamed over their paths, so a write that fails
+    (a full disk) leaves every previous version as it was, never one new file beside an old one.
+    `move_old_aside`: the previous versions are kept beside them (`move_aside`), not replaced."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, write in writes.items():
+            try:
+                staged.append((_stage(path, write), path))
+            except OSError as err:
+                raise OutputError(
+                    f"cannot write {path}: {why_not_written(path.parent, err)}; no file of "
+                    f"{', '.join(p.name for p in writes)} was replaced"
+                ) from err
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in staged:
+        if move_old_aside and path.exists():
+            print(f"moved the previous {path} aside to {move_aside(path)}")
+        os.replace(tmp, path)
+
+
 def _atomic_write(path: Path, write: Any) -> None:
+    os.replace(_stage(path, write), path)
+
+
+def _stage(path: Path, write: Callable[[BinaryIO], Any]) -> Path:
+    """`write(file)` on a temporary file beside `path`, flushed to disk; the temporary file's path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -60,10 +91,10 @@ def _atomic_write(path: Path, write: Any) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
 
 
 def first_nonfinite(tree: Any, name: str = "") -> str | None:
@@ -159,8 +190,8 @@ def check_compatible(
 
 
 def move_aside(folder: Path) -> Path:
-    """Rename `folder` to `<name>.replaced-<date-time>` beside it and return where it went: what an
-    `--overwrite` does with the folder it replaces, so that nothing of the user's is deleted."""
+    """Rename `folder` (or a file) to `<name>.replaced-<date-time>` beside it and return where it
+    went: what an `--overwrite` does with what it replaces, so that nothing of the user's is deleted."""
     folder = folder.absolute()  # `.` has no name to extend
     stamp = time.strftime("%Y%m%d-%H%M%S")
     aside, n = folder.with_name(f"{folder.name}.replaced-{stamp}"), 1

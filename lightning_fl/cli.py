@@ -7,7 +7,7 @@ lightning-fl check-data [--config FILE] [key=value ...]      check every site's 
 lightning-fl prepare-data --task T --src DIR --dst DIR [--datalist F] [--seed N]   a published dataset → a site
 lightning-fl evaluate --checkpoint CKPT [CKPT ...] (--datalist F [--label-map NAME] | --cross-site)   Dice tables
 lightning-fl infer    --checkpoint CKPT_OR_TS --input FILE_OR_DIR --output DIR [--probabilities]     label maps
-lightning-fl export   --checkpoint CKPT --output DIR                  TorchScript model.ts + metadata.json
+lightning-fl export   --checkpoint CKPT --output DIR [--overwrite]    TorchScript model.ts + metadata.json
 lightning-fl sweep    FILE [--parallel N] [--rerun-changed] [--tables-only]   variants × seeds, then tables
 lightning-fl export-nvflare [--config FILE] [key=value ...] --output JOB_DIR [--site NAME=DATA_ROOT ...]   NVFlare job
 lightning-fl export-nvflare --resume RUN_DIR --output JOB_DIR [--site NAME=DATA_ROOT ...]   the job continuing a run
@@ -183,7 +183,7 @@ def _export(args: argparse.Namespace) -> None:
     from lightning_fl.inference import export_torchscript, load_trained
 
     model = load_trained(args.checkpoint, args.overrides, accelerator="cpu")  # the config keeps its own
-    ts_path, meta_path = export_torchscript(model, args.output)
+    ts_path, meta_path = export_torchscript(model, args.output, args.overwrite)
     print(f"wrote {ts_path} and {meta_path}")
 
 
@@ -333,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="TorchScript model.ts with a MONAI-bundle-style metadata.json")
     export.add_argument("--checkpoint", type=Path, required=True, help=f"{BEST} or {LAST} of a run")
     export.add_argument("--output", type=Path, required=True, help="folder for model.ts and metadata.json")
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace an export in --output (its files are moved aside)"
+    )
     export.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.roi_size=[96,96,64]"
     )

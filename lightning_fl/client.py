@@ -10,6 +10,8 @@ then take turns batch by batch, each supervised by its own site's labels.
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +88,10 @@ class Client:
         self.scheduler: torch.optim.lr_scheduler.LRScheduler = opt["lr_scheduler"]["scheduler"]
         self.sources = [(d.name, TrainingStream(d, cfg.data, cfg.labels.classes)) for d in sources]
         self.step_means: StepMeans = fabric.logger  # where the objective's `log_dict` goes (build_fabric)
+        # float16's gradient scaler: one per rank, shared by its clients, so each keeps its own scale
+        # (loaded at the start of its turn, kept at the end of a round it trained) like its optimizer
+        self.scaler: torch.amp.GradScaler | None = getattr(fabric.strategy.precision, "scaler", None)
+        self.scaler_state = self.scaler.state_dict() if self.scaler is not None else None
         self.group: Any = None  # the process group of a data-parallel client
         if shard[1] > 1:
             patches = cfg.data.batch_size * cfg.data.samples_per_volume
@@ -107,13 +113,18 @@ class Client:
         self.objective.data_parallel(group, [device.index] if device.type == "cuda" else None)
 
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer and schedule: what carries over from round to round (and into state.ckpt)."""
-        return {"optimizer": self.optimizer.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        """Optimizer, schedule and (float16) gradient scaler: what carries over from round to round
+        (and into state.ckpt)."""
+        state = {"optimizer": self.optimizer.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return state | ({"scaler": self.scaler_state} if self.scaler_state is not None else {})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the optimizer and schedule saved by `state_dict` (a resumed run)."""
+        """Restore what `state_dict` saved (a resumed run); a state without a scaler's (saved at
+        another precision) leaves the scaler at its initial scale."""
         self.optimizer.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler_state = state["scaler"]
 
     def train(self, global_state: StateDict, round: int) -> Answer:
         """Round `round` (numbered from 1); an exception or a non-finite loss or update drops this
@@ -134,14 +145,27 @@ class Client:
         batches = self._batches(round)
         objective.receive(global_state, round)
         move_optimizer_state(self.optimizer, device)
+        if self.scaler is not None:
+            self.scaler.load_state_dict(self.scaler_state)
         self.module.train()
         steps = tqdm(range(self.num_steps), desc=f"  {self.name}", leave=False, disable=self.hide_bars)
+        skipped, in_a_row = 0, 0
         for step in steps:
-            loss = self._step(next(batches), step)
+            loss, skip = self._step(next(batches), step)
+            skipped, in_a_row = skipped + skip, in_a_row + 1 if skip else 0
+            if in_a_row == self.cfg.fabric.max_consecutive_skips:
+                raise ClientFailure(
+                    f"{in_a_row} optimizer steps in a row skipped by the gradient scaler up to local step {step + 1}, "
+                    f"the limit fabric.max_consecutive_skips (its gradients overflow float16; scale now "
+                    f"{self.scaler.get_scale():g})"
+                )
             steps.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if self.shares_rank:
             move_optimizer_state(self.optimizer, torch.device("cpu"))
         means = self.step_means.pop()
+        if self.scaler is not None:
+            self.scaler_state = self.scaler.state_dict()
+            means["skipped_steps"] = float(skipped)  # the same on every rank of a data-parallel client
         if self.shard[1] > 1:  # a data-parallel client reports the mean over its ranks' shares
             values = torch.tensor(list(means.values()), dtype=torch.float64, device=device)
             dist.all_reduce(values, group=self.group)
@@ -169,9 +193,11 @@ class Client:
                 "source": source,
             }
 
-    def _step(self, batch: dict[str, Any], step: int) -> torch.Tensor:
+    def _step(self, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, bool]:
         """One optimizer step: forward and loss under Fabric's precision, a finiteness check that the
-        ranks of a data-parallel client agree on, backward, clipping, step, schedule."""
+        ranks of a data-parallel client agree on, backward, clipping, step, schedule. Returns the
+        loss and whether the gradient scaler skipped the step: under float16 an overflowing
+        gradient is routine (the scaler skips the step and lowers its scale), elsewhere a failure."""
         with self.fabric.autocast():  # Fabric applies its precision to forward(), not to training_step()
             loss = self.module.training_step(batch, step)
         finite = torch.isfinite(loss.detach()).to(torch.int32)
@@ -183,9 +209,13 @@ class Client:
         clip = self.cfg.optim.grad_clip_norm
         if clip > 0:
             norm = self.fabric.clip_gradients(self.module, self.optimizer, max_norm=clip, error_if_nonfinite=False)
-            if not torch.isfinite(norm):
+            if self.scaler is None and not torch.isfinite(norm):
                 raise ClientFailure(f"non-finite gradient norm at local step {step + 1}")
-        self.optimizer.step()
+        scale = self.scaler.get_scale() if self.scaler is not None else 0.0
+        self.optimizer.step()  # under a scaler: skipped where the gradients overflowed, the scale then lowered
+        skipped = self.scaler is not None and self.scaler.get_scale() < scale
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return loss
+        with warnings.catch_warnings():  # PyTorch warns when a first step was skipped: the schedule counts it
+            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"), UserWarning)
+            self.scheduler.step()  # steps taken or skipped alike, as every other site's schedule
+        return loss, skipped

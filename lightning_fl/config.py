@@ -292,6 +292,10 @@ class FabricConfig:
     strategy: str = ranged("auto", choices=("auto", "ddp", "ddp_spawn"))
     # "auto": bf16-mixed where the hardware has bf16, else 32-true (16-mixed on GPUs without bf16)
     precision: str = ranged("auto", choices=("auto", "32-true", "bf16-mixed", "16-mixed"))
+    # 16-mixed: the gradient scaler skips a step whose scaled gradients overflow float16 and halves
+    # its scale; a site fails only after this many skipped steps in a row (16 halvings take the
+    # initial scale of 2^16 to 1: beyond that the gradients overflow float16 unscaled)
+    max_consecutive_skips: int = ranged(16, ge=1)
 
 
 @dataclass

@@ -148,14 +148,19 @@ class Federation:
         r = record.round
         if not self.server.is_validated(r):
             return
-        pairs = [(m, site) for m in self.topology.models for site in self.topology.validated_on(m)]
         every = self.cfg.logger.wandb.image_every
         last = r == self.cfg.fl.rounds  # the run folder's overlays.png
         show = last or (self.cfg.logger.wandb.mode != "disabled" and every > 0 and r % every == 0)
-        scores = self.score(self.server.models, pairs, "validation", record.overlays if show else None)
+        scores = self.score(
+            self.server.models, self._validated_pairs(), "validation", record.overlays if show else None
+        )
         self.server.record_validation(
             record, {pair: {c: nanmean(v) for c, v in dice.items()} for pair, dice in scores.items()}
         )
+
+    def _validated_pairs(self) -> list[tuple[str, str]]:
+        """(model, site) for each model and each site it is validated on."""
+        return [(m, site) for m in self.topology.models for site in self.topology.validated_on(m)]
 
     # ---------------------------------------------------------------- scoring
     def score(
@@ -248,6 +253,8 @@ class Federation:
             server.save(record, self._client_states(), timing)
             score, best = nanmean(list(record.scores.values())), nanmean([b.score for b in server.best.values()])
             rounds.set_postfix(val_dice=f"{score:.3f}", best=f"{best:.3f}")
+        if self.first_round > cfg.fl.rounds:  # resumed after its last round (stopped while testing)
+            self.score(server.models, self._validated_pairs(), "validation", overlays)  # for overlays.png
 
         summary = self._test()
         summary["device"] = device_name(self.fabric.device)

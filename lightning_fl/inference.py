@@ -32,8 +32,9 @@ from torch import Tensor, nn
 
 from lightning_fl.checkpoint import (
     CheckpointError,
+    OutputError,
     atomic_write_bytes,
-    atomic_write_text,
+    atomic_write_together,
     check_compatible,
     check_finite,
     load_model,
@@ -49,6 +50,7 @@ from lightning_fl.run_folder import FORMAT, RunFolder
 
 TORCHSCRIPT_SUFFIX = ".ts"
 METADATA = "metadata.json"
+EXPORTED_MODEL = f"model{TORCHSCRIPT_SUFFIX}"
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
@@ -249,10 +251,19 @@ def save_like(volume: np.ndarray, like: nib.Nifti1Image, path: Path) -> Path:
     return path
 
 
-def export_torchscript(model: TrainedModel, out_dir: Path) -> tuple[Path, Path]:
+def export_torchscript(model: TrainedModel, out_dir: Path, overwrite: bool = False) -> tuple[Path, Path]:
     """`model.ts` (TorchScript, float32, with `metadata.json` inside as MONAI bundles keep it) and
     the same `metadata.json` beside it. The deep-supervision heads only train, so they are left out;
-    a 2D network is wrapped to take volumes (`SliceWise`), so every exported model takes a volume."""
+    a 2D network is wrapped to take volumes (`SliceWise`), so every exported model takes a volume.
+    An export already in `out_dir` is refused, or with `overwrite` moved aside once the new one is
+    ready (`out_dir` may hold anything else, even be `.`: only the export's two files move)."""
+    ts_path, meta_path = out_dir / EXPORTED_MODEL, out_dir / METADATA
+    held = [path.name for path in (ts_path, meta_path) if path.exists()]
+    if held and not overwrite:
+        raise OutputError(
+            f"--output {out_dir} holds an export ({' and '.join(held)}); pass --overwrite to replace it (the old "
+            "files are moved aside), or choose another --output"
+        )
     cfg = model.cfg
     plain = OmegaConf.merge(cfg.model, {"deep_supervision_heads": 0})
     network = build_network(plain, in_channels=1, out_channels=len(cfg.labels.classes))
@@ -268,12 +279,16 @@ def export_torchscript(model: TrainedModel, out_dir: Path) -> tuple[Path, Path]:
         network, example = SliceWise(network), torch.randn(1, 1, *cfg.eval.roi_size, 3)  # any number of slices
     else:
         example = torch.randn(1, 1, *cfg.eval.roi_size).to(memory_format=memory_format(cfg.model))
-    ts_path, meta_path = out_dir / "model.ts", out_dir / METADATA
     with warnings.catch_warnings():  # TorchScript's notes on MONAI's type annotations
         warnings.simplefilter("ignore", UserWarning)
         scripted = convert_to_torchscript(network, verify=True, inputs=[example], rtol=1e-4, atol=1e-4)
-    atomic_write_bytes(ts_path, lambda f: torch.jit.save(scripted, f, _extra_files={METADATA: json.dumps(metadata)}))
-    atomic_write_text(meta_path, json.dumps(metadata, indent=2) + "\n")
+    atomic_write_together(
+        {
+            ts_path: lambda f: torch.jit.save(scripted, f, _extra_files={METADATA: json.dumps(metadata)}),
+            meta_path: lambda f: f.write((json.dumps(metadata, indent=2) + "\n").encode()),
+        },
+        move_old_aside=True,
+    )
     return ts_path, meta_path
 
 

@@ -77,9 +77,10 @@ class RunLogger:
             self._csv.writeheader()
         else:
             self._file = self.path.open("r+", newline="")
+            header = next(csv.reader([self._file.readline()]))  # a run begun by an older version keeps its columns
             self._file.truncate(resume[0])
             self._file.seek(resume[0])
-            self._csv = csv.DictWriter(self._file, fieldnames=METRICS_COLUMNS)
+            self._csv = csv.DictWriter(self._file, fieldnames=header, extrasaction="ignore")
         self._wandb = self._start_wandb(folder.path, cfg, resume[1] if resume else None)
         self._pending: dict[str, float] = {}
 
@@ -196,7 +197,7 @@ class RunLogger:
 
     def _write(self, row: dict[str, Any]) -> None:
         try:
-            self._csv.writerow({key: _format(row.get(key)) for key in METRICS_COLUMNS})
+            self._csv.writerow({key: _format(row.get(key)) for key in self._csv.fieldnames})
         except OSError as err:
             raise OutputError(f"cannot write {self.path}: {err.strerror or err}") from err
 

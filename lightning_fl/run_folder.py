@@ -57,7 +57,8 @@ GLOBAL = "global"  # the model of a federated or centralized run (a standalone r
 LOCAL = "local"  # the model column of a site's training rows: the model it trained, before aggregation
 
 LOSS_COLUMNS = ("loss", "supervised", "condist", "condist_weight", "proximal", "lr")
-METRICS_COLUMNS = ("round", "phase", "site", "model", "class", "dice") + LOSS_COLUMNS + ("note",)
+# skipped_steps: optimizer steps the float16 gradient scaler skipped in the round (16-mixed runs only)
+METRICS_COLUMNS = ("round", "phase", "site", "model", "class", "dice") + LOSS_COLUMNS + ("skipped_steps", "note")
 CASE_COLUMNS = ("phase", "model", "site", "case", "class", "dice")
 
 DICE_PLOT, FINAL_PLOT, LOSS_PLOT, OVERLAY_PLOT = "dice_over_rounds.png", "final_dice.png", "losses.png", "overlays.png"

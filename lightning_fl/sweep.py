@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from lightning_fl.analysis import comparison_figure, frequency_figure, write_png
-from lightning_fl.checkpoint import atomic_write_text
+from lightning_fl.checkpoint import atomic_write_together
 from lightning_fl.config import ConfigError, config_changes
 from lightning_fl.errors import RunStopped
 from lightning_fl.results import (
@@ -281,8 +281,11 @@ def write_tables(
     in fl.local_steps; the paths written."""
     folder = sweep.folder
     costs = run_costs({(run.variant, run.seed): run.folder for run in runs})
-    atomic_write_text(folder.results_md, results_markdown(sweep, results, missing, command, costs))
-    atomic_write_text(folder.results_csv, results_csv(results))
+    tables = {
+        folder.results_md: results_markdown(sweep, results, missing, command, costs),
+        folder.results_csv: results_csv(results),
+    }
+    atomic_write_together({path: lambda f, text=text: f.write(text.encode()) for path, text in tables.items()})
     written = [folder.results_md, folder.results_csv]
     if results:
         by_run = per_run(results)

@@ -10,9 +10,10 @@ import shutil
 import pytest
 import torch
 
+import lightning_fl.checkpoint as checkpoint
 from lightning_fl.checkpoint import CheckpointError, OutputError, load_model, save_model
 from lightning_fl.run_folder import RunFolder
-from tests.helpers.cli import refused
+from tests.helpers.cli import refused, run_main
 from tests.helpers.runs import EXACT, SMOKE
 
 
@@ -167,3 +168,37 @@ def test_an_interrupted_extension_resumes_to_the_extended_run_whose_record_cover
     assert summary["wall_time_s"] > sum(summary["round_time_s"]) > 0
     assert load_model(run / "best.ckpt")["round"] == summary["best_round"]
     assert {row.case for row in folder.read_cases()} == {row.case for row in RunFolder(smoke_run).read_cases()}
+
+
+def test_an_export_is_replaced_only_when_asked_and_a_full_disk_leaves_the_old_one_whole(
+    capsys, smoke_run, tmp_path, monkeypatch
+):
+    """A second export into a folder that holds one is refused; with --overwrite, a full disk while
+    writing metadata.json leaves both old files as they were (not a new model.ts beside old
+    metadata), and a write that succeeds moves the old two aside, nothing else in the folder."""
+    out = tmp_path / "export"
+    export = ["export", "--checkpoint", smoke_run / "best.ckpt", "--output", out]
+    assert run_main(capsys, *export)[0] == 0
+    (out / "notes.txt").write_text("the user's")
+    old = {name: (out / name).read_bytes() for name in ("model.ts", "metadata.json")}
+    assert "holds an export (model.ts and metadata.json); pass --overwrite" in refused(capsys, *export)
+
+    stage = checkpoint._stage
+
+    def full_disk(target, write):
+        if target.name == "metadata.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return stage(target, write)
+
+    monkeypatch.setattr(checkpoint, "_stage", full_disk)
+    line = refused(capsys, *export, "--overwrite")
+    assert f"cannot write {out / 'metadata.json'}: No space left on device; no file of" in line
+    assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "model.ts", "notes.txt"]
+    assert {name: (out / name).read_bytes() for name in old} == old
+
+    monkeypatch.setattr(checkpoint, "_stage", stage)
+    assert run_main(capsys, *export, "--overwrite")[0] == 0
+    for name, contents in old.items():
+        (aside,) = out.glob(f"{name}.replaced-*")
+        assert aside.read_bytes() == contents
+    assert (out / "notes.txt").read_text() == "the user's" and (out / "model.ts").is_file()

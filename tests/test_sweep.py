@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import errno
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import time
 import pytest
 import torch
 
+import lightning_fl.checkpoint as checkpoint
 from lightning_fl import sweep as sweeps
 from lightning_fl.cli import main
 from lightning_fl.config import ConfigError, to_yaml
@@ -193,6 +195,32 @@ def test_tables_only_rebuilds_the_tables_from_the_finished_runs(tmp_path, capsys
     md = (tmp_path / "out" / "results.md").read_text()
     assert f"- command: `lightning-fl sweep {path} --tables-only`" in md and "runs in these tables: 2 of 2\n" in md
     assert "| test | liver | 2 | 2 | +0.100 | [+0.100, +0.100] |" in md
+
+
+def test_a_full_disk_leaves_the_previous_tables_whole(tmp_path, capsys, monkeypatch, flat_smoke):
+    """results.csv cannot be written: one line naming it, exit 2, and results.md and results.csv
+    are both the previous ones (not new Markdown beside an old CSV), no temporary file left."""
+    path = write_sweep(tmp_path, flat_smoke, variants={"a": []})
+    for run in plan_runs(load_sweep(path)):
+        finish(run, ("summary.json",))
+    assert main(["sweep", str(path), "--tables-only"]) == 0
+    out = tmp_path / "out"
+    before = {name: (out / name).read_bytes() for name in ("results.md", "results.csv")}
+    stage = checkpoint._stage
+
+    def full_disk(target, write):
+        if target.name == "results.csv":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return stage(target, write)
+
+    monkeypatch.setattr(checkpoint, "_stage", full_disk)
+    monkeypatch.setattr(time, "strftime", lambda *_: "2027-01-01 00:00")  # results.md would differ
+    capsys.readouterr()
+    assert main(["sweep", str(path), "--tables-only"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"cannot write {out / 'results.csv'}: No space left on device" in lines[0], lines
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not list(out.glob(".*.tmp"))
 
 
 # ---------------------------------------------------------------- end to end
