@@ -265,8 +265,11 @@ class FederationConfig:
     server_momentum: float = ranged(0.6, ge=0, lt=1)
     min_sites: int = ranged(1, ge=1)  # a round whose failed sites leave fewer updates than this stops the run
     # an update whose norm is more than this many times the round's median (3 updates or more) is
-    # dropped like a failed site's; 0: no bound
+    # an outlier; 0: no bound
     max_update_ratio: float = ranged(10.0, ge=0)
+    # what an outlier becomes: dropped like a failed site's update, or scaled down to the bound
+    # (its norm then max_update_ratio × the median) and aggregated
+    outlier_update: str = ranged("drop", choices=("drop", "clip"))
 
 
 @dataclass

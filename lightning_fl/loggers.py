@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_fl.analysis import Overlay
 from lightning_fl.checkpoint import OutputError
-from lightning_fl.run_folder import DROPPED, GLOBAL, LOCAL, METRICS_COLUMNS, TRAIN, VALIDATION, RunFolder
+from lightning_fl.run_folder import CLIPPED, DROPPED, GLOBAL, LOCAL, METRICS_COLUMNS, TRAIN, VALIDATION, RunFolder
 
 WANDB_PHASE = {VALIDATION: "val"}  # metrics.csv's phase → the W&B key's first part (others as they are)
 
@@ -146,6 +146,11 @@ class RunLogger:
         self._write({"round": round, "phase": DROPPED, "site": site, "model": LOCAL, "note": reason})
         self._flush()
         self._pending[f"dropped/{site}"] = 1.0
+
+    def clipped(self, round: int, site: str, reason: str) -> None:
+        """A site whose outlying update this round was scaled down to the bound before aggregation, and why."""
+        self._write({"round": round, "phase": CLIPPED, "site": site, "model": LOCAL, "note": reason})
+        self._pending[f"clipped/{site}"] = 1.0
 
     def scalars(self, values: Mapping[str, float]) -> None:
         """Values for W&B only (not metrics.csv), sent with the round's next `commit`."""

@@ -53,6 +53,7 @@ FORMAT = 2  # rounds numbered from 1 (format 1 counted from 0)
 
 # phases: the `phase` column of metrics.csv and test_cases.csv
 TRAIN, VALIDATION, TEST, EXTERNAL, DROPPED = "train", "validation", "test", "external", "dropped"
+CLIPPED = "clipped"  # a site's outlying update, scaled down to the bound (fl.outlier_update=clip)
 GLOBAL = "global"  # the model of a federated or centralized run (a standalone run has one per site)
 LOCAL = "local"  # the model column of a site's training rows: the model it trained, before aggregation
 

@@ -160,8 +160,10 @@ class Server:
 
     def drop_failed(self, round: int, answers: dict[str, Answer]) -> None:
         """Record the clients whose round failed, turning an outlying update into a failure first
-        (`drop_outliers`); stop when fewer than `fl.min_sites` updates are left."""
-        self.drop_outliers(answers)
+        or clipping it (`bound_outliers`); stop when fewer than `fl.min_sites` updates are left."""
+        clipped = self.bound_outliers(answers)
+        if clipped:
+            self.on_main("recording clipped updates", lambda: self._record_clipped(round, clipped))
         dropped = {name: a.reason for name, a in answers.items() if isinstance(a, Dropped)}
         if dropped:
             self.on_main("recording dropped sites", lambda: self._record_dropped(round, dropped))
@@ -174,14 +176,16 @@ class Server:
                 + (f" (round {round - 1})" if round > 1 else " (none yet: this was the first round)")
             )
 
-    def drop_outliers(self, answers: dict[str, Answer]) -> None:
-        """Replace by a `Dropped` answer every update whose L2 norm exceeds `fl.max_update_ratio` times
-        the median norm of the updates to the same model (3 updates at least: with 2 neither is the
-        odd one). Finite but absurd updates (a bug, a corrupted batch, a hostile site) would otherwise
-        wreck the global model for every site; an update within the bound is trusted as it is."""
-        ratio = self.cfg.fl.max_update_ratio
+    def bound_outliers(self, answers: dict[str, Answer]) -> dict[str, str]:
+        """Every update whose L2 norm exceeds `fl.max_update_ratio` times the median norm of the
+        updates to the same model (3 updates at least: with 2 neither is the odd one) becomes a
+        `Dropped` answer, or with `fl.outlier_update=clip` is scaled down to that bound; returns the
+        clipped sites and why. Finite but absurd updates (a bug, a corrupted batch, a hostile site)
+        would otherwise wreck the global model for every site; an update within the bound is
+        trusted as it is."""
+        ratio, clipped = self.cfg.fl.max_update_ratio, {}
         if ratio == 0:
-            return
+            return clipped
         for model in self.topology.models:
             norms = {
                 name: update_norm(a.delta)
@@ -192,11 +196,21 @@ class Server:
                 continue
             median = statistics.median(norms.values())
             for name, norm in norms.items():
-                if norm > ratio * median:
-                    answers[name] = Dropped(
-                        f"update norm {norm:.3g} is more than fl.max_update_ratio={ratio:g} times the round's "
-                        f"median {median:.3g}"
-                    )
+                if norm <= ratio * median:
+                    continue
+                reason = (
+                    f"update norm {norm:.3g} is more than fl.max_update_ratio={ratio:g} times the round's "
+                    f"median {median:.3g}"
+                )
+                answer = answers[name]
+                if self.cfg.fl.outlier_update == "drop":
+                    answers[name] = Dropped(reason)
+                    continue
+                scale = ratio * median / norm
+                delta = {k: v * scale if v.is_floating_point() else v for k, v in answer.delta.items()}
+                answers[name] = replace(answer, delta=delta)
+                clipped[name] = f"{reason}: scaled by {scale:.3g} to it"
+        return clipped
 
     def aggregate(self, answers: dict[str, Answer]) -> None:
         """Each model's aggregator turns its clients' updates into its next weights; a model none of
@@ -333,6 +347,12 @@ class Server:
         )
         logger.overlays(record.overlays, dict(enumerate(self.labels.classes)))
         logger.commit(step=r, round=r)
+
+    def _record_clipped(self, round: int, clipped: dict[str, str]) -> None:
+        assert self.logger is not None
+        for name, reason in clipped.items():
+            print(f"warning: round {round}: clipped the update of site '{name}': {reason}", file=sys.stderr)
+            self.logger.clipped(round, name, reason)
 
     def _record_dropped(self, round: int, dropped: dict[str, str]) -> None:
         assert self.logger is not None

@@ -12,6 +12,7 @@ import statistics
 import pytest
 import torch
 
+from lightning_fl.aggregation import update_norm
 from lightning_fl.client import Dropped, Trained
 from lightning_fl.config import load_config
 from lightning_fl.distributed import build_fabric
@@ -119,3 +120,24 @@ def test_a_site_sending_a_million_times_its_update_is_dropped_like_a_failed_one(
             torch.load(tmp_path / run / name, weights_only=True)["model"] for run in ("bounded", "failed")
         )
         assert all(torch.equal(guarded[k], without[k]) for k in without)
+
+
+def test_with_clipping_an_outlying_update_is_scaled_down_to_the_bound_and_aggregated(
+    data_home, smoke_config_path, tmp_path
+):
+    """fl.outlier_update=clip: the 10⁶-scaled update is kept at 10 × the round's median norm, said
+    in a `clipped` row, and the global model stays finite."""
+    federation = _federation(smoke_config_path, tmp_path, "fl.outlier_update=clip", "fl.rounds=1")
+    answers = federation.train_clients(1)
+    inflated = answers["kidney"]
+    answers["kidney"] = dataclasses.replace(inflated, delta={k: v * 1e6 for k, v in inflated.delta.items()})
+    median = statistics.median(update_norm(a.delta) for a in answers.values())
+    federation.server.drop_failed(1, answers)
+    assert isinstance(answers["kidney"], Trained)
+    assert update_norm(answers["kidney"].delta) == pytest.approx(10 * median, rel=1e-5)
+    federation.server.aggregate(answers)
+    assert all(torch.isfinite(v).all() for v in federation.server.models["global"].values() if v.is_floating_point())
+    federation.server.logger.commit(step=1, round=1)
+    (row,) = _rows(tmp_path, "clipped")
+    assert row["site"] == "kidney" and "is more than fl.max_update_ratio=10 times the round's median" in row["note"]
+    assert not _rows(tmp_path, "dropped")
