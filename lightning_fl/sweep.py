@@ -209,7 +209,10 @@ def _stop(children: list[_Child]) -> None:
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+    if seconds < 59.95:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)  # whole seconds first: 479.6 s is 8 min 00 s, not 7 min 60 s
+    return f"{minutes} min {rest:02d} s"
 
 
 def status_table(runs: list[PlannedRun], outcomes: dict[str, Outcome]) -> str:

@@ -178,6 +178,11 @@ def test_the_synthetic_data_is_generated_once_before_the_first_wave(tmp_path, mo
     assert seen.read_text() == "True\nTrue\n" and (root / "synthetic.yaml").is_file()
 
 
+@pytest.mark.parametrize(("seconds", "shown"), [(59.9, "59.9 s"), (59.96, "1 min 00 s"), (479.6, "8 min 00 s")])
+def test_run_times_are_shown_in_whole_minutes_and_seconds(seconds, shown):
+    assert sweeps._duration(seconds) == shown
+
+
 def test_tables_only_rebuilds_the_tables_from_the_finished_runs(tmp_path, capsys, flat_smoke):
     path = write_sweep(
         tmp_path, flat_smoke, variants={"a": [], "b": ["method.condist=false"]}, comparisons=[["a", "b"]]
