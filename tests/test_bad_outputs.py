@@ -10,11 +10,10 @@ import shutil
 import pytest
 import torch
 
-import lightning_fl.checkpoint as checkpoint
 from lightning_fl.checkpoint import CheckpointError, OutputError, load_model, save_model
 from lightning_fl.run_folder import RunFolder
 from tests.helpers.cli import refused, run_main
-from tests.helpers.runs import EXACT, SMOKE
+from tests.helpers.runs import EXACT, SMOKE, fill_disk_at
 
 
 def test_a_full_disk_leaves_the_previous_checkpoint_readable(tmp_path, monkeypatch):
@@ -183,20 +182,13 @@ def test_an_export_is_replaced_only_when_asked_and_a_full_disk_leaves_the_old_on
     old = {name: (out / name).read_bytes() for name in ("model.ts", "metadata.json")}
     assert "holds an export (model.ts and metadata.json); pass --overwrite" in refused(capsys, *export)
 
-    stage = checkpoint._stage
-
-    def full_disk(target, write):
-        if target.name == "metadata.json":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return stage(target, write)
-
-    monkeypatch.setattr(checkpoint, "_stage", full_disk)
+    fill_disk_at(monkeypatch, "metadata.json")
     line = refused(capsys, *export, "--overwrite")
     assert f"cannot write {out / 'metadata.json'}: No space left on device; no file of" in line
     assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "model.ts", "notes.txt"]
     assert {name: (out / name).read_bytes() for name in old} == old
 
-    monkeypatch.setattr(checkpoint, "_stage", stage)
+    monkeypatch.undo()  # the disk freed
     assert run_main(capsys, *export, "--overwrite")[0] == 0
     for name, contents in old.items():
         (aside,) = out.glob(f"{name}.replaced-*")

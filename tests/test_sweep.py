@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import errno
 import json
 import os
 import re
@@ -18,14 +17,13 @@ import time
 import pytest
 import torch
 
-import lightning_fl.checkpoint as checkpoint
 from lightning_fl import sweep as sweeps
 from lightning_fl.cli import main
 from lightning_fl.config import ConfigError, to_yaml
 from lightning_fl.errors import RunStopped
 from lightning_fl.sweep import decide
 from lightning_fl.sweep_plan import load_sweep, plan_runs
-from tests.helpers.runs import SMOKE
+from tests.helpers.runs import SMOKE, fill_disk_at
 from tests.helpers.sweeps import CASES, federated_rows, finish, summary, write_sweep
 
 
@@ -211,14 +209,7 @@ def test_a_full_disk_leaves_the_previous_tables_whole(tmp_path, capsys, monkeypa
     assert main(["sweep", str(path), "--tables-only"]) == 0
     out = tmp_path / "out"
     before = {name: (out / name).read_bytes() for name in ("results.md", "results.csv")}
-    stage = checkpoint._stage
-
-    def full_disk(target, write):
-        if target.name == "results.csv":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return stage(target, write)
-
-    monkeypatch.setattr(checkpoint, "_stage", full_disk)
+    fill_disk_at(monkeypatch, "results.csv")
     monkeypatch.setattr(time, "strftime", lambda *_: "2027-01-01 00:00")  # results.md would differ
     capsys.readouterr()
     assert main(["sweep", str(path), "--tables-only"]) == 2

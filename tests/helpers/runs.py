@@ -3,6 +3,7 @@ objective built by the project's recipe, and folders made once per test session.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -15,6 +16,7 @@ import torch
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
+import lightning_fl.checkpoint as checkpoint
 from lightning_fl.build import build_run
 from lightning_fl.checkpoint import RunFolderError
 from lightning_fl.objective import Objective
@@ -88,3 +90,15 @@ def kill_in_round_2(cli: Any, out: Path, *overrides: str, config: Path = SMOKE, 
 
 def last_model(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "last.ckpt", weights_only=True)["model"]
+
+
+def fill_disk_at(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Every later staged write of a file called `name` fails as on a full disk (ENOSPC)."""
+    stage = checkpoint._stage
+
+    def full_disk(target: Path, write: Any) -> Path:
+        if target.name == name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return stage(target, write)
+
+    monkeypatch.setattr(checkpoint, "_stage", full_disk)
