@@ -36,7 +36,9 @@ class Cli:
     """Runs `python -m lightning_fl ...` (or any Python command line) in a subprocess from the repo root.
 
     The subprocess inherits this process's environment (W&B offline and LIGHTNING_FL_DATA, set by
-    the session's fixtures); `env` adds to it for that one command.
+    the session's fixtures) as a shell would give it, without the address of a W&B service this
+    process started: connected to it, a run resumed right after a killed one found the killed one's
+    run id still held there and failed ("run ID ... is in use"). `env` adds to it for that one command.
     """
 
     def __call__(self, *args: str, timeout: float | None = None, **env: str) -> subprocess.CompletedProcess:
@@ -59,7 +61,7 @@ class Cli:
             capture_output=True,
             text=True,
             cwd=cwd,
-            env=os.environ | env,
+            env=_environment(env),
             timeout=timeout,
         )
 
@@ -71,8 +73,13 @@ class Cli:
             [sys.executable, "-m", "lightning_fl", *args],
             cwd=REPO,
             text=True,
-            env=os.environ | env,
+            env=_environment(env),
             start_new_session=True,
             stdout=output,
             stderr=output,
         )
+
+
+def _environment(env: dict[str, str]) -> dict[str, str]:
+    """This process's environment without its W&B service's address, plus `env`."""
+    return {key: value for key, value in os.environ.items() if key != "WANDB_SERVICE"} | env
