@@ -38,7 +38,7 @@ from lightning_fl.labels import LabelSpace, LabelSpaceError
 PHASES = ("portal_venous", "unenhanced")  # contrast phases the synthetic scanners can acquire
 RENAMED = {"fl.strategy": "fl.aggregation"}  # old key → new: run folders and checkpoints keep the old one
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-DEFAULT_CONFIG = "condistfl_synthetic.yaml"
+DEFAULT_CONFIG = "demo.yaml"
 
 
 class ConfigError(UserInputError):

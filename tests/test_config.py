@@ -11,14 +11,16 @@ from lightning_fl.config import CONFIG_DIR, ConfigError, check_size, load_config
 from lightning_fl.networks import build_network
 
 
-@pytest.mark.parametrize("name", ["condistfl_synthetic", "condistfl_paper", "smoke", "smoke_2d", "testbed"])
+@pytest.mark.parametrize("name", ["demo", "condistfl_synthetic", "condistfl_paper", "smoke", "smoke_2d", "testbed"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIG_DIR / f"{name}.yaml")
     assert cfg.labels.classes[0] == "background" and len(cfg.data.sites) == 4
 
 
-def test_default_config_is_the_demo():
-    assert load_config().output_dir == "runs/condistfl_synthetic"
+def test_default_config_is_the_demo_the_testbed_s_condistfl_cut_to_24_rounds():
+    demo, testbed = load_config(), load_config(CONFIG_DIR / "testbed.yaml")
+    assert demo.output_dir == "runs/demo" and demo.method == testbed.method and demo.fl.rounds == 24
+    assert demo.model == testbed.model and demo.data == testbed.data and demo.optim == testbed.optim
 
 
 def test_paper_config_has_the_spec_values():
