@@ -4,8 +4,9 @@ last quarter of the rounds, its wall time, device and precision, and each run's 
 against the first run's. Reads the run folders' records (summary.json, metrics.csv, config.yaml);
 writes FILE as markdown with the command that made it.
 
-    python experiments/compare_runs.py --output experiments/results/testbed_compute/results.md \
-        16-filters=experiments/results/testbed_compute/filters16 32-filters=...
+    python experiments/compare_runs.py --output experiments/results/testbed_compute/compared.md \
+        testbed=experiments/results/testbed/runs/centralized/seed0 \
+        32-filters=experiments/results/testbed_compute/filters32 ...   # the first run is the reference
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ documents show what the run folders hold and nothing typed by hand. `tests/test_
 that they agree.
 
     lightning-fl fit --overwrite output_dir=experiments/results/demo        # the demo (2D; models not committed)
-    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 lightning-fl fit --overwrite output_dir=experiments/results/demo_avx2
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \
+        lightning-fl fit --overwrite output_dir=experiments/results/demo_avx2  # the same on AVX2 (float32)
     lightning-fl fit --config configs/condistfl_synthetic.yaml --overwrite output_dir=experiments/results/demo_3d
     python experiments/readme_demo.py                                       # their blocks in the documents
 """
