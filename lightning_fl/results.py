@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,6 +22,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_fl.config import CONFIG_DIR
+from lightning_fl.labels import LabelSpace
 from lightning_fl.run_folder import EXTERNAL, GLOBAL, TEST, VALIDATION, CaseRow, RunFolder, SweepFolder
 from lightning_fl.sweep_plan import Sweep
 
@@ -328,12 +329,12 @@ def paired_differences(results: Results, a: str, b: str) -> list[Difference]:
 CONVERGED_CHANGE = 0.01  # a run has converged when its validation curve's last quarter moves less
 
 
-def validation_curve(metrics: Iterable[Mapping[str, str]]) -> dict[int, float]:
+def validation_curve(metrics: Iterable[Mapping[str, str]], classes: Container[str] | None = None) -> dict[int, float]:
     """Round → mean validation Dice over every model, site and class scored that round (metrics.csv's
-    rows): the curve whose tail says whether a run has converged."""
+    rows), or over `classes` only: the curve whose tail says whether a run has converged."""
     values: dict[int, list[float]] = {}
     for row in metrics:
-        if row["phase"] == VALIDATION and row["dice"] != "":
+        if row["phase"] == VALIDATION and row["dice"] != "" and (classes is None or row["class"] in classes):
             values.setdefault(int(row["round"]), []).append(float(row["dice"]))
     return {r: nanmean(v) for r, v in sorted(values.items())}
 
@@ -348,18 +349,25 @@ def last_quarter_change(curve: Mapping[int, float], rounds: int) -> float:
 
 def run_costs(runs: Mapping[tuple[str, int], RunFolder]) -> dict[tuple[str, int], dict[str, Any]]:
     """What each finished run cost and where it ended, from its summary.json and metrics.csv: wall
-    time, time per round, device, precision, and its validation curve's last-quarter change."""
+    time, time per round, device, precision, and its validation curve's last-quarter change, also
+    over its organs and over its tumours alone (which of them still moves)."""
     costs = {}
     for key, folder in runs.items():
         summary = folder.read_summary()
         if summary:
             rounds = summary.get("round_time_s") or [math.nan]
+            metrics = folder.read_metrics()
+            tumours = set(LabelSpace.of(folder.read_config().labels).tumor_of)
+            organs = {row["class"] for row in metrics if row["class"] and row["class"] not in tumours}
             costs[key] = {
                 "wall_s": summary.get("wall_time_s", math.nan),
                 "round_s": sum(rounds) / len(rounds),
                 "device": summary.get("device", "not recorded"),
                 "precision": summary.get("precision", "not recorded"),
-                "tail_change": last_quarter_change(validation_curve(folder.read_metrics()), summary["rounds"]),
+                **{
+                    name: last_quarter_change(validation_curve(metrics, classes), summary["rounds"])
+                    for name, classes in (("tail_change", None), ("organs", organs), ("tumours", tumours))
+                },
             }
     return costs
 
@@ -405,13 +413,29 @@ def _time_table(variants: Sequence[str], costs: Mapping[tuple[str, int], dict[st
                     str(len(mine)),
                     f"{np.mean([c['wall_s'] for c in mine]) / 60:.1f}",
                     f"{np.mean([c['round_s'] for c in mine]):.1f}",
-                    "n/a" if any(math.isnan(x) for x in changes) else f"{max(changes):.3f}",
+                    *(_largest([c[part] for c in mine]) for part in ("tail_change", "organs", "tumours")),
                     f"{sum(x < CONVERGED_CHANGE for x in changes)} of {len(mine)}",
                     "; ".join(sorted({f"{c['device']}, {c['precision']}" for c in mine})),
                 ]
             )
-    header = ["variant", "runs", "min per run", "s per round", "last-quarter change", "converged", "device, precision"]
+    header = [
+        "variant",
+        "runs",
+        "min per run",
+        "s per round",
+        "last-quarter change",
+        "organs",
+        "tumours",
+        "converged",
+        "device, precision",
+    ]
     return _markdown(header, rows) if rows else []
+
+
+def _largest(changes: Sequence[float]) -> str:
+    """The largest last-quarter change over the seeds; n/a where a seed has none (too few validated
+    rounds, or no such class)."""
+    return "n/a" if any(math.isnan(x) for x in changes) else f"{max(changes):.3f}"
 
 
 def _shown(path: Path) -> Path:
@@ -480,8 +504,8 @@ def results_markdown(
             "",
             "Wall time of each run (training, validation and test) and of a round, mean over "
             "the seeds; how far each seed's mean validation Dice moved (max − min) over the last quarter of "
-            f"the rounds, the largest over the seeds, and how many seeds moved less than {CONVERGED_CHANGE} "
-            "(converged); the device and precision each ran on.",
+            "the rounds, the largest over the seeds, also over its organs and over its tumours alone, and how "
+            f"many seeds moved less than {CONVERGED_CHANGE} (converged); the device and precision each ran on.",
             "",
             *_time_table(variants, costs),
         ]

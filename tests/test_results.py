@@ -77,16 +77,20 @@ def test_results_md_gives_mean_and_std_over_seeds_and_a_cross_site_table(tmp_pat
 
 
 def test_results_md_says_what_each_variant_cost_where_it_ran_and_whether_it_converged(tmp_path):
+    """The last-quarter change of each seed's mean validation Dice, the largest over the seeds, and
+    the same over the organs and over the tumours alone: which of them still moves."""
     sweep = _sweep_for_tables(tmp_path)
-    # mean validation Dice of rounds 1-8 (two classes a round); the last quarter is rounds 6-8
+    # mean organ validation Dice of rounds 1-8 (liver and spleen, ± 0.1 about it); the last quarter is rounds 6-8
     curves = {
-        ("a", 0): [0.1, 0.3, 0.5, 0.6, 0.70, 0.700, 0.705, 0.702],  # moves 0.005: converged
-        ("a", 1): [0.1, 0.3, 0.5, 0.6, 0.65, 0.680, 0.700, 0.730],  # moves 0.050: still rising
-        ("b", 0): [0.1, 0.2, 0.3, 0.4, 0.50, 0.500, 0.500, 0.500],
+        ("a", 0): [0.1, 0.3, 0.5, 0.6, 0.70, 0.700, 0.705, 0.702],  # organs move 0.005
+        ("a", 1): [0.1, 0.3, 0.5, 0.6, 0.65, 0.680, 0.700, 0.730],  # organs move 0.050: still rising
+        ("b", 0): [0.1, 0.2, 0.3, 0.4, 0.50, 0.500, 0.500, 0.500],  # organs still, the tumour moves
     }
+    tumour = {("b", 0): {7: 0.39}}  # the liver tumour's Dice is 0.3 in every other round
     for (variant, seed), wall in zip(curves, (600.0, 720.0, 300.0)):
         folder = sweep.output_dir / "runs" / variant / f"seed{seed}"
         folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text("defaults: [smoke]\n")  # its label space names the tumours
         (folder / "summary.json").write_text(
             json.dumps(
                 summary(
@@ -99,16 +103,21 @@ def test_results_md_says_what_each_variant_cost_where_it_ran_and_whether_it_conv
             )
         )
         rows = [
-            f"{r},validation,s,global,{cls},{dice + offset}"
-            for r, dice in enumerate(curves[(variant, seed)], 1)
-            for cls, offset in (("liver", 0.1), ("spleen", -0.1))
+            f"{r},validation,s,global,{cls},{dice}"
+            for r, organs in enumerate(curves[(variant, seed)], 1)
+            for cls, dice in (
+                ("liver", organs + 0.1),
+                ("spleen", organs - 0.1),
+                ("liver_tumor", tumour.get((variant, seed), {}).get(r, 0.3)),
+            )
         ]
         (folder / "metrics.csv").write_text("\n".join(["round,phase,site,model,class,dice", *rows]) + "\n")
     runs = {(v, s): sweep.folder.run(v, s) for v in ("a", "b") for s in (0, 1)}
     md = results.results_markdown(sweep, RESULTS, [], "", results.run_costs(runs))
     time_table = md[md.index("## Time and convergence") :]
-    assert "| a | 2 | 11.0 | 15.0 | 0.050 | 1 of 2 | AMD EPYC, 2 cores, 32-true |" in time_table
-    assert "| b | 1 | 5.0 | 15.0 | 0.000 | 1 of 1 | AMD EPYC, 2 cores, 32-true |" in time_table
+    # all three classes: two thirds of the organs' move (a), a third of the tumour's (b)
+    assert "| a | 2 | 11.0 | 15.0 | 0.033 | 0.050 | 0.000 | 1 of 2 | AMD EPYC, 2 cores, 32-true |" in time_table
+    assert "| b | 1 | 5.0 | 15.0 | 0.030 | 0.000 | 0.090 | 0 of 1 | AMD EPYC, 2 cores, 32-true |" in time_table
 
 
 def test_paired_differences_are_over_the_cases_both_scored():
