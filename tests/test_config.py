@@ -11,7 +11,9 @@ from lightning_fl.config import CONFIG_DIR, ConfigError, check_size, load_config
 from lightning_fl.networks import build_network
 
 
-@pytest.mark.parametrize("name", ["demo", "condistfl_synthetic", "condistfl_paper", "smoke", "smoke_2d", "testbed", "testbed_3d"])
+@pytest.mark.parametrize(
+    "name", ["demo", "condistfl_synthetic", "condistfl_paper", "smoke", "smoke_2d", "testbed", "testbed_3d"]
+)
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIG_DIR / f"{name}.yaml")
     assert cfg.labels.classes[0] == "background" and len(cfg.data.sites) == 4
