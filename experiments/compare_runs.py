@@ -17,10 +17,12 @@ import shlex
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from lightning_fl.checkpoint import atomic_write_text
 from lightning_fl.config import config_changes
 from lightning_fl.errors import UserInputError
-from lightning_fl.results import last_quarter_change, run_mean, validation_curve
+from lightning_fl.results import run_costs, run_mean
 from lightning_fl.run_folder import RunFolder
 
 IGNORED = ("output_dir", "logger.wandb.name", "logger.wandb.group", "logger.wandb.job_type", "logger.progress")
@@ -45,21 +47,14 @@ def comparison(runs: dict[str, RunFolder]) -> str:
     what each run changed against the first."""
     names = list(runs)
     summaries = {name: folder.read_summary() for name, folder in runs.items()}
+    costs = {name: cost for (name, _), cost in run_costs({(name, 0): folder for name, folder in runs.items()}).items()}
     classes = list(summaries[names[0]]["test_dice"])
     rows = [[c, *(cell(summaries[n]["test_dice"].get(c)) for n in names)] for c in classes]
     rows.append(["mean", *(cell(run_mean(summaries[n]["test_dice"])) for n in names)])
     rows.append(["best round", *(f"{summaries[n]['best_round']} of {summaries[n]['rounds']}" for n in names)])
-    rows.append(
-        [
-            "last-quarter change",
-            *(
-                f"{last_quarter_change(validation_curve(runs[n].read_metrics()), summaries[n]['rounds']):.3f}"
-                for n in names
-            ),
-        ]
-    )
-    rows.append(["min per run", *(f"{summaries[n]['wall_time_s'] / 60:.1f}" for n in names)])
-    rows.append(["device, precision", *(f"{summaries[n]['device']}, {summaries[n]['precision']}" for n in names)])
+    rows.append(["last-quarter change", *(f"{costs[n]['tail_change']:.3f}" for n in names)])
+    rows.append(["min per run", *(f"{costs[n]['wall_s'] / 60:.1f}" for n in names)])
+    rows.append(["device, precision", *(f"{costs[n]['device']}, {costs[n]['precision']}" for n in names)])
     lines = ["| test Dice | " + " | ".join(names) + " |", "|" + " --- |" * (len(names) + 1)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     first = runs[names[0]].read_config()
@@ -67,7 +62,7 @@ def comparison(runs: dict[str, RunFolder]) -> str:
     for name in names[1:]:
         cfg = runs[name].read_config()
         changes = config_changes(first, cfg, ignore=IGNORED)
-        shown = ", ".join(f"`{k}={cfg_value(cfg, k)}`" for k in changes) or "nothing"
+        shown = ", ".join(f"`{k}={command_line_value(OmegaConf.select(cfg, k))}`" for k in changes) or "nothing"
         lines.append(f"- {name}: {shown} (against {names[0]})")
     return "\n".join(lines) + "\n"
 
@@ -77,12 +72,11 @@ def cell(dice: float | None) -> str:
     return "n/a" if dice is None or math.isnan(dice) else f"{dice:.3f}"
 
 
-def cfg_value(cfg, key: str) -> object:
-    """A dotted key's value in a config (lists as they are written on the command line)."""
-    node = cfg
-    for part in key.split("."):
-        node = node[int(part)] if part.isdigit() else node[part]
-    return str(list(node)).replace(" ", "") if hasattr(node, "__len__") and not isinstance(node, str) else node
+def command_line_value(value: object) -> object:
+    """A config value as it is written on the command line (lists without spaces)."""
+    if OmegaConf.is_config(value):
+        return str(OmegaConf.to_container(value)).replace(" ", "")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -357,8 +357,9 @@ def run_costs(runs: Mapping[tuple[str, int], RunFolder]) -> dict[tuple[str, int]
         if summary:
             rounds = summary.get("round_time_s") or [math.nan]
             metrics = folder.read_metrics()
-            tumours = set(LabelSpace.of(folder.read_config().labels).tumor_of)
-            organs = {row["class"] for row in metrics if row["class"] and row["class"] not in tumours}
+            labels = LabelSpace.of(folder.read_config().labels)
+            tumours = set(labels.tumor_of)
+            organs = set(labels.classes[1:]) - tumours  # classes[0] is the background
             costs[key] = {
                 "wall_s": summary.get("wall_time_s", math.nan),
                 "round_s": sum(rounds) / len(rounds),
