@@ -29,14 +29,6 @@ from lightning_fl.labels import LabelSpace
 ORGANS = ("liver", "spleen", "pancreas", "kidney")
 
 
-def full_label(cfg, site, index: int, labels: LabelSpace) -> np.ndarray:
-    """The phantom's label of every class, drawn again exactly as `lightning-fl synth` drew the case."""
-    scanner = synthetic._scanner_of(cfg.data.synthetic, site)
-    tumours = synthetic.tumor_probabilities(site.classes, labels, cfg.data.synthetic.incidental_tumor_probability)
-    rng = synthetic._case_rng(cfg.data.synthetic.seed, site.name, index)
-    return synthetic.make_phantom(rng, scanner, labels, tumours)[1]
-
-
 def confusion(checkpoint: Path, split: str) -> tuple[dict[str, Counter], dict[str, Counter], dict[str, list[int]], int]:
     """Per organ (at the site that labels it): missed voxels by predicted class, false voxels by true
     class, and [voxels, voxels touching another organ]; and the number of cases."""
@@ -55,7 +47,7 @@ def confusion(checkpoint: Path, split: str) -> tuple[dict[str, Counter], dict[st
             for item in read_datalist(Path(cfg.data.root).expanduser() / site.datalist)[split]:
                 image = Path(item["image"])
                 index = int(nifti_stem(image).rsplit("_", 1)[1])
-                truth = full_label(cfg, site, index, labels)
+                truth = synthetic.draw_case(cfg.data.synthetic, site, index, labels)[1]
                 (written,) = infer_file(model, image, Path(tmp))
                 pred = np.asarray(nib.load(written).dataobj)
                 cases += 1

@@ -1,5 +1,5 @@
 """What a run's scores say, computed once: which rows speak for a model, means per run, means ± std
-over seeds, paired bootstrap differences, and the tables that show them.
+over seeds, paired differences with intervals over seeds and over cases, and the tables that show them.
 
 `fit` summarises its run here (`summary.json` and the console table), `sweep` writes its tables
 here (`results.csv`, `results.md`) and the notebooks read a sweep back here, so "ConDistFL's liver
@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
+from scipy import stats
 
 from lightning_fl.config import CONFIG_DIR
 from lightning_fl.labels import LabelSpace
@@ -289,28 +290,52 @@ def _case_scores(results: Results, variant: str) -> dict[tuple[int, str, str, st
     return {key: nanmean(values) for key, values in scores.items()}
 
 
+def seed_interval(per_seed: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """The Student t interval at `level` of the mean of per-seed values (S − 1 degrees of freedom):
+    the spread that retraining with another seed gives, which no resampling of one model's cases
+    shows. NaN with fewer than two seeds."""
+    values = np.asarray(per_seed, dtype=float)
+    if len(values) < 2:
+        return math.nan, math.nan
+    half = stats.t.ppf((1 + level) / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
+
+
 class Difference(NamedTuple):
-    """a − b over one class (or all) of the test splits or of one external site."""
+    """a − b over one class (or all) of the test splits or of one external site: the mean over every
+    pair, its interval over seeds (each seed's mean difference, t interval) and over cases (bootstrap)."""
 
     group: str  # "test" or "external: <site>"
     cls: str  # a class, or ALL_CLASSES
     n: int  # paired values (case × class × seed)
+    seeds: int  # seeds that scored a pair
     cases: int  # distinct cases (site, case)
     mean: float
-    low: float
-    high: float
+    seed_low: float
+    seed_high: float
+    case_low: float
+    case_high: float
+
+    @property
+    def verdict(self) -> str:
+        """ "> 0" or "< 0" where both intervals lie on that side of 0; else "not shown"."""
+        if self.seed_low > 0 and self.case_low > 0:
+            return "> 0"
+        if self.seed_high < 0 and self.case_high < 0:
+            return "< 0"
+        return "not shown"
 
 
 def paired_differences(results: Results, a: str, b: str) -> list[Difference]:
     """a − b over the cases both scored (same seed, phase, site, case and class, Dice in both), per
     class and over all classes, for the test splits and each external site."""
     scores_a, scores_b = _case_scores(results, a), _case_scores(results, b)
-    groups: dict[tuple[str, str], list[tuple[float, tuple[str, str]]]] = {}
+    groups: dict[tuple[str, str], list[tuple[float, tuple[str, str], int]]] = {}
     for key, value in scores_a.items():
         if key in scores_b:
-            _, phase, site, case, cls = key
+            seed, phase, site, case, cls = key
             group = TEST if phase == TEST else f"{EXTERNAL}: {site}"
-            pair = (value - scores_b[key], (site, case))
+            pair = (value - scores_b[key], (site, case), seed)
             groups.setdefault((group, cls), []).append(pair)
             groups.setdefault((group, ALL_CLASSES), []).append(pair)
     ordered = [
@@ -320,8 +345,17 @@ def paired_differences(results: Results, a: str, b: str) -> list[Difference]:
     ]
     differences = []
     for group, cls in ordered:
-        diffs, clusters = zip(*groups[(group, cls)])
-        differences.append(Difference(group, cls, len(diffs), len(set(clusters)), *bootstrap_mean(diffs, clusters)))
+        diffs, clusters, seeds = zip(*groups[(group, cls)])
+        by_seed: dict[int, list[float]] = {}
+        for diff, seed in zip(diffs, seeds):
+            by_seed.setdefault(seed, []).append(diff)
+        mean, case_low, case_high = bootstrap_mean(diffs, clusters)
+        seed_low, seed_high = seed_interval([float(np.mean(v)) for v in by_seed.values()])
+        differences.append(
+            Difference(
+                group, cls, len(diffs), len(by_seed), len(set(clusters)), mean, seed_low, seed_high, case_low, case_high
+            )
+        )
     return differences
 
 
@@ -339,18 +373,31 @@ def validation_curve(metrics: Iterable[Mapping[str, str]], classes: Container[st
     return {r: nanmean(v) for r, v in sorted(values.items())}
 
 
+def _last_quarter(curve: Mapping[int, float], rounds: int) -> list[float]:
+    """The curve's values from round R − ⌈R/4⌉ to the last round R, in order."""
+    return [v for r, v in sorted(curve.items()) if r >= rounds - math.ceil(rounds / 4)]
+
+
 def last_quarter_change(curve: Mapping[int, float], rounds: int) -> float:
     """How far the curve moves (max − min) from round R − ⌈R/4⌉ to the last round R: where the best
     round lies when this is small is not an artefact of stopping early. NaN with fewer than two
     validated rounds there."""
-    tail = [v for r, v in curve.items() if r >= rounds - math.ceil(rounds / 4)]
+    tail = _last_quarter(curve, rounds)
     return max(tail) - min(tail) if len(tail) >= 2 else math.nan
+
+
+def last_quarter_rise(curve: Mapping[int, float], rounds: int) -> float:
+    """The curve's last value minus its first over the same rounds: near the change when the run is
+    still climbing, near 0 when it only jitters about a plateau. NaN with fewer than two validated rounds."""
+    tail = _last_quarter(curve, rounds)
+    return tail[-1] - tail[0] if len(tail) >= 2 else math.nan
 
 
 def run_costs(runs: Mapping[tuple[str, int], RunFolder]) -> dict[tuple[str, int], dict[str, Any]]:
     """What each finished run cost and where it ended, from its summary.json and metrics.csv: wall
     time, time per round, device, precision, and its validation curve's last-quarter change, also
-    over its organs and over its tumours alone (which of them still moves)."""
+    over its organs and over its tumours alone (which of them still moves), and its last-quarter rise
+    (whether it still climbs)."""
     costs = {}
     for key, folder in runs.items():
         summary = folder.read_summary()
@@ -369,6 +416,7 @@ def run_costs(runs: Mapping[tuple[str, int], RunFolder]) -> dict[tuple[str, int]
                     name: last_quarter_change(validation_curve(metrics, classes), summary["rounds"])
                     for name, classes in (("tail_change", None), ("organs", organs), ("tumours", tumours))
                 },
+                "tail_rise": last_quarter_rise(validation_curve(metrics), summary["rounds"]),
             }
     return costs
 
@@ -402,7 +450,8 @@ def _signed(value: float) -> str:
 
 def _time_table(variants: Sequence[str], costs: Mapping[tuple[str, int], dict[str, Any]]) -> list[str]:
     """Per variant: minutes per run and seconds per round (mean over its seeds), the largest
-    last-quarter change of a seed's validation curve and how many seeds converged, where and how it ran."""
+    last-quarter change of a seed's validation curve, its mean last-quarter rise and how many seeds
+    converged, where and how it ran."""
     rows = []
     for variant in variants:
         mine = [c for (v, _), c in costs.items() if v == variant]
@@ -415,6 +464,7 @@ def _time_table(variants: Sequence[str], costs: Mapping[tuple[str, int], dict[st
                     f"{np.mean([c['wall_s'] for c in mine]) / 60:.1f}",
                     f"{np.mean([c['round_s'] for c in mine]):.1f}",
                     *(_largest([c[part] for c in mine]) for part in ("tail_change", "organs", "tumours")),
+                    _signed(float(np.mean([c["tail_rise"] for c in mine]))),
                     f"{sum(x < CONVERGED_CHANGE for x in changes)} of {len(mine)}",
                     "; ".join(sorted({f"{c['device']}, {c['precision']}" for c in mine})),
                 ]
@@ -427,6 +477,7 @@ def _time_table(variants: Sequence[str], costs: Mapping[tuple[str, int], dict[st
         "last-quarter change",
         "organs",
         "tumours",
+        "rise",
         "converged",
         "device, precision",
     ]
@@ -505,7 +556,9 @@ def results_markdown(
             "",
             "Wall time of each run (training, validation and test) and of a round, mean over "
             "the seeds; how far each seed's mean validation Dice moved (max − min) over the last quarter of "
-            "the rounds, the largest over the seeds, also over its organs and over its tumours alone, and how "
+            "the rounds, the largest over the seeds, also over its organs and over its tumours alone; its rise "
+            "over those rounds (last validated round − first), the mean over the seeds: near the change while "
+            "runs still climb, near 0 where they jitter about a plateau; how "
             f"many seeds moved less than {CONVERGED_CHANGE} (converged); the device and precision each ran on.",
             "",
             *_time_table(variants, costs),
@@ -516,22 +569,42 @@ def results_markdown(
             "## Paired differences",
             "",
             "Over the cases both variants scored (same seed, site, case and class, Dice in both; the models of "
-            f"the tables above): the mean per-case difference and its 95 % percentile bootstrap interval "
-            f"({resamples} resamples of the cases with replacement, each with all its classes and seeds; numpy "
-            f"seed {BOOTSTRAP_SEED}); n = paired values (case × class × seed).",
+            "the tables above): the mean per-case difference over n pairs (case × class × seed), and two 95 % "
+            "intervals. Over seeds: the t interval of the seeds' mean differences (seeds − 1 degrees of freedom), "
+            "which covers what retraining with another seed changes; n/a with one seed. Over cases: the "
+            f"percentile bootstrap ({resamples} resamples of the cases with replacement, each with all its "
+            f"classes and seeds; numpy seed {BOOTSTRAP_SEED}), which covers which cases were drawn, for these "
+            "trained models. A difference is shown (> 0 or < 0) only where both intervals exclude 0.",
             "",
         ]
         for a, b in sweep.comparisons:
             rows = [
-                [d.group, d.cls, str(d.n), str(d.cases), _signed(d.mean), f"[{_signed(d.low)}, {_signed(d.high)}]"]
+                [
+                    d.group,
+                    d.cls,
+                    str(d.seeds),
+                    str(d.cases),
+                    str(d.n),
+                    _signed(d.mean),
+                    "n/a" if math.isnan(d.seed_low) else f"[{_signed(d.seed_low)}, {_signed(d.seed_high)}]",
+                    f"[{_signed(d.case_low)}, {_signed(d.case_high)}]",
+                    d.verdict,
+                ]
                 for d in paired_differences(results, a, b)
             ]
+            header = [
+                "phase",
+                "class",
+                "seeds",
+                "cases",
+                "n",
+                f"{a} − {b}",
+                "95 % CI, seeds",
+                "95 % CI, cases",
+                "shown",
+            ]
             lines += [f"### {a} − {b}", ""]
-            lines += (
-                _markdown(["phase", "class", "n", "cases", f"{a} − {b}", "95 % CI"], rows)
-                if rows
-                else ["No case was scored by both.", ""]
-            )
+            lines += _markdown(header, rows) if rows else ["No case was scored by both.", ""]
     return "\n".join(lines)
 
 

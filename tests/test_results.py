@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from lightning_fl import results
-from lightning_fl.results import bootstrap_mean, paired_differences
+from lightning_fl.results import bootstrap_mean, paired_differences, seed_interval
 from lightning_fl.run_folder import CaseRow, ResultsError, RunFolder, SweepFolder, read_cases
 from lightning_fl.sweep_plan import load_sweep
 from tests.helpers.runs import SMOKE, assert_reads_as_format_2
@@ -78,7 +78,8 @@ def test_results_md_gives_mean_and_std_over_seeds_and_a_cross_site_table(tmp_pat
 
 def test_results_md_says_what_each_variant_cost_where_it_ran_and_whether_it_converged(tmp_path):
     """The last-quarter change of each seed's mean validation Dice, the largest over the seeds, and
-    the same over the organs and over the tumours alone: which of them still moves."""
+    the same over the organs and over the tumours alone: which of them still moves; and the rise over
+    those rounds, mean over the seeds: whether it still climbs or jitters."""
     sweep = _sweep_for_tables(tmp_path)
     # mean organ validation Dice of rounds 1-8 (liver and spleen, ± 0.1 about it); the last quarter is rounds 6-8
     curves = {
@@ -116,8 +117,10 @@ def test_results_md_says_what_each_variant_cost_where_it_ran_and_whether_it_conv
     md = results.results_markdown(sweep, RESULTS, [], "", results.run_costs(runs))
     time_table = md[md.index("## Time and convergence") :]
     # all three classes: two thirds of the organs' move (a), a third of the tumour's (b)
-    assert "| a | 2 | 11.0 | 15.0 | 0.033 | 0.050 | 0.000 | 1 of 2 | AMD EPYC, 2 cores, 32-true |" in time_table
-    assert "| b | 1 | 5.0 | 15.0 | 0.030 | 0.000 | 0.090 | 0 of 1 | AMD EPYC, 2 cores, 32-true |" in time_table
+    # the rise, mean over seeds: a climbs (2 × 0.002 / 3 and 2 × 0.050 / 3), b's tumour only jitters
+    device = "AMD EPYC, 2 cores, 32-true"
+    assert f"| a | 2 | 11.0 | 15.0 | 0.033 | 0.050 | 0.000 | +0.017 | 1 of 2 | {device} |" in time_table
+    assert f"| b | 1 | 5.0 | 15.0 | 0.030 | 0.000 | 0.090 | +0.000 | 0 of 1 | {device} |" in time_table
 
 
 def test_paired_differences_are_over_the_cases_both_scored():
@@ -132,14 +135,44 @@ def test_paired_differences_are_over_the_cases_both_scored():
         ("external: ext", "all classes"),
     ]
     liver = diffs[("test", "liver")]
-    assert (liver.n, liver.cases) == (4, 2)  # c1 and c2 in two seeds; c1's absent tumour is no pair
-    for d in diffs.values():
-        assert d.mean == pytest.approx(0.1) and d.low == pytest.approx(0.1) and d.high == pytest.approx(0.1)
+    assert (liver.n, liver.seeds, liver.cases) == (4, 2, 2)  # c1 and c2 in two seeds; c1's absent tumour is no pair
+    for d in diffs.values():  # a constant shift: no spread over seeds or cases
+        assert d.mean == pytest.approx(0.1) and d.verdict == "> 0"
+        assert (d.seed_low, d.seed_high, d.case_low, d.case_high) == pytest.approx((0.1,) * 4)
     assert diffs[("test", "all classes")].n == 8
     solo = {(d.group, d.cls): d for d in paired_differences(RESULTS, "solo", "a")}
     assert solo[("test", "liver")].n == 2  # the standalone liver site's own model, on c1 only
     assert solo[("test", "liver")].mean == pytest.approx(np.mean([0.8 - 0.8, 0.8 - 0.9]))
     assert solo[("external: ext", "spleen")].mean == pytest.approx(np.mean([0.5 - 0.4, 0.5 - 0.6]))
+
+
+def _planted(seed_effects: tuple[float, ...], cases: int = 20) -> dict:
+    """x − y = the seed's effect plus noise of sd 0.01 per case, on `cases` test cases of one class."""
+    rng = np.random.default_rng(3)
+    results = {}
+    for seed, effect in enumerate(seed_effects):
+        results[("y", seed)] = [CaseRow("test", "global", "s", f"c{i}", "liver", 0.5) for i in range(cases)]
+        noise = rng.normal(0.0, 0.01, size=cases)
+        results[("x", seed)] = [
+            CaseRow("test", "global", "s", f"c{i}", "liver", 0.5 + effect + noise[i]) for i in range(cases)
+        ]
+    return results
+
+
+def test_a_seed_effect_widens_the_interval_and_withholds_the_verdict():
+    """The same cases, each seed's model shifted by its own amount: resampling cases alone sees only
+    the case noise and excludes 0; the interval over seeds covers the seeds' spread and includes it."""
+    planted = {d.cls: d for d in paired_differences(_planted((0.10, -0.05, 0.02)), "x", "y")}["liver"]
+    assert (planted.seeds, planted.cases, planted.n) == (3, 20, 60)
+    assert planted.case_low > 0  # cases alone would call it a gain
+    assert planted.seed_low < 0 < planted.seed_high and planted.verdict == "not shown"
+    assert planted.seed_high - planted.seed_low > 10 * (planted.case_high - planted.case_low)
+    low, high = seed_interval([0.10, -0.05, 0.02])  # t with 2 degrees of freedom: 4.303 × sd / √3
+    assert (high - low) / 2 == pytest.approx(4.303 * np.std([0.10, -0.05, 0.02], ddof=1) / np.sqrt(3), rel=1e-3)
+    steady = {d.cls: d for d in paired_differences(_planted((0.02, 0.02, 0.02)), "x", "y")}["liver"]
+    assert 0 < steady.seed_low < 0.02 < steady.seed_high and steady.verdict == "> 0"
+    one_seed = {d.cls: d for d in paired_differences(_planted((0.02,)), "x", "y")}["liver"]
+    assert np.isnan(one_seed.seed_low) and one_seed.case_low > 0 and one_seed.verdict == "not shown"
 
 
 def test_the_bootstrap_interval():

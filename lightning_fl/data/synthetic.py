@@ -31,7 +31,7 @@ from scipy.interpolate import CubicSpline
 from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
-from lightning_fl.config import PHASES
+from lightning_fl.config import PHASES, SiteConfig, SyntheticConfig
 from lightning_fl.labels import LabelSpace, LabelSpaceError
 
 GENERATOR_VERSION = 2  # bump whenever the phantoms change, so a cached federation is not reused
@@ -799,6 +799,16 @@ def tumor_probabilities(site_classes: Sequence[str], labels: LabelSpace, inciden
     return {organ: TUMOR_PREVALENCE[organ] if organ in labelled else incidental for organ in LESIONS}
 
 
+def draw_case(
+    synthetic: SyntheticConfig, site: SiteConfig, index: int, labels: LabelSpace
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Case `index` of `site` (numbered across its splits, as in its file names) exactly as
+    `write_federation` draws it: (image, full label, affine). The site's label file is the site's
+    annotation map of this full label, so analyses can recover every voxel's true class."""
+    tumours = tumor_probabilities(site.classes, labels, synthetic.incidental_tumor_probability)
+    return make_phantom(_case_rng(synthetic.seed, site.name, index), _scanner_of(synthetic, site), labels, tumours)
+
+
 def manifest_text(synthetic, sites, labels: LabelSpace) -> str:
     """The generator version and every setting a federation depends on, as YAML."""
     return OmegaConf.to_yaml(
@@ -834,12 +844,7 @@ def write_federation(out_dir: Path, synthetic, sites, labels: LabelSpace, progre
         if len(set(values)) != len(values):
             raise ValueError(f"synthetic sites need distinct {key}s, got {values}")
     plan = [
-        (
-            site,
-            _scanner_of(synthetic, site),
-            labels.annotation_lut(site.classes, f"site '{site.name}'"),
-            tumor_probabilities(site.classes, labels, synthetic.incidental_tumor_probability),
-        )
+        (site, _scanner_of(synthetic, site), labels.annotation_lut(site.classes, f"site '{site.name}'"))
         for site in sites
     ]
     if out_dir.exists():
@@ -851,10 +856,8 @@ def write_federation(out_dir: Path, synthetic, sites, labels: LabelSpace, progre
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        cases = [
-            case for site, scanner, lut, tumours in plan for case in _write_datalist(tmp, site, scanner, lut, tumours)
-        ]
-        jobs = [(tmp, case, synthetic.seed, labels) for case in cases]
+        cases = [case for site, scanner, lut in plan for case in _write_datalist(tmp, site, scanner, lut)]
+        jobs = [(tmp, case, synthetic, labels) for case in cases]
         workers = min(os.cpu_count() or 1, len(jobs))
         bar_off = None if progress else True  # tqdm's None: a bar on terminals only
         with tqdm(total=len(jobs), desc="synthetic federation", unit="case", disable=bar_off) as bar:
@@ -910,18 +913,16 @@ def _case_rng(seed: int, site_name: str, case: int) -> np.random.Generator:
 
 @dataclass(frozen=True)
 class _Case:
-    """One phantom to generate: where it goes, how it is drawn and what its site annotates."""
+    """One phantom to generate: where it goes, which site draws it and what that site annotates."""
 
-    site: str
+    site: SiteConfig
     index: int
     image: str
     label: str
-    scanner: object
     lut: np.ndarray
-    tumor_probability: dict[str, float]  # per organ
 
 
-def _write_datalist(root: Path, site, scanner, lut: np.ndarray, tumor_probability: dict[str, float]) -> list[_Case]:
+def _write_datalist(root: Path, site, scanner, lut: np.ndarray) -> list[_Case]:
     """Write the site's datalist and folders; return its cases, numbered across the splits."""
     for sub in ("images", "labels"):
         (root / site.name / sub).mkdir(parents=True, exist_ok=True)
@@ -933,18 +934,16 @@ def _write_datalist(root: Path, site, scanner, lut: np.ndarray, tumor_probabilit
             index = len(cases)
             entry = {kind: f"{site.name}/{kind}s/{site.name}_{index:03d}.nii.gz" for kind in ("image", "label")}
             splits[split].append(entry)
-            cases.append(_Case(site.name, index, entry["image"], entry["label"], scanner, lut, tumor_probability))
+            cases.append(_Case(site, index, entry["image"], entry["label"], lut))
     datalist = root / site.datalist
     datalist.parent.mkdir(parents=True, exist_ok=True)
     datalist.write_text(json.dumps({"name": site.name, "classes": list(site.classes), **splits}, indent=2) + "\n")
     return cases
 
 
-def _write_case(job: tuple[Path, _Case, int, LabelSpace]) -> None:
-    root, case, seed, labels = job
-    image, label, affine = make_phantom(
-        _case_rng(seed, case.site, case.index), case.scanner, labels, case.tumor_probability
-    )
+def _write_case(job: tuple[Path, _Case, SyntheticConfig, LabelSpace]) -> None:
+    root, case, synthetic, labels = job
+    image, label, affine = draw_case(synthetic, case.site, case.index, labels)
     _save_nifti(root / case.image, image, affine)
     _save_nifti(root / case.label, case.lut[label], affine)
 

@@ -152,14 +152,14 @@ def test_external_site_labels_all_organs_with_tumours_merged(federation, labels)
         assert present == {0} | organs
 
 
-def test_site_label_is_the_annotation_map_of_the_full_phantom(federation, labels):
+def test_draw_case_gives_the_written_image_and_the_full_label_the_site_annotated(federation, labels):
     cfg, site = make_synthetic(), make_sites()[0]
-    scanner = cfg.scanners[site.name]
-    probability = synthetic.tumor_probabilities(site.classes, labels, cfg.incidental_tumor_probability)
-    full = make_phantom(synthetic._case_rng(cfg.seed, site.name, 0), scanner, labels, probability)[1]
+    image, full, _ = synthetic.draw_case(cfg, site, 0, labels)
     assert set(np.unique(full)) == set(range(len(CLASSES)))  # every organ and, at p = 1, every tumour
     written = np.asanyarray(nib.load(federation / datalist_cases(federation, site.name)[1][0]["label"]).dataobj)
     assert np.array_equal(written, labels.annotation_lut(site.classes)[full])
+    written_image = nib.load(federation / datalist_cases(federation, site.name)[1][0]["image"]).dataobj
+    assert np.array_equal(np.asanyarray(written_image), image)
     assert set(np.unique(written)) == {0, labels.index("liver"), labels.index("liver_tumor")}
 
 
