@@ -197,7 +197,8 @@ def test_tables_only_rebuilds_the_tables_from_the_finished_runs(tmp_path, capsys
     ]
     md = (tmp_path / "out" / "results.md").read_text()
     assert f"- command: `lightning-fl sweep {path} --tables-only`" in md and "runs in these tables: 2 of 2\n" in md
-    assert "| test | liver | 2 | 2 | +0.100 | [+0.100, +0.100] |" in md
+    # one seed: seeds 1, cases 2, n 2; no interval over seeds, so no verdict
+    assert "| test | liver | 1 | 2 | 2 | +0.100 | n/a | [+0.100, +0.100] | not shown |" in md
 
 
 def test_a_full_disk_leaves_the_previous_tables_whole(tmp_path, capsys, monkeypatch, flat_smoke):
