@@ -45,11 +45,13 @@ STOP_WAIT_S = 30.0  # how long stopped runs get to exit before SIGKILL
 
 def saved_changes(saved: DictConfig, planned: DictConfig) -> list[str]:
     """Keys whose values differ between a run's config.yaml and the config the sweep plans for it.
-    Not compared: output_dir (a sweep may be run from elsewhere), logger.wandb.group (the sweep
-    file's name: a renamed sweep file trains nothing differently), fabric.devices (a site-parallel
-    run computes the same on any number of processes, and `--parallel` sets 1) and a planned
+    Not compared: output_dir (a sweep may be run from elsewhere), the W&B group, job type and name
+    (the sweep file's and the variant's names: a renamed sweep file or variant, or a run folder
+    copied from another sweep, trains nothing differently), fabric.devices (a site-parallel run
+    computes the same on any number of processes, and `--parallel` sets 1) and a planned
     fabric.precision `auto` (fit writes what `auto` chose into config.yaml)."""
-    changed = config_changes(saved, planned, ignore=("output_dir", "logger.wandb.group", "fabric.devices"))
+    labels = ("logger.wandb.group", "logger.wandb.job_type", "logger.wandb.name")
+    changed = config_changes(saved, planned, ignore=("output_dir", *labels, "fabric.devices"))
     return [k for k in changed if not (k == "fabric.precision" and planned.fabric.precision == "auto")]
 
 

@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -101,6 +102,20 @@ def test_a_renamed_sweep_file_finds_its_runs_finished(tmp_path, flat_smoke):
     assert (run.cfg.logger.wandb.group, again.cfg.logger.wandb.group) == ("sweep", "renamed")
     decide([again])
     assert (again.action, again.changed) == ("skip", [])
+
+
+def test_a_run_copied_from_another_sweep_under_another_variant_name_is_skipped(tmp_path, flat_smoke):
+    """Another sweep's finished run of the same config, copied under this sweep's variant name:
+    only its W&B labels differ, so it is skipped, not trained again."""
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    [run] = plan_runs(load_sweep(write_sweep(tmp_path / "one", flat_smoke, variants={"fedavg": ["method=fedavg"]})))
+    finish(run, ("summary.json",))
+    other = write_sweep(tmp_path / "two", flat_smoke, variants={"fedavg_10steps": ["method=fedavg"]})
+    [adopted] = plan_runs(load_sweep(other))
+    shutil.copytree(run.folder.path, adopted.folder.path)
+    assert adopted.cfg.logger.wandb.name != run.cfg.logger.wandb.name
+    decide([adopted])
+    assert (adopted.action, adopted.changed) == ("skip", [])
 
 
 # ---------------------------------------------------------------- running
