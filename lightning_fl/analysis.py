@@ -41,9 +41,9 @@ from lightning_fl.run_folder import (
 if TYPE_CHECKING:
     import torch
 
-LOSSES = ("loss", "supervised", "condist", "proximal")  # training losses, in metrics.csv's column order
+LOSSES = ("loss", "supervised", "condist", "kd", "pseudo_label", "proximal")  # training losses, metrics.csv's order
 SCHEDULES = ("condist_weight", "lr")  # per-round values the losses are weighted or stepped with
-SCHEDULE_NAMES = {"condist_weight": "ConDist weight", "lr": "learning rate"}
+SCHEDULE_NAMES = {"condist_weight": "teacher-term weight", "lr": "learning rate"}
 
 
 @dataclass

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from lightning_fl.checkpoint import check_compatible
 from lightning_fl.client import Client
 from lightning_fl.data.datasets import SiteData
+from lightning_fl.inference import read_model_file
 from lightning_fl.labels import LabelSpace
 from lightning_fl.networks import build_network
 from lightning_fl.objective import Objective, freeze
@@ -52,10 +55,16 @@ class RunParts:
 
 
 def build_run(cfg: DictConfig) -> RunParts:
-    """Label space, seed, the global network's initial weights, topology: in this order."""
+    """Label space, seed, the global network's initial weights (random, or `model.init_checkpoint`'s),
+    topology: in this order."""
     labels = LabelSpace.of(cfg.labels)
     L.Fabric.seed_everything(cfg.seed, verbose=False)  # the same initial model in every process
     network = freeze(build_network(cfg.model, in_channels=1, out_channels=labels.num_classes))
+    if cfg.model.init_checkpoint is not None:  # a warm start: checked like any model file this project reads
+        path = Path(cfg.model.init_checkpoint).expanduser()
+        saved = read_model_file(path)
+        check_compatible(path, saved["model"], saved["classes"], network, list(labels.classes))
+        network.load_state_dict(saved["model"])
     return RunParts(cfg, labels, Topology.of(cfg.method.training, [s.name for s in cfg.data.sites]), network)
 
 

@@ -219,6 +219,12 @@ class ModelConfig:
     norm: str = ranged("instance", choices=("instance", "batch"))
     res_block: bool = False
     channels_last: bool = True  # channels-last memory format: faster convolutions
+    # a model file of this project (a run's best.ckpt or last.ckpt) whose weights start the global
+    # model instead of a random initialisation; None: random (seeded)
+    init_checkpoint: Optional[str] = None
+
+
+TEACHER_TERMS = ("condist", "kd", "pseudo_label")  # MethodConfig's switches of the losses on the global model
 
 
 @dataclass
@@ -228,11 +234,19 @@ class MethodConfig:
     # "federated": the sites train one global model; "standalone": each site its own, never
     # aggregated; "centralized": one model on every site's training cases, each with its site's labels
     training: str = ranged("federated", choices=("federated", "standalone", "centralized"))
-    condist: bool = True  # False: marginal loss only (the FedAvg/FedOpt baselines)
+    # The teacher term added to the marginal loss, one of three (or none: the FedAvg/FedOpt baselines):
+    condist: bool = True  # conditional distillation on the classes the site does not label (ConDistFL)
+    kd: bool = False  # plain distillation: KL to the teacher's tempered softmax of every class, every voxel
+    pseudo_label: bool = False  # cross-entropy to the teacher's argmax where it finds a class the site does not label
     ce: str = ranged("official", choices=("official", "marginal"))  # the paper's
-    temperature: float = ranged(2.0, gt=0)
-    condist_weight_start: float = ranged(0.01, ge=0)  # w_r at the first round (= the end value: constant)
-    condist_weight_end: float = ranged(1.0, ge=0)  # w_r at the last round
+    temperature: float = ranged(2.0, gt=0)  # of ConDist's and KD's softmax
+    # the teacher term's weight w_r (ConDist, KD or pseudo-labels): 0 before condist_start_round, then
+    # linear from condist_weight_start (at that round) to condist_weight_end (at the last round)
+    condist_start_round: int = ranged(1, ge=1)
+    condist_weight_start: float = ranged(0.01, ge=0)
+    condist_weight_end: float = ranged(1.0, ge=0)
+    # pseudo-labels: only where the teacher's softmax (temperature 1) gives its class at least this
+    pseudo_label_threshold: float = ranged(0.5, **PROBABILITY)
     foreground_filter: bool = True  # ConDist leaves out the voxels the teacher calls a local foreground class
     # ConDist's groups of the classes outside the site's: "organ" (background alone, each organ with
     # its tumours, as in the paper) or "class" (one group per class)
@@ -576,18 +590,27 @@ def _validate(cfg: DictConfig) -> None:
 
 
 def _check_method(cfg: DictConfig) -> None:
-    """ConDist and FedProx need a global model to pull towards, and a model that no other site's
-    update reaches must not be moved by a server optimizer."""
+    """One teacher term at most, starting within the run; the teacher terms and FedProx need a
+    global model to pull towards, and a model that no other site's update reaches must not be moved
+    by a server optimizer."""
     method = cfg.method
+    terms = [key for key in TEACHER_TERMS if method[key]]
+    if len(terms) > 1:
+        raise ConfigError(
+            f"method: {' and '.join(f'method.{t}' for t in terms)} are both on; choose one teacher term "
+            "(configs/method/ has a file for each)"
+        )
+    if method.condist_start_round > cfg.fl.rounds:
+        raise ConfigError(
+            f"method.condist_start_round must be ≤ fl.rounds ({cfg.fl.rounds}), got {method.condist_start_round}"
+        )
     if method.training == "federated":
         return
-    needs = [
-        key for key, on in (("method.condist", method.condist), ("method.proximal_mu", method.proximal_mu > 0)) if on
-    ]
+    needs = [f"method.{t}" for t in terms] + (["method.proximal_mu"] if method.proximal_mu > 0 else [])
     if needs:
         raise ConfigError(
             f"method.training={method.training} has no global model for {' and '.join(needs)} to use: set "
-            "method.condist=false and method.proximal_mu=0"
+            f"{' and '.join(f'{k}=false' if k != 'method.proximal_mu' else f'{k}=0' for k in needs)}"
         )
     if method.training == "centralized" and cfg.fl.min_sites > 1:
         raise ConfigError(

@@ -346,6 +346,8 @@ def run_fit(cfg: DictConfig, resume: Resume | None = None, overwrite: bool = Fal
                 if resume.changed:  # the run's config from now on: a later --resume continues with it
                     folder.update_config(cfg)
                 folder.summary.unlink(missing_ok=True)  # describes no model of the run until its new test
+        if cfg.model.init_checkpoint is not None:
+            build_run(cfg)  # a warm start's file is checked here, before any process starts
         labels = LabelSpace.of(cfg.labels)
         root = prepare_data_root(cfg, labels)  # once, before launch
         if cfg.data.check_before_fit and is_main:

@@ -118,10 +118,7 @@ def load_trained(path: Path, overrides: list[str] | None = None, accelerator: st
         if spatial_dims(cfg.model) == 2:  # exported as `SliceWise`, taking volumes; slices are cut here
             network = network.network
     else:
-        payload = load_model(path)
-        if problem := _saved_problem(payload, ("model", "classes")):
-            models = f"{RunFolder.model_file('best')}, {RunFolder.model_file('last')}"
-            raise CheckpointError(f"{path} is not a lightning-fl model checkpoint ({models}): {problem}")
+        payload = read_model_file(path)
         cfg = config_from_container(payload["config"], overrides, f"{path} (its config)")
         network = build_network(cfg.model, in_channels=1, out_channels=len(cfg.labels.classes))
         check_compatible(path, payload["model"], payload["classes"], network, list(cfg.labels.classes))
@@ -134,6 +131,16 @@ def load_trained(path: Path, overrides: list[str] | None = None, accelerator: st
     network = network.eval().to(fabric.device)
     name = f"{path.resolve().parent.name}/{path.name}"
     return TrainedModel(name, path, cfg, Predictor(network, fabric, cfg.model), precision, saved_round)
+
+
+def read_model_file(path: Path) -> dict[str, Any]:
+    """A model file of a run (best.ckpt, last.ckpt), loaded and checked: finite weights, class names
+    and the run's config, or a `CheckpointError` that says what is wrong with it."""
+    payload = load_model(path)
+    if problem := _saved_problem(payload, ("model", "classes")):
+        models = f"{RunFolder.model_file('best')}, {RunFolder.model_file('last')}"
+        raise CheckpointError(f"{path} is not a lightning-fl model checkpoint ({models}): {problem}")
+    return payload
 
 
 def _saved_problem(saved: Any, keys: tuple[str, ...]) -> str | None:

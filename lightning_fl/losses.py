@@ -1,7 +1,8 @@
 """The two ConDistFL losses: the marginal Dice+CE loss and the conditional-distillation Dice
-(`docs/explanation/method.md` gives the formulas).
+(`docs/explanation/method.md` gives the formulas); and the teacher terms of the two baselines it is
+compared with, plain distillation (KD) and pseudo-labels.
 
-Both are written as autograd Functions with an analytic backward. One softmax over the classes
+The ConDistFL losses are written as autograd Functions with an analytic backward. One softmax over the classes
 feeds every merged sum, and the backward reuses it, so a step makes a few passes over the logits
 instead of the dozens an autograd graph of per-channel slices makes. `benchmarks/condist_cost.py`
 measures the gain against a per-channel MONAI implementation; `tests/test_losses.py` checks values
@@ -302,3 +303,56 @@ class ConDistDiceLoss(nn.Module):
                 self.smooth_dr,
                 self.foreground_filter,
             )
+
+
+class KDLoss(nn.Module):
+    """Plain knowledge distillation: T² · KL(teacher ‖ student) between the tempered softmaxes of
+    every class at every voxel, with no conditioning and no mask (the baseline ConDist refines)."""
+
+    def __init__(self, temperature: float = 2.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, label: Tensor) -> Tensor:
+        if teacher_logits.shape != student_logits.shape:
+            raise ValueError(
+                f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} logits differ"
+            )
+        with torch.autocast(student_logits.device.type, enabled=False):  # sums over many voxels in float32
+            log_student = torch.log_softmax(student_logits.float() / self.temperature, dim=1)
+            log_teacher = torch.log_softmax(teacher_logits.detach().float() / self.temperature, dim=1)
+            kl = (log_teacher.exp() * (log_teacher - log_student)).sum(1).mean()
+            return kl * self.temperature**2
+
+
+class PseudoLabelLoss(nn.Module):
+    """Cross-entropy to the teacher's argmax on the voxels a site's label leaves open: where the
+    label is background and the teacher, with softmax at least `threshold`, predicts a class the
+    site does not label. A voxel the site labels (foreground, or background of its own classes) is
+    never relabelled. The mean is over those voxels; 0 (with a gradient path) where there are none."""
+
+    def __init__(self, num_classes: int, foreground: Sequence[int], threshold: float = 0.5) -> None:
+        super().__init__()
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+        is_local = torch.zeros(num_classes, dtype=torch.bool)
+        is_local[list(foreground)] = True
+        self.threshold = threshold
+        self.register_buffer("is_local", is_local, persistent=False)
+
+    def targets(self, teacher_logits: Tensor, label: Tensor) -> Tensor:
+        """`[B, *S]` class indices: the teacher's class where it pseudo-labels, −1 elsewhere."""
+        confidence, predicted = torch.softmax(teacher_logits.detach().float(), dim=1).max(1)
+        open_voxel = (label[:, 0] == 0) & ~self.is_local[predicted] & (predicted != 0) & (confidence >= self.threshold)
+        return torch.where(open_voxel, predicted, torch.full_like(predicted, -1))
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, label: Tensor) -> Tensor:
+        target = self.targets(teacher_logits, label)
+        with torch.autocast(student_logits.device.type, enabled=False):
+            per_voxel = nn.functional.cross_entropy(
+                student_logits.float(), target.clamp(min=0), reduction="none"
+            )  # [B, *S]
+            chosen = (target >= 0).float()
+            return (per_voxel * chosen).sum() / chosen.sum().clamp(min=1.0)

@@ -22,15 +22,36 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_fl.aggregation import StateDict
 from lightning_fl.labels import LabelSpace
-from lightning_fl.losses import ConDistDiceLoss, MarginalDiceCELoss, deep_supervision_weights
+from lightning_fl.losses import ConDistDiceLoss, KDLoss, MarginalDiceCELoss, PseudoLabelLoss, deep_supervision_weights
 
 
 def condist_weight(method: DictConfig, round: int, rounds: int) -> float:
-    """w_r rises linearly from `condist_weight_start` (round 1) to `condist_weight_end` (round `rounds`)."""
-    if rounds == 1:
+    """The teacher term's w_r: 0 before `condist_start_round`, then rising linearly from
+    `condist_weight_start` (at that round) to `condist_weight_end` (round `rounds`)."""
+    start = method.condist_start_round
+    if round < start:
+        return 0.0
+    if rounds == start:
         return method.condist_weight_start
-    step = (method.condist_weight_end - method.condist_weight_start) / (rounds - 1)
-    return method.condist_weight_start + (round - 1) * step
+    step = (method.condist_weight_end - method.condist_weight_start) / (rounds - start)
+    return method.condist_weight_start + (round - start) * step
+
+
+def teacher_term(cfg: DictConfig, labels: LabelSpace, foreground: list[int]) -> tuple[str, nn.Module] | None:
+    """The method's loss on the teacher's output for a site labelling `foreground`, and its name
+    (ConDist, KD or pseudo-labels); None for the baselines without one."""
+    method = cfg.method
+    if method.condist:
+        groups = labels.background_groups(foreground, method.background_groups)
+        condist = ConDistDiceLoss(
+            labels.num_classes, foreground, groups, method.temperature, foreground_filter=method.foreground_filter
+        )
+        return "condist", condist
+    if method.kd:
+        return "kd", KDLoss(method.temperature)
+    if method.pseudo_label:
+        return "pseudo_label", PseudoLabelLoss(labels.num_classes, foreground, method.pseudo_label_threshold)
+    return None
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -44,8 +65,8 @@ class Objective(L.LightningModule):
     """A client's training objective: its losses around a student network and the frozen global model as teacher.
 
     It exists to keep what one local training step computes in a LightningModule: the marginal
-    Dice+CE loss on each source's labelled classes, ConDist against the teacher on the others
-    (weighted by the round's ConDist weight), the FedProx term where asked, and the SGD optimizer
+    Dice+CE loss on each source's labelled classes, the method's teacher term (ConDist on the
+    others, or KD, or pseudo-labels; weighted by the round's w_r), the FedProx term where asked, and the SGD optimizer
     with its cosine schedule. It holds the student and teacher networks, those losses, the method
     and optim settings, and the current round.
 
@@ -69,17 +90,8 @@ class Objective(L.LightningModule):
         self.steps_per_round = steps_per_round
         self.total_steps = cfg.fl.rounds * steps_per_round
         self.supervised_losses = nn.ModuleList(MarginalDiceCELoss(task, ce=cfg.method.ce) for task in tasks)
-        self.condist_loss = (
-            ConDistDiceLoss(
-                labels.num_classes,
-                tasks[0],
-                labels.background_groups(tasks[0], cfg.method.background_groups),
-                cfg.method.temperature,
-                foreground_filter=cfg.method.foreground_filter,
-            )
-            if cfg.method.condist
-            else None
-        )
+        term = teacher_term(cfg, labels, tasks[0])
+        self.teacher_term_name, self.teacher_loss = term if term is not None else ("", None)
         self.register_buffer(
             "head_weights", deep_supervision_weights(1 + cfg.model.deep_supervision_heads), persistent=False
         )
@@ -121,7 +133,7 @@ class Objective(L.LightningModule):
         return self.student(image)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        """The loss of one batch (supervised, plus ConDist and the proximal term where enabled); logs its parts."""
+        """The loss of one batch (supervised, plus the teacher and proximal terms where enabled); logs its parts."""
         image, label = batch["image"], batch["label"]
         heads = self.student(image)
         if heads.dim() == image.dim():  # no deep supervision: a single head
@@ -130,13 +142,13 @@ class Objective(L.LightningModule):
         supervised = (self.head_weights * marginal.per_head(heads, label)).sum()
         metrics = {"supervised": supervised.detach()}
         loss = supervised
-        if self.condist_loss is not None:
+        weight = condist_weight(self.method, self.round, self.rounds)
+        if self.teacher_loss is not None and weight > 0:  # before the start round: no teacher pass
             with torch.no_grad():
                 teacher_logits = self.teacher(image)
-            condist = self.condist_loss(heads[:, 0], teacher_logits, label)
-            weight = condist_weight(self.method, self.round, self.rounds)
-            loss = loss + weight * condist
-            metrics |= {"condist": condist.detach(), "condist_weight": weight}
+            term = self.teacher_loss(heads[:, 0], teacher_logits, label)
+            loss = loss + weight * term
+            metrics |= {self.teacher_term_name: term.detach(), "condist_weight": weight}
         if self.method.proximal_mu > 0:  # FedProx: the teacher holds the global weights w_global
             proximal = sum(((w - g) ** 2).sum() for w, g in zip(self.network.parameters(), self.teacher.parameters()))
             loss = loss + 0.5 * self.method.proximal_mu * proximal

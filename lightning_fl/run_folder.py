@@ -57,7 +57,8 @@ CLIPPED = "clipped"  # a site's outlying update, scaled down to the bound (fl.ou
 GLOBAL = "global"  # the model of a federated or centralized run (a standalone run has one per site)
 LOCAL = "local"  # the model column of a site's training rows: the model it trained, before aggregation
 
-LOSS_COLUMNS = ("loss", "supervised", "condist", "condist_weight", "proximal", "lr")
+# the teacher term's value under the method's name (condist, kd or pseudo_label), its weight w_r as condist_weight
+LOSS_COLUMNS = ("loss", "supervised", "condist", "kd", "pseudo_label", "condist_weight", "proximal", "lr")
 # skipped_steps: optimizer steps the float16 gradient scaler skipped in the round (16-mixed runs only)
 METRICS_COLUMNS = ("round", "phase", "site", "model", "class", "dice") + LOSS_COLUMNS + ("skipped_steps", "note")
 CASE_COLUMNS = ("phase", "model", "site", "case", "class", "dice")

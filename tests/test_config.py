@@ -251,11 +251,17 @@ def test_group_choice_mistakes_are_named(smoke_config_path):
     with pytest.raises(
         ConfigError,
         match=r"override 'method=fedsgd': .*method has no fedsgd.yaml; choose one of "
-        r"\['centralized', 'condistfl', 'fedavg', 'fedopt', 'fedprox', 'standalone'\]",
+        r"\['centralized', 'condistfl', 'fedavg', 'fedopt', 'fedprox', 'kd', 'pseudo_label', 'standalone'\]",
     ):
         load_config(smoke_config_path, ["method=fedsgd"])
     with pytest.raises(ConfigError, match="method.training=standalone has no global model for method.condist to use"):
         load_config(smoke_config_path, ["method=standalone", "method.condist=true"])
+    with pytest.raises(ConfigError, match="method.training=centralized has no global model for method.kd to use"):
+        load_config(smoke_config_path, ["method=centralized", "method.kd=true"])
+    with pytest.raises(ConfigError, match="method.condist and method.pseudo_label are both on; choose one"):
+        load_config(smoke_config_path, ["method.pseudo_label=true"])
+    with pytest.raises(ConfigError, match=r"method.condist_start_round must be ≤ fl.rounds \(2\), got 3"):
+        load_config(smoke_config_path, ["method.condist_start_round=3"])
     with pytest.raises(ConfigError, match="fl.aggregation must be fedavg, got fedopt"):
         load_config(smoke_config_path, ["method=centralized", "fl.aggregation=fedopt"])
     with pytest.raises(ConfigError, match="is already composed: override its keys instead"):

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from lightning_fl.build import build_run
 from lightning_fl.config import load_config
 from lightning_fl.distributed import build_fabric
 from lightning_fl.federation import Federation
 from lightning_fl.networks import build_network
 from lightning_fl.run_folder import RunFolder
-from tests.helpers.cli import run_main
+from tests.helpers.cli import refused, run_main
 from tests.helpers.runs import SMOKE
 
 CLASSES = ["liver", "liver_tumor", "spleen", "pancreas", "pancreas_tumor", "kidney", "kidney_tumor"]
@@ -112,6 +113,26 @@ def test_validation_every_k_rounds_chooses_the_best_among_the_validated(data_hom
 def test_config_mistakes_are_one_line_errors(capsys, override, message):
     status, _, err = run_main(capsys, "fit", "--config", SMOKE, override)
     assert status == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_a_warm_start_begins_from_the_checkpoint_and_a_wrong_one_is_refused_before_anything_is_written(
+    smoke_run, fit_2d, capsys, tmp_path
+):
+    best = smoke_run / "best.ckpt"
+    warm = build_run(load_config(SMOKE, [f"model.init_checkpoint={best}"])).network.state_dict()
+    saved = torch.load(best, weights_only=True)["model"]
+    assert warm.keys() == saved.keys() and all(torch.equal(warm[k], saved[k]) for k in warm)
+    cold = build_run(load_config(SMOKE)).network.state_dict()  # the seeded random start differs
+    assert any(not torch.equal(cold[k], warm[k]) for k in warm)
+    out = tmp_path / "run"
+    line = refused(
+        capsys, "fit", "--config", SMOKE, f"model.init_checkpoint={fit_2d / 'best.ckpt'}", f"output_dir={out}"
+    )
+    assert "holds a 2D network, but this config's model is 3D" in line and not out.exists()
+    line = refused(
+        capsys, "fit", "--config", SMOKE, f"model.init_checkpoint={tmp_path / 'x.ckpt'}", f"output_dir={out}"
+    )
+    assert f"checkpoint not found: {tmp_path / 'x.ckpt'}" in line and not out.exists()
 
 
 def test_missing_real_data_and_missing_gpu_are_clear_errors(capsys, tmp_path):

@@ -11,7 +11,7 @@ import torch
 from monai.losses import DiceCELoss, DiceLoss
 
 from lightning_fl.labels import LabelSpace
-from lightning_fl.losses import ConDistDiceLoss, MarginalDiceCELoss, deep_supervision_weights
+from lightning_fl.losses import ConDistDiceLoss, KDLoss, MarginalDiceCELoss, PseudoLabelLoss, deep_supervision_weights
 from tests.helpers.reference_losses import condist_loss_loop, marginal_loss_loop
 
 GOLDEN_FILE = Path(__file__).parent / "golden" / "losses.pt"
@@ -203,3 +203,44 @@ def test_a_label_value_no_class_has_is_refused_not_clamped_into_a_class(value):
         MarginalDiceCELoss([1, 2])(logits, label)
     with pytest.raises(ValueError, match=message):
         ConDistDiceLoss(8, [1, 2], [0, 3, [4, 5], [6, 7]])(logits, logits, label)
+
+
+# ---------------------------------------------------------------- the baselines' teacher terms
+def test_kd_distils_the_teachers_tempered_softmax_at_every_voxel_whatever_the_label():
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 5, 4, 4, 3, generator=generator, requires_grad=True)
+    teacher = torch.randn(2, 5, 4, 4, 3, generator=generator)
+    label = torch.randint(0, 5, (2, 1, 4, 4, 3), generator=generator)
+    kd = KDLoss(temperature=2.0)
+    value = kd(student, teacher, label)
+    target = torch.softmax(teacher / 2.0, dim=1)
+    expected = (target * (target.log() - torch.log_softmax(student / 2.0, dim=1))).sum(1).mean() * 4.0
+    torch.testing.assert_close(value, expected)
+    assert value == kd(student, teacher, torch.zeros_like(label))  # no mask: the label plays no part
+    value.backward()
+    voxels = student.numel() // 5
+    # T² · d KL / d s = T · (softmax(s/T) − softmax(t/T)) per voxel, over the voxels' mean
+    torch.testing.assert_close(student.grad, 2.0 * (torch.softmax(student / 2.0, 1) - target) / voxels)
+    assert (student.grad.abs().sum(1) > 0).all()  # every voxel, labelled or not
+    assert kd(teacher, teacher, label) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_pseudo_labels_never_overwrite_what_the_site_labels():
+    """Site labelling class 1 of [bg, 1, 2, 3]. Voxels: (0) label 1, teacher sure of 2; (1) label bg,
+    teacher sure of 2; (2) label bg, teacher sure of 1 (a local class: its background is true);
+    (3) label bg, teacher sure of bg; (4) label bg, teacher unsure of 3; (5) label bg, teacher sure of 3."""
+    loss = PseudoLabelLoss(4, foreground=[1], threshold=0.6)
+    label = torch.tensor([1, 0, 0, 0, 0, 0]).view(1, 1, 6)
+    teacher = torch.full((1, 4, 6), -5.0)
+    for voxel, cls in enumerate((2, 2, 1, 0, 3, 3)):
+        teacher[0, cls, voxel] = 5.0
+    teacher[0, :, 4] = torch.tensor([0.0, 0.0, 0.0, 0.3])  # softmax of class 3 about 0.3: below threshold
+    assert loss.targets(teacher, label).tolist() == [[-1, 2, -1, -1, -1, 3]]
+    student = torch.randn(1, 4, 6, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    value = loss(student, teacher, label)
+    expected = -(torch.log_softmax(student, 1)[0, 2, 1] + torch.log_softmax(student, 1)[0, 3, 5]) / 2
+    torch.testing.assert_close(value, expected)
+    value.backward()
+    assert (student.grad.abs().sum(1)[0] > 0).tolist() == [False, True, False, False, False, True]
+    nothing = loss(student, teacher, torch.ones_like(label))  # every voxel labelled: no pseudo-label
+    assert nothing.item() == 0.0 and nothing.requires_grad

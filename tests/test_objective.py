@@ -16,7 +16,7 @@ from lightning_fl.config import MethodConfig, load_config
 from lightning_fl.distributed import build_fabric
 from lightning_fl.federation import Federation
 from lightning_fl.labels import LabelSpace
-from lightning_fl.losses import ConDistDiceLoss
+from lightning_fl.losses import ConDistDiceLoss, KDLoss, PseudoLabelLoss
 from lightning_fl.objective import Objective, condist_weight
 from tests.helpers.runs import make_objective
 
@@ -164,10 +164,41 @@ def test_method_switches_reach_the_site(smoke_config_path):
         ],
     )
     site, _ = _objective(cfg, [1, 2])  # liver and its tumour: by class, background and the other 5 classes apart
-    assert site.condist_loss.temperature == 4.0 and not site.condist_loss.foreground_filter
-    assert site.condist_loss.num_groups == 6 and site.supervised_losses[0].ce == "marginal"
+    assert site.teacher_loss.temperature == 4.0 and not site.teacher_loss.foreground_filter
+    assert site.teacher_loss.num_groups == 6 and site.supervised_losses[0].ce == "marginal"
     site, _ = _objective(load_config(smoke_config_path), [1, 2])
-    assert site.condist_loss.num_groups == 4  # background, spleen, pancreas + tumour, kidney + tumour
+    assert site.teacher_loss.num_groups == 4  # background, spleen, pancreas + tumour, kidney + tumour
+    for method, loss in (("kd", KDLoss), ("pseudo_label", PseudoLabelLoss), ("fedopt", type(None))):
+        site, _ = _objective(load_config(smoke_config_path, [f"method={method}", "method.temperature=3.0"]), [1, 2])
+        assert type(site.teacher_loss) is loss and site.teacher_term_name == ("" if method == "fedopt" else method)
+    assert site.teacher_loss is None
+
+
+def test_the_teacher_term_starts_at_its_start_round_and_then_rises_to_the_last():
+    method = OmegaConf.structured(MethodConfig(condist_start_round=3))
+    weights = [condist_weight(method, r, 7) for r in range(1, 8)]  # rounds 1 to 7
+    assert weights[:2] == [0.0, 0.0] and weights[2] == pytest.approx(0.01) and weights[-1] == pytest.approx(1.0)
+    assert weights[2:] == pytest.approx([0.01 + r * 0.99 / 4 for r in range(5)])
+    assert condist_weight(OmegaConf.structured(MethodConfig(condist_start_round=4)), 4, 4) == pytest.approx(0.01)
+
+
+def test_before_its_start_round_no_teacher_term_is_computed(smoke_config_path):
+    cfg = load_config(smoke_config_path, ["method.condist_start_round=2", "model.channels_last=false"])
+    site, fabric = _objective(cfg, [1, 2])
+    module, _ = fabric.setup(site, site.configure_optimizers()["optimizer"])
+    generator = torch.Generator().manual_seed(1)
+    batch = {
+        "image": torch.randn(1, 1, *cfg.data.patch_size, generator=generator),
+        "label": torch.randint(0, 3, (1, 1, *cfg.data.patch_size), generator=generator),
+    }
+    calls = []
+    site.teacher.register_forward_hook(lambda *_: calls.append(1))
+    logged = []
+    site.log_dict = logged.append  # the metrics of each step
+    for round in (1, 2):
+        site.receive(site.teacher.state_dict(), round)
+        module.training_step(batch, 0)
+    assert len(calls) == 1 and "condist" not in logged[0] and logged[1]["condist_weight"] == pytest.approx(0.01)
 
 
 def test_a_constant_condist_weight_is_a_schedule_that_starts_where_it_ends():

@@ -207,6 +207,9 @@ CROSS_KEY_RULES = (
     "must be ≥ 1 for this site",
     "expected odd sizes",
     "has no global model for",
+    "choose one teacher term",
+    "the in-plane spacing (x, y) must be > 0",  # spacing_mm's rule allows 0, for the 2D slice axis only
+    "condist_start_round must be",
     "fl.aggregation must be fedavg",
     "trains one pooled model",
 )
