@@ -8,7 +8,7 @@ lightning-fl prepare-data --task T --src DIR --dst DIR [--datalist F] [--seed N]
 lightning-fl evaluate --checkpoint CKPT [CKPT ...] (--datalist F [--label-map NAME] | --cross-site)   Dice tables
 lightning-fl infer    --checkpoint CKPT_OR_TS --input FILE_OR_DIR --output DIR [--probabilities]     label maps
 lightning-fl export   --checkpoint CKPT --output DIR [--overwrite]    TorchScript model.ts + metadata.json
-lightning-fl sweep    FILE [--parallel N] [--rerun-changed] [--tables-only]   variants × seeds, then tables
+lightning-fl sweep    FILE [--parallel N] [--launcher L] [--rerun-changed] [--tables-only]   variants × seeds
 lightning-fl export-nvflare [--config FILE] [key=value ...] --output JOB_DIR [--site NAME=DATA_ROOT ...]   NVFlare job
 lightning-fl export-nvflare --resume RUN_DIR --output JOB_DIR [--site NAME=DATA_ROOT ...]   the job continuing a run
 """
@@ -34,6 +34,7 @@ from lightning_fl.config import (
 from lightning_fl.errors import DatalistError, RunStopped, UserInputError
 from lightning_fl.labels import LabelSpace
 from lightning_fl.run_folder import RunFolder, SweepFolder
+from lightning_fl.sweep_plan import LAUNCHERS
 
 USER_ERRORS = (UserInputError, FileExistsError, FileNotFoundError)
 BEST, LAST = RunFolder.model_file("best"), RunFolder.model_file("last")
@@ -225,7 +226,7 @@ def _site_paths(option: str, items: list[str]) -> dict[str, str]:
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    if args.parallel < 1:
+    if args.parallel is not None and args.parallel < 1:
         raise ConfigError(f"--parallel: expected how many runs train at once, a whole number ≥ 1, got {args.parallel}")
     if args.tables_only and args.rerun_changed:
         raise ConfigError("--tables-only trains nothing; --rerun-changed cannot be given with it")
@@ -233,7 +234,8 @@ def _sweep(args: argparse.Namespace) -> None:
     from lightning_fl.sweep_plan import load_sweep
 
     flags = (
-        ([f"--parallel={args.parallel}"] if args.parallel != 1 else [])
+        ([f"--parallel={args.parallel}"] if args.parallel is not None else [])
+        + ([f"--launcher={args.launcher}"] if args.launcher != "local" else [])
         + (["--rerun-changed"] if args.rerun_changed else [])
         + (["--tables-only"] if args.tables_only else [])
     )
@@ -243,6 +245,7 @@ def _sweep(args: argparse.Namespace) -> None:
         rerun_changed=args.rerun_changed,
         tables_only=args.tables_only,
         command=shlex.join(["lightning-fl", "sweep", str(args.file), *flags]),
+        launcher=args.launcher,
     )
 
 
@@ -347,9 +350,17 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--parallel",
         type=int,
-        default=1,
+        default=None,
         metavar="N",
-        help="runs at once (default 1); with N > 1 each gets one process and cores/N threads",
+        help="runs at once (default 1; with --launcher slurm every run); locally with N > 1 each gets one "
+        "process and cores/N threads",
+    )
+    sweep.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default="local",
+        help="local: a process per run here (default); slurm: a SLURM job per run, submitted with submitit "
+        "with the sweep file's `slurm` resources; submitit-local: the same jobs on this machine",
     )
     sweep.add_argument(
         "--rerun-changed",

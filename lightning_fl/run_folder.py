@@ -462,7 +462,7 @@ def _json_safe(value: Any) -> Any:
 class SweepFolder:
     """A sweep's output folder: a run folder per variant × seed, each with its log, and the tables."""
 
-    RUNS, RESULTS_CSV, RESULTS_MD = "runs", "results.csv", "results.md"
+    RUNS, RESULTS_CSV, RESULTS_MD, JOBS = "runs", "results.csv", "results.md", "jobs"
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
@@ -473,6 +473,11 @@ class SweepFolder:
     def log(self, variant: str, seed: int) -> Path:
         """The run's stdout and stderr, beside its folder (it survives the folder being moved aside)."""
         return self.path / self.RUNS / variant / f"seed{seed}.log"
+
+    @property
+    def jobs(self) -> Path:
+        """submitit's files of the runs' jobs (`sweep --launcher slurm`): scripts, pickles, job logs."""
+        return self.path / self.JOBS
 
     @property
     def results_csv(self) -> Path:

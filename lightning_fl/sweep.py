@@ -1,10 +1,14 @@
 """`lightning-fl sweep FILE`: an experiment's variants × seeds, each a `fit` run in its own process
 and folder, resumable as a whole, then its tables of the finished runs (`results.py`): each class's
-test Dice as mean ± std over seeds, and paired bootstrap differences between variants over the same cases.
+test Dice as mean ± std over seeds, and paired differences between variants over the same cases
+with intervals over seeds and over cases.
 
 A run is its own process so that one crash costs one run, and so that runs can train side by side
-(`--parallel`); a run's folder tells what is left to do (see `decide`). The sweep file and the runs
-it plans: `sweep_plan.py`; the folder it writes: `run_folder.SweepFolder`.
+(`--parallel`); a run's folder tells what is left to do (see `decide`). With `--launcher slurm` each
+run is a SLURM job submitted by submitit instead (`submitit-local`: the same code path, the jobs on
+this machine); the sweep waits for them, and reports, skips and resumes them as it does its own
+processes. The sweep file and the runs it plans: `sweep_plan.py`; the folder it writes:
+`run_folder.SweepFolder`.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from lightning_fl.sweep_plan import PlannedRun, Sweep, plan_runs
 
 POLL_S = 0.2
 STOP_WAIT_S = 30.0  # how long stopped runs get to exit before SIGKILL
+JOB_POLL_S = 10.0  # how often the jobs' states are asked of SLURM (submitit caches squeue between)
 
 
 def saved_changes(saved: DictConfig, planned: DictConfig) -> list[str]:
@@ -83,9 +88,14 @@ def decide(runs: list[PlannedRun], rerun_changed: bool = False) -> None:
         run.action = "overwrite"
 
 
-def fit_command(sweep: Sweep, run: PlannedRun, parallel: int) -> list[str]:
-    """The `fit` command line of a run's next start. Runs side by side get one process each."""
+def fit_command(sweep: Sweep, run: PlannedRun, parallel: int, launcher: str = "local") -> list[str]:
+    """The `fit` command line of a run's next start. Runs side by side get one process each; a SLURM
+    job with GPUs trains with one process per GPU of its nodes, as srun starts them."""
     fit = [sys.executable, "-m", "lightning_fl", "fit"]
+    if launcher != "local" and sweep.slurm.gpus_per_node and run.action != "resume":
+        gpus = [f"fabric.devices={sweep.slurm.gpus_per_node}", f"fabric.num_nodes={sweep.slurm.nodes}"]
+        overwrite = ["--overwrite"] if run.action == "overwrite" else []
+        return fit + ["--config", str(sweep.base), *overwrite, *run.overrides, *gpus]
     if run.action == "resume":
         assert run.saved is not None
         one_process = parallel > 1 and run.saved.fabric.devices != 1
@@ -131,7 +141,10 @@ class _Child:
             if line.strip():
                 self.last_error = line.decode(errors="replace").strip()
 
-    def stop(self, sig: int) -> None:
+    def finished(self) -> bool:
+        return self.process.poll() is not None
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
         try:
             os.killpg(self.process.pid, sig)
         except ProcessLookupError:  # already gone
@@ -148,34 +161,140 @@ class _Child:
         return Outcome(f"failed: {reason}", seconds, failed=True)
 
 
+class FitFailed(RuntimeError):
+    """A run's `fit` ended with an error inside its job; the message is its stderr's last line."""
+
+
+@dataclass(frozen=True)
+class FitJob:
+    """What a run's submitit job executes (pickled to the node): its `fit` command, with the first
+    task's stdout and stderr appended to the run's log; a non-zero exit raises FitFailed. Cancelled
+    (SIGINT from submitit-local; SLURM signals every process itself), it stops the `fit` first."""
+
+    command: list[str]
+    log: Path
+    cwd: str
+
+    def __call__(self) -> None:
+        env = os.environ | {"PYTHONUNBUFFERED": "1"}
+        first_task = int(os.environ.get("SLURM_PROCID", "0")) == 0  # the other tasks' go to the job's log
+        log = self.log.open("ab", buffering=0) if first_task else sys.stdout.buffer
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(self.command)}\n".encode())
+        process = subprocess.Popen(
+            self.command, stdout=log, stderr=subprocess.PIPE, env=env, cwd=self.cwd, start_new_session=True
+        )
+        last = ""
+        try:
+            assert process.stderr is not None
+            for line in process.stderr:
+                log.write(line)
+                last = line.decode(errors="replace").strip() or last
+            code = process.wait()
+        except BaseException:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=STOP_WAIT_S)
+            raise
+        finally:
+            if first_task:
+                log.close()
+        if code != 0:
+            raise FitFailed(last or f"exit status {code}")
+
+
+class _Job:
+    """A run's submitit job: submitted, polled until done, cancelled when the sweep is stopped."""
+
+    def __init__(self, run: PlannedRun, executor: Any, command: list[str]) -> None:
+        self.run, self.start = run, time.monotonic()
+        run.log.parent.mkdir(parents=True, exist_ok=True)
+        self.job = executor.submit(FitJob(command, run.log.absolute(), os.getcwd()))
+
+    def finished(self) -> bool:
+        return self.job.done()
+
+    def stop(self) -> None:
+        self.job.cancel(check=False)
+
+    def outcome(self) -> Outcome:
+        """Done, resumed or failed: the fit's last line of stderr, or the job's state (timed out,
+        cancelled, out of memory: the scheduler's words)."""
+        seconds = time.monotonic() - self.start
+        try:
+            error = self.job.exception()
+        except Exception as err:  # noqa: BLE001 - submitit's UncompletedJobError: killed, timed out, cancelled
+            error = err
+        if error is None:
+            return Outcome("resumed" if self.run.action == "resume" else "done", seconds)
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        fit_error = [line.split("FitFailed: ", 1)[1] for line in lines if "FitFailed: " in line]
+        if fit_error:
+            reason = fit_error[-1]
+        elif any("timed-out" in line or "TIMEOUT" in line for line in lines):
+            reason = f"job {self.job.job_id} timed out (slurm.timeout_min); it resumes at the next call"
+        else:
+            reason = f"job {self.job.job_id}: {lines[-1] if lines else self.job.state.lower()}"
+        return Outcome(f"failed: {reason}", seconds, failed=True)
+
+
+def _executor(sweep: Sweep, launcher: str) -> Any:
+    """submitit's executor for the runs' jobs, with the sweep file's `slurm` resources."""
+    import submitit
+
+    cluster = "local" if launcher == "submitit-local" else "slurm"
+    try:
+        executor = submitit.AutoExecutor(folder=sweep.folder.jobs, cluster=cluster)
+    except (RuntimeError, ValueError) as err:  # no sbatch on this machine
+        raise ConfigError(f"--launcher {launcher}: submitit cannot submit here: {err}") from err
+    resources = sweep.slurm
+    executor.update_parameters(
+        name=sweep.name,
+        nodes=resources.nodes,
+        tasks_per_node=max(1, resources.gpus_per_node),
+        gpus_per_node=resources.gpus_per_node,
+        cpus_per_task=resources.cpus_per_task,
+        mem_gb=resources.mem_gb,
+        timeout_min=resources.timeout_min,
+        slurm_partition=resources.partition,
+        slurm_additional_parameters=dict(resources.additional),
+    )
+    return executor
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def execute(sweep: Sweep, runs: list[PlannedRun], parallel: int) -> dict[str, Outcome]:
-    """Run what `decide` left to do, `parallel` at a time; a failed run does not stop the others.
-    Ctrl-C or SIGTERM stops the running ones (they resume at the next start) and raises RunStopped."""
+def execute(sweep: Sweep, runs: list[PlannedRun], parallel: int, launcher: str = "local") -> dict[str, Outcome]:
+    """Run what `decide` left to do, `parallel` at a time (processes, or jobs in the queue); a failed
+    run does not stop the others. Ctrl-C or SIGTERM stops the running ones (jobs: cancelled; they
+    resume at the next start) and raises RunStopped."""
     env = os.environ | {"PYTHONUNBUFFERED": "1"}  # the logs fill as the runs go
-    if parallel > 1:
+    if parallel > 1 and launcher == "local":
         threads = str(max(1, len(os.sched_getaffinity(0)) // parallel))
         env |= {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    if launcher == "local":
+        start: Any = lambda run: _Child(run, fit_command(sweep, run, parallel), env)  # noqa: E731
+        poll_s = POLL_S
+    else:
+        executor = _executor(sweep, launcher)
+        start = lambda run: _Job(run, executor, fit_command(sweep, run, 1, launcher))  # noqa: E731
+        poll_s = POLL_S if launcher == "submitit-local" else JOB_POLL_S
     outcomes = {run.name: Outcome("skipped: finished before") for run in runs if run.action == "skip"}
     pending = [run for run in runs if run.action != "skip"]
-    active: list[_Child] = []
+    active: list[Any] = []
     bar = tqdm(total=len(runs), initial=len(outcomes), desc="sweep", unit="run", disable=None)
     shown = ""
     handlers = signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, _interrupt)
     try:
         while pending or active:
             while pending and len(active) < parallel:
-                run = pending.pop(0)
-                active.append(_Child(run, fit_command(sweep, run, parallel), env))
+                active.append(start(pending.pop(0)))
             running = ", ".join(child.run.name for child in active)
             if running != shown:
                 bar.set_postfix_str(running)
                 shown = running
-            time.sleep(POLL_S)
-            for child in [c for c in active if c.process.poll() is not None]:
+            time.sleep(poll_s)
+            for child in [c for c in active if c.finished()]:
                 active.remove(child)
                 outcome = outcomes[child.run.name] = child.outcome()
                 bar.update(1)
@@ -191,11 +310,19 @@ def execute(sweep: Sweep, runs: list[PlannedRun], parallel: int) -> dict[str, Ou
     return outcomes
 
 
-def _stop(children: list[_Child]) -> None:
-    """SIGTERM to every running run's process group, SIGKILL to what has not ended after STOP_WAIT_S;
-    further Ctrl-C's are ignored meanwhile, so no run is left behind."""
+def _stop(children: list[Any]) -> None:
+    """SIGTERM to every running run's process group, SIGKILL to what has not ended after STOP_WAIT_S
+    (jobs: cancelled, then waited for as long); further Ctrl-C's are ignored meanwhile, so no run is
+    left behind."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    jobs = [child for child in children if isinstance(child, _Job)]
+    children = [child for child in children if not isinstance(child, _Job)]
+    for job in jobs:
+        job.stop()
+    deadline = time.monotonic() + STOP_WAIT_S
+    while any(not job.finished() for job in jobs) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
     for child in children:
         child.stop(signal.SIGTERM)
     deadline = time.monotonic() + STOP_WAIT_S
@@ -229,16 +356,24 @@ def status_table(runs: list[PlannedRun], outcomes: dict[str, Outcome]) -> str:
 
 
 def run_sweep(
-    sweep: Sweep, parallel: int = 1, rerun_changed: bool = False, tables_only: bool = False, command: str = ""
+    sweep: Sweep,
+    parallel: int | None = None,
+    rerun_changed: bool = False,
+    tables_only: bool = False,
+    command: str = "",
+    launcher: str = "local",
 ) -> None:
     """Plan and check every run, train what is left (unless `tables_only`), then write the tables
-    of the finished runs. Raises RunStopped (exit status 1) after the tables when any run failed."""
+    of the finished runs. `parallel`: runs at once; by default one, and every run at once under
+    SLURM (the scheduler queues them). Raises RunStopped (exit status 1) after the tables when any
+    run failed."""
     runs = plan_runs(sweep)
+    parallel = parallel or (len(runs) if launcher == "slurm" else 1)
     decide(runs, rerun_changed)
     outcomes: dict[str, Outcome] = {}
     if not tables_only:
         prepare_data(runs)
-        outcomes = execute(sweep, runs, parallel)
+        outcomes = execute(sweep, runs, parallel, launcher)
         print("\n" + status_table(runs, outcomes))
     results, missing = collect_results(runs)
     written = write_tables(sweep, runs, results, missing, command)

@@ -6,6 +6,7 @@
     variants: {condistfl: [method=condistfl], fedavg: [method=fedavg]}
     comparisons: [[condistfl, fedavg]]           paired differences in results.md
     output_dir: runs/sweeps/<file's name>        a `run_folder.SweepFolder`
+    slurm: {nodes: 1, gpus_per_node: 4, ...}     each run's job with `--launcher slurm` (`SlurmResources`)
 
 Every mistake names the file and the key and says what was expected (`docs/how-to/sweeps.md`).
 """
@@ -13,7 +14,7 @@ Every mistake names the file and the key and says what was expected (`docs/how-t
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,26 @@ from lightning_fl.config import CONFIG_DIR, ConfigError, load_config
 from lightning_fl.run_folder import RunFolder, SweepFolder
 
 # `shared` is not read: it holds lists of overrides that variants share through YAML anchors
-KEYS = ("base", "seeds", "variants", "overrides", "comparisons", "output_dir", "shared")
+KEYS = ("base", "seeds", "variants", "overrides", "comparisons", "output_dir", "slurm", "shared")
 REQUIRED = ("base", "seeds", "variants")
 NAME = re.compile(r"[A-Za-z0-9_-]+")
+LAUNCHERS = ("local", "slurm", "submitit-local")  # a process per run; a SLURM job; a submitit job here
 # set by the sweep for each run; a sweep file that set them would be silently overruled
 SET_BY_SWEEP = ("seed", "output_dir", "logger.wandb.group", "logger.wandb.job_type", "logger.wandb.name")
+
+
+@dataclass(frozen=True)
+class SlurmResources:
+    """What each run's job asks of SLURM under `sweep --launcher slurm` (submitit's parameters).
+    With GPUs, a run trains with one task per GPU of each node (fabric.devices, fabric.num_nodes)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: the run's processes are the ones its config starts, on the job's CPUs
+    cpus_per_task: int = 2
+    mem_gb: float = 16.0
+    timeout_min: int = 60
+    partition: str | None = None
+    additional: dict[str, Any] = field(default_factory=dict)  # more sbatch options: {account: x, qos: y}
 
 
 @dataclass(frozen=True)
@@ -42,6 +58,7 @@ class Sweep:
     overrides: list[str]
     comparisons: list[tuple[str, str]]
     output_dir: Path
+    slurm: SlurmResources = field(default_factory=SlurmResources)
 
     @property
     def name(self) -> str:
@@ -107,7 +124,35 @@ def load_sweep(path: str | Path) -> Sweep:
         overrides=_overrides(path, "overrides", content.get("overrides", [])),
         comparisons=_comparisons(path, content.get("comparisons", []), variants),
         output_dir=Path(output_dir).expanduser(),
+        slurm=_slurm(path, content.get("slurm", {})),
     )
+
+
+def _slurm(path: Path, value: Any) -> SlurmResources:
+    """The `slurm` mapping: whole numbers ≥ 1 (GPUs ≥ 0), memory in GB > 0, a partition name, and a
+    mapping of further sbatch options."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: slurm: expected a mapping such as {{nodes: 1, gpus_per_node: 4}}, got {value!r}")
+    known = [f.name for f in fields(SlurmResources)]
+    unknown = sorted(str(k) for k in value if k not in known)
+    if unknown:
+        raise ConfigError(f"{path}: slurm: unknown key{'s' if len(unknown) > 1 else ''} {unknown}; expected {known}")
+    for key in ("nodes", "gpus_per_node", "cpus_per_task", "timeout_min"):
+        least = 0 if key == "gpus_per_node" else 1
+        if key in value and (isinstance(value[key], bool) or not isinstance(value[key], int) or value[key] < least):
+            raise ConfigError(f"{path}: slurm.{key}: expected a whole number ≥ {least}, got {value[key]!r}")
+    if "mem_gb" in value and (
+        isinstance(value["mem_gb"], bool) or not isinstance(value["mem_gb"], (int, float)) or value["mem_gb"] <= 0
+    ):
+        raise ConfigError(f"{path}: slurm.mem_gb: expected a number of GB > 0, got {value['mem_gb']!r}")
+    if value.get("partition") is not None and not isinstance(value["partition"], str):
+        raise ConfigError(f"{path}: slurm.partition: expected a partition name, got {value['partition']!r}")
+    if not isinstance(value.get("additional", {}), dict):
+        raise ConfigError(
+            f"{path}: slurm.additional: expected a mapping of sbatch options, e.g. {{account: abc}}, "
+            f"got {value['additional']!r}"
+        )
+    return SlurmResources(**value)
 
 
 def _base(path: Path, value: Any) -> Path:

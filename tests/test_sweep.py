@@ -178,6 +178,84 @@ def test_sigterm_stops_the_running_runs_and_says_how_to_go_on(tmp_path, monkeypa
     assert signal.getsignal(signal.SIGTERM) is handler
 
 
+def test_a_job_that_fails_or_times_out_is_named_and_resumed_at_the_next_call(
+    tmp_path, monkeypatch, capsys, flat_smoke, data_home
+):
+    """Through submitit's local executor (the SLURM launcher's code path without a scheduler): a
+    run whose fit fails is reported with its stderr's last line, one that outlives slurm.timeout_min
+    as timed out (submitit warns it 30 s before the limit); the cut-off run resumes at the next call."""
+    path = write_sweep(tmp_path, flat_smoke, variants={"fails": [], "slow": []}, slurm={"timeout_min": 1})
+    actions = tmp_path / "actions"
+
+    def fake_fit(sweep, run, parallel, launcher="local"):  # records what the sweep asked of the run
+        with actions.open("a") as f:
+            f.write(f"{run.name} {run.action} {launcher}\n")
+        if run.variant == "fails":
+            code = "import sys; print('error: the fails variant went wrong', file=sys.stderr); sys.exit(3)"
+        elif run.action == "resume":
+            code = "pass"
+        else:  # leaves a run's config and state, then runs past the job's time limit
+            run.folder.path.mkdir(parents=True)
+            run.folder.config.write_text(to_yaml(run.cfg))
+            code = f"import pathlib, time; pathlib.Path({str(run.folder.state)!r}).touch(); time.sleep(120)"
+        return [sys.executable, "-c", code]
+
+    monkeypatch.setattr(sweeps, "fit_command", fake_fit)
+    with pytest.raises(RunStopped, match="2 of 2 runs failed: fails/seed0 .*; slow/seed0"):
+        sweeps.run_sweep(load_sweep(path), launcher="submitit-local", parallel=2)
+    out = capsys.readouterr().out
+    assert _status(out, "fails", 0) == "failed: error: the fails variant went wrong"
+    assert _status(out, "slow", 0).startswith("failed: job ") and "timed out (slurm.timeout_min)" in out
+    assert "error: the fails variant went wrong" in (tmp_path / "out" / "runs" / "fails" / "seed0.log").read_text()
+    with pytest.raises(RunStopped, match="1 of 2 runs failed: fails/seed0"):
+        sweeps.run_sweep(load_sweep(path), launcher="submitit-local")
+    assert _status(capsys.readouterr().out, "slow", 0) == "resumed"
+    assert "slow/seed0 resume submitit-local" in actions.read_text().splitlines()
+
+
+def test_a_slurm_job_asks_for_the_sweep_files_resources_and_a_process_per_gpu(tmp_path, monkeypatch, flat_smoke):
+    """The sbatch script submitit writes for a run (a stand-in `sbatch` keeps it; `srun` only has to
+    exist): the `slurm` section's resources, one task per GPU, and the fit told the same."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "srun").write_text("#!/bin/sh\n")
+    (tools / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {tmp_path / "script.sh"}\necho "Submitted batch job 42"\n')
+    for tool in tools.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
+    resources = {
+        "nodes": 2,
+        "gpus_per_node": 4,
+        "cpus_per_task": 8,
+        "mem_gb": 64,
+        "timeout_min": 90,
+        "partition": "gpu",
+        "additional": {"account": "abc"},
+    }
+    sweep = load_sweep(write_sweep(tmp_path, flat_smoke, slurm=resources))
+    [run] = plan_runs(sweep)
+    command = sweeps.fit_command(sweep, run, 1, "slurm")
+    assert command[-2:] == ["fabric.devices=4", "fabric.num_nodes=2"]
+    job = sweeps._Job(run, sweeps._executor(sweep, "slurm"), command)
+    assert job.job.job_id == "42"
+    script = (tmp_path / "script.sh").read_text()
+    for option in (
+        "--nodes=2",
+        "--gpus-per-node=4",
+        "--ntasks-per-node=4",
+        "--cpus-per-task=8",
+        "--mem=64GB",
+        "--time=90",
+        "--partition=gpu",
+        "--account=abc",
+        "--job-name=sweep",
+    ):
+        assert f"#SBATCH {option}\n" in script, option
+    monkeypatch.setenv("PATH", "/nonexistent")  # no SLURM: one line, exit status 2
+    with pytest.raises(ConfigError, match='--launcher slurm: submitit cannot submit here: Could not detect "srun"'):
+        sweeps._executor(sweep, "slurm")
+
+
 def test_the_synthetic_data_is_generated_once_before_the_first_wave(tmp_path, monkeypatch, flat_smoke):
     """Two runs started side by side on a fresh data root both find the federation there."""
     root = tmp_path / "fresh"
@@ -237,14 +315,16 @@ def test_a_full_disk_leaves_the_previous_tables_whole(tmp_path, capsys, monkeypa
 
 # ---------------------------------------------------------------- end to end
 @pytest.mark.slow
-def test_a_stopped_sweep_resumes_to_the_results_of_a_run_left_alone(cli, smoke_run, tmp_path):
+@pytest.mark.parametrize("launcher", ["local", "submitit-local"])
+def test_a_stopped_sweep_resumes_to_the_results_of_a_run_left_alone(cli, smoke_run, tmp_path, launcher):
     """A sweep of two runs stopped (SIGTERM) in its second and started again: the first is skipped,
     the second resumed, and it ends with the weights and test scores of the session's smoke run,
     whose config it has (but for where it writes and what it logs): a stopped and resumed run ends
-    where one left alone does, and the same config gives the same numbers in another process."""
+    where one left alone does, and the same config gives the same numbers in another process. The
+    same through submitit's local executor (the SLURM launcher's path: the stop cancels the job)."""
     variants = {"lr_low": ["optim.lr=0.003"], "smoke": []}  # apart from the first round on
     sweep = write_sweep(tmp_path, SMOKE, variants=variants, overrides=["logger.wandb.mode=disabled"])
-    process = cli.start("sweep", str(sweep))
+    process = cli.start("sweep", str(sweep), f"--launcher={launcher}")
     first, second = (tmp_path / "out" / "runs" / v / "seed0" for v in variants)
     deadline = time.monotonic() + 300
     try:
@@ -263,7 +343,7 @@ def test_a_stopped_sweep_resumes_to_the_results_of_a_run_left_alone(cli, smoke_r
     assert (first / "summary.json").is_file() and not (second / "summary.json").exists()
     finished_at = (first / "summary.json").stat().st_mtime_ns
 
-    process = cli.start("sweep", str(sweep))
+    process = cli.start("sweep", str(sweep), f"--launcher={launcher}")
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err[-3000:]
     assert (_status(out, "lr_low", 0), _status(out, "smoke", 0)) == ("skipped: finished before", "resumed")
@@ -276,6 +356,8 @@ def test_a_stopped_sweep_resumes_to_the_results_of_a_run_left_alone(cli, smoke_r
     dice = {v: [r["dice"] for r in rows if r["variant"] == v] for v in variants}
     assert dice["lr_low"] and dice["lr_low"] != dice["smoke"]  # the comparison tells the two runs apart
 
+    if launcher != "local":
+        return  # what follows reads the tables, which do not depend on the launcher
     # the finished sweep's per-case Dice against each structure's size (experiments/tumour_size.py)
     result = cli.python("experiments/tumour_size.py", tmp_path / "out", "--classes", "liver", "liver_tumor")
     assert result.returncode == 0, result.stderr

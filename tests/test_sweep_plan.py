@@ -88,6 +88,14 @@ GONE = object()  # a key left out
         ({"comparisons": [["a", "b"]]}, r"comparisons: \['a', 'b'\]: 'b' is not a variant; the variants are \['a'\]"),
         ({"comparisons": [["a", "a"]]}, "comparisons: .*two different variants"),
         ({"output_dir": 3}, "output_dir: expected a folder"),
+        ({"slurm": 4}, r"slurm: expected a mapping such as \{nodes: 1, gpus_per_node: 4\}, got 4"),
+        ({"slurm": {"gpus": 4}}, r"slurm: unknown key \['gpus'\]; expected \['nodes', 'gpus_per_node'"),
+        ({"slurm": {"nodes": 0}}, "slurm.nodes: expected a whole number ≥ 1, got 0"),
+        ({"slurm": {"gpus_per_node": -1}}, "slurm.gpus_per_node: expected a whole number ≥ 0, got -1"),
+        ({"slurm": {"timeout_min": 0.5}}, "slurm.timeout_min: expected a whole number ≥ 1, got 0.5"),
+        ({"slurm": {"mem_gb": "64G"}}, "slurm.mem_gb: expected a number of GB > 0, got '64G'"),
+        ({"slurm": {"partition": 3}}, "slurm.partition: expected a partition name, got 3"),
+        ({"slurm": {"additional": ["--qos=high"]}}, "slurm.additional: expected a mapping of sbatch options"),
     ],
 )
 def test_sweep_file_mistakes_name_the_file_and_key(tmp_path, changes, message):
