@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +96,8 @@ def fit_command(sweep: Sweep, run: PlannedRun, parallel: int, launcher: str = "l
         gpus = [f"fabric.devices={sweep.slurm.gpus_per_node}", f"fabric.num_nodes={sweep.slurm.nodes}"]
         overwrite = ["--overwrite"] if run.action == "overwrite" else []
         return fit + ["--config", str(sweep.base), *overwrite, *run.overrides, *gpus]
-    if run.action == "resume":
-        assert run.saved is not None
-        one_process = parallel > 1 and run.saved.fabric.devices != 1
+    if run.action == "resume":  # (a job's requeue resumes a run it started: no saved config then)
+        one_process = parallel > 1 and run.saved is not None and run.saved.fabric.devices != 1
         return (
             fit
             + ["--resume", str(run.folder.path)]
@@ -165,22 +164,27 @@ class FitFailed(RuntimeError):
     """A run's `fit` ended with an error inside its job; the message is its stderr's last line."""
 
 
-@dataclass(frozen=True)
 class FitJob:
     """What a run's submitit job executes (pickled to the node): its `fit` command, with the first
-    task's stdout and stderr appended to the run's log; a non-zero exit raises FitFailed. Cancelled
-    (SIGINT from submitit-local; SLURM signals every process itself), it stops the `fit` first."""
+    task's stdout and stderr appended to the run's log; a non-zero exit raises FitFailed. When the
+    job's time is nearly up (or it is preempted) submitit calls `checkpoint`: the fit is stopped and
+    the job requeued with `resume`, so a run longer than one job's limit goes on by itself (up to
+    submitit's 3 timeouts). Cancelled (SIGINT from submitit-local; SLURM signals every process
+    itself), it stops the fit first."""
 
-    command: list[str]
-    log: Path
-    cwd: str
+    def __init__(self, command: list[str], resume: list[str], log: Path, cwd: str) -> None:
+        self.command, self.resume, self.log, self.cwd = command, resume, log, cwd
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_process"} | {"_process": None}
 
     def __call__(self) -> None:
         env = os.environ | {"PYTHONUNBUFFERED": "1"}
         first_task = int(os.environ.get("SLURM_PROCID", "0")) == 0  # the other tasks' go to the job's log
         log = self.log.open("ab", buffering=0) if first_task else sys.stdout.buffer
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(self.command)}\n".encode())
-        process = subprocess.Popen(
+        self._process = process = subprocess.Popen(
             self.command, stdout=log, stderr=subprocess.PIPE, env=env, cwd=self.cwd, start_new_session=True
         )
         last = ""
@@ -190,9 +194,8 @@ class FitJob:
                 log.write(line)
                 last = line.decode(errors="replace").strip() or last
             code = process.wait()
-        except BaseException:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=STOP_WAIT_S)
+        except BaseException:  # cancelled, or requeued by `checkpoint`
+            self._stop_fit()
             raise
         finally:
             if first_task:
@@ -200,14 +203,32 @@ class FitJob:
         if code != 0:
             raise FitFailed(last or f"exit status {code}")
 
+    def _stop_fit(self) -> None:
+        """SIGTERM to the fit's process group, SIGKILL after STOP_WAIT_S; nothing if it has ended."""
+        if self._process is None or self._process.poll() is not None:
+            return
+        os.killpg(self._process.pid, signal.SIGTERM)
+        try:
+            self._process.wait(timeout=STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait()
+
+    def checkpoint(self) -> Any:
+        """submitit's hook before a timeout or preemption: stop the fit; the requeued job resumes it."""
+        from submitit.helpers import DelayedSubmission
+
+        self._stop_fit()
+        return DelayedSubmission(FitJob(self.resume, self.resume, self.log, self.cwd))
+
 
 class _Job:
     """A run's submitit job: submitted, polled until done, cancelled when the sweep is stopped."""
 
-    def __init__(self, run: PlannedRun, executor: Any, command: list[str]) -> None:
+    def __init__(self, run: PlannedRun, executor: Any, command: list[str], resume: list[str]) -> None:
         self.run, self.start = run, time.monotonic()
         run.log.parent.mkdir(parents=True, exist_ok=True)
-        self.job = executor.submit(FitJob(command, run.log.absolute(), os.getcwd()))
+        self.job = executor.submit(FitJob(command, resume, run.log.absolute(), os.getcwd()))
 
     def finished(self) -> bool:
         return self.job.done()
@@ -230,7 +251,7 @@ class _Job:
         if fit_error:
             reason = fit_error[-1]
         elif any("timed-out" in line or "TIMEOUT" in line for line in lines):
-            reason = f"job {self.job.job_id} timed out (slurm.timeout_min); it resumes at the next call"
+            reason = f"job {self.job.job_id} timed out (slurm.timeout_min) too often; it resumes at the next call"
         else:
             reason = f"job {self.job.job_id}: {lines[-1] if lines else self.job.state.lower()}"
         return Outcome(f"failed: {reason}", seconds, failed=True)
@@ -277,7 +298,12 @@ def execute(sweep: Sweep, runs: list[PlannedRun], parallel: int, launcher: str =
         poll_s = POLL_S
     else:
         executor = _executor(sweep, launcher)
-        start = lambda run: _Job(run, executor, fit_command(sweep, run, 1, launcher))  # noqa: E731
+        start = lambda run: _Job(  # noqa: E731
+            run,
+            executor,
+            fit_command(sweep, run, 1, launcher),
+            fit_command(sweep, replace(run, action="resume"), 1, launcher),  # after a requeue
+        )
         poll_s = POLL_S if launcher == "submitit-local" else JOB_POLL_S
     outcomes = {run.name: Outcome("skipped: finished before") for run in runs if run.action == "skip"}
     pending = [run for run in runs if run.action != "skip"]
