@@ -117,18 +117,27 @@ class Outcome:
     failed: bool = False
 
 
-class _Child:
-    """A run's `fit` process in its own process group (so stopping it reaches the processes it
-    starts); stdout and stderr go to the run's log, the last line of stderr is kept."""
+class LoggedFit:
+    """A `fit` process in its own process group (so stopping it reaches the processes it starts),
+    its stdout and stderr appended to a run's log after a line naming the command; the last line of
+    stderr is kept for the summary. The sweep runs one per run here; a submitit job, on its node."""
 
-    def __init__(self, run: PlannedRun, command: list[str], env: dict[str, str]) -> None:
-        self.run, self.start = run, time.monotonic()
-        run.log.parent.mkdir(parents=True, exist_ok=True)
-        self.log = run.log.open("ab", buffering=0)
-        self.log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n".encode())
+    def __init__(
+        self, command: list[str], log: Path, env: dict[str, str], cwd: str | None = None, header: bool = True
+    ) -> None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.log = log.open("ab", buffering=0)
+        if header:
+            self.log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n".encode())
         self.last_error = ""
         self.process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.PIPE, env=env, start_new_session=True
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
         )
         self.reader = threading.Thread(target=self._read_stderr, daemon=True)
         self.reader.start()
@@ -143,21 +152,48 @@ class _Child:
     def finished(self) -> bool:
         return self.process.poll() is not None
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
+    def signal(self, sig: int) -> None:
         try:
             os.killpg(self.process.pid, sig)
         except ProcessLookupError:  # already gone
             pass
 
-    def outcome(self) -> Outcome:
-        """After the process ended: done, resumed or failed (with stderr's last line)."""
+    def stop(self) -> None:
+        """SIGTERM to its process group, SIGKILL after STOP_WAIT_S; nothing if it has ended."""
+        self.signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.process.wait()
+
+    def close(self) -> str | None:
+        """After the process ended: None where it succeeded, else why it failed (stderr's last line,
+        or how it ended); the log is closed."""
         self.reader.join(timeout=5)
         self.log.close()
-        seconds, code = time.monotonic() - self.start, self.process.returncode
+        code = self.process.returncode
         if code == 0:
+            return None
+        return self.last_error or (f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}")
+
+
+class _Child:
+    """A run trained by a process of this machine (`--launcher local`)."""
+
+    def __init__(self, run: PlannedRun, command: list[str], env: dict[str, str]) -> None:
+        self.run, self.start = run, time.monotonic()
+        self.fit = LoggedFit(command, run.log, env)
+
+    def finished(self) -> bool:
+        return self.fit.finished()
+
+    def outcome(self) -> Outcome:
+        """After the process ended: done, resumed or failed (with stderr's last line)."""
+        seconds, failure = time.monotonic() - self.start, self.fit.close()
+        if failure is None:
             return Outcome("resumed" if self.run.action == "resume" else "done", seconds)
-        reason = self.last_error or (f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}")
-        return Outcome(f"failed: {reason}", seconds, failed=True)
+        return Outcome(f"failed: {failure}", seconds, failed=True)
 
 
 class FitFailed(RuntimeError):
@@ -165,60 +201,43 @@ class FitFailed(RuntimeError):
 
 
 class FitJob:
-    """What a run's submitit job executes (pickled to the node): its `fit` command, with the first
-    task's stdout and stderr appended to the run's log; a non-zero exit raises FitFailed. When the
-    job's time is nearly up (or it is preempted) submitit calls `checkpoint`: the fit is stopped and
-    the job requeued with `resume`, so a run longer than one job's limit goes on by itself (up to
+    """What a run's submitit job executes (pickled to the node): its `fit` command, as a `LoggedFit`
+    appending to the run's log (the first task's header alone); a failed fit raises FitFailed. When
+    the job's time is nearly up (or it is preempted) submitit calls `checkpoint`: the fit is stopped
+    and the job requeued with `resume`, so a run longer than one job's limit goes on by itself (up to
     submitit's 3 timeouts). Cancelled (SIGINT from submitit-local; SLURM signals every process
     itself), it stops the fit first."""
 
     def __init__(self, command: list[str], resume: list[str], log: Path, cwd: str) -> None:
         self.command, self.resume, self.log, self.cwd = command, resume, log, cwd
-        self._process: subprocess.Popen[bytes] | None = None
+        self._fit: LoggedFit | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_process"} | {"_process": None}
+        return self.__dict__ | {"_fit": None}
 
     def __call__(self) -> None:
+        first_task = int(os.environ.get("SLURM_PROCID", "0")) == 0
         env = os.environ | {"PYTHONUNBUFFERED": "1"}
-        first_task = int(os.environ.get("SLURM_PROCID", "0")) == 0  # the other tasks' go to the job's log
-        log = self.log.open("ab", buffering=0) if first_task else sys.stdout.buffer
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(self.command)}\n".encode())
-        self._process = process = subprocess.Popen(
-            self.command, stdout=log, stderr=subprocess.PIPE, env=env, cwd=self.cwd, start_new_session=True
-        )
-        last = ""
+        self._fit = fit = LoggedFit(self.command, self.log, env, self.cwd, header=first_task)
         try:
-            assert process.stderr is not None
-            for line in process.stderr:
-                log.write(line)
-                last = line.decode(errors="replace").strip() or last
-            code = process.wait()
+            fit.process.wait()
         except BaseException:  # cancelled, or requeued by `checkpoint`
-            self._stop_fit()
+            fit.stop()
             raise
         finally:
-            if first_task:
-                log.close()
-        if code != 0:
-            raise FitFailed(last or f"exit status {code}")
-
-    def _stop_fit(self) -> None:
-        """SIGTERM to the fit's process group, SIGKILL after STOP_WAIT_S; nothing if it has ended."""
-        if self._process is None or self._process.poll() is not None:
-            return
-        os.killpg(self._process.pid, signal.SIGTERM)
-        try:
-            self._process.wait(timeout=STOP_WAIT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(self._process.pid, signal.SIGKILL)
-            self._process.wait()
+            failure = fit.close()
+        if failure is not None:
+            raise FitFailed(failure)
 
     def checkpoint(self) -> Any:
-        """submitit's hook before a timeout or preemption: stop the fit; the requeued job resumes it."""
+        """submitit's hook before a timeout or preemption, called in a signal handler while `__call__`
+        waits for the fit: SIGTERM to the fit, whose exit `__call__` then waits for as submitit's
+        requeue unwinds it (waiting here could deadlock on the waiting Popen's lock); the requeued
+        job resumes the run."""
         from submitit.helpers import DelayedSubmission
 
-        self._stop_fit()
+        if self._fit is not None:
+            self._fit.signal(signal.SIGTERM)
         return DelayedSubmission(FitJob(self.resume, self.resume, self.log, self.cwd))
 
 
@@ -350,14 +369,14 @@ def _stop(children: list[Any]) -> None:
     while any(not job.finished() for job in jobs) and time.monotonic() < deadline:
         time.sleep(POLL_S)
     for child in children:
-        child.stop(signal.SIGTERM)
+        child.fit.signal(signal.SIGTERM)
     deadline = time.monotonic() + STOP_WAIT_S
     for child in children:
         try:
-            child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            child.fit.process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            child.stop(signal.SIGKILL)
-            child.process.wait()
+            child.fit.signal(signal.SIGKILL)
+            child.fit.process.wait()
         child.outcome()  # closes its log
 
 
