@@ -342,7 +342,7 @@ def test_a_stopped_sweep_resumes_to_the_results_of_a_run_left_alone(cli, smoke_r
             time.sleep(0.05)
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)  # the sweep stops its run
+            process.send_signal(signal.SIGTERM)  # `kill PID`: the sweep stops its run (or cancels its job)
         out, err = process.communicate(timeout=120)
     assert process.returncode == 1 and "lightning-fl sweep: stopped: interrupted; stopped smoke/seed0" in err, err[
         -3000:
