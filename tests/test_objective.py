@@ -92,19 +92,26 @@ def _objective(cfg, foreground: list[int]) -> tuple[Objective, L.Fabric]:
     return make_objective(cfg, foreground), L.Fabric(accelerator="cpu", devices=1, precision="32-true")
 
 
+def _set_up_with_a_batch(cfg) -> tuple[Objective, L.Fabric, object, dict]:
+    """The liver site's objective set up by Fabric, its module, and one seeded random batch."""
+    site, fabric = _objective(cfg, [1, 2])
+    module, _ = fabric.setup(site, site.configure_optimizers()["optimizer"])
+    generator = torch.Generator().manual_seed(1)
+    batch = {
+        "image": torch.randn(1, 1, *cfg.data.patch_size, generator=generator),
+        "label": torch.randint(0, 3, (1, 1, *cfg.data.patch_size), generator=generator),
+    }
+    return site, fabric, module, batch
+
+
 def test_fedprox_adds_mu_times_the_distance_to_the_global_model_to_the_gradient(smoke_config_path):
     grads, sites = {}, {}
     for mu in (0.0, 0.3):
         cfg = load_config(
             smoke_config_path, ["method=fedprox", f"method.proximal_mu={mu}", "model.channels_last=false"]
         )
-        site, fabric = _objective(cfg, [1, 2])
-        module, _ = fabric.setup(site, site.configure_optimizers()["optimizer"])
+        site, fabric, module, batch = _set_up_with_a_batch(cfg)
         generator = torch.Generator().manual_seed(1)
-        batch = {
-            "image": torch.randn(1, 1, *cfg.data.patch_size, generator=generator),
-            "label": torch.randint(0, 3, (1, 1, *cfg.data.patch_size), generator=generator),
-        }
         site.receive(site.teacher.state_dict(), 1)
         with torch.no_grad():  # the student has moved away from the global model it received
             for p in site.network.parameters():
@@ -184,13 +191,7 @@ def test_the_teacher_term_starts_at_its_start_round_and_then_rises_to_the_last()
 
 def test_before_its_start_round_no_teacher_term_is_computed(smoke_config_path):
     cfg = load_config(smoke_config_path, ["method.condist_start_round=2", "model.channels_last=false"])
-    site, fabric = _objective(cfg, [1, 2])
-    module, _ = fabric.setup(site, site.configure_optimizers()["optimizer"])
-    generator = torch.Generator().manual_seed(1)
-    batch = {
-        "image": torch.randn(1, 1, *cfg.data.patch_size, generator=generator),
-        "label": torch.randint(0, 3, (1, 1, *cfg.data.patch_size), generator=generator),
-    }
+    site, _, module, batch = _set_up_with_a_batch(cfg)
     calls = []
     site.teacher.register_forward_hook(lambda *_: calls.append(1))
     logged = []
