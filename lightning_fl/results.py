@@ -316,6 +316,12 @@ class Difference(NamedTuple):
     case_low: float
     case_high: float
 
+    def cells(self) -> list[str]:
+        """seeds, cases, n, the mean and both intervals, as every table writes them."""
+        seeds = "n/a" if math.isnan(self.seed_low) else f"[{signed(self.seed_low)}, {signed(self.seed_high)}]"
+        cases = f"[{signed(self.case_low)}, {signed(self.case_high)}]"
+        return [str(self.seeds), str(self.cases), str(self.n), signed(self.mean), seeds, cases]
+
     @property
     def verdict(self) -> str:
         """ "> 0" or "< 0" where both intervals lie on that side of 0; else "not shown"."""
@@ -438,12 +444,13 @@ def results_csv(results: Results) -> str:
     return out.getvalue()
 
 
-def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a markdown table, then an empty one."""
     lines = [header, ["---"] * len(header), *rows]
     return ["| " + " | ".join(line) + " |" for line in lines] + [""]
 
 
-def _signed(value: float) -> str:
+def signed(value: float) -> str:
     """+0.012 / -0.012, and +0.000 rather than a rounding's -0.000."""
     return f"{round(value, 3) + 0.0:+.3f}"
 
@@ -464,7 +471,7 @@ def _time_table(variants: Sequence[str], costs: Mapping[tuple[str, int], dict[st
                     f"{np.mean([c['wall_s'] for c in mine]) / 60:.1f}",
                     f"{np.mean([c['round_s'] for c in mine]):.1f}",
                     *(_largest([c[part] for c in mine]) for part in ("tail_change", "organs", "tumours")),
-                    _signed(float(np.mean([c["tail_rise"] for c in mine]))),
+                    signed(float(np.mean([c["tail_rise"] for c in mine]))),
                     f"{sum(x < CONVERGED_CHANGE for x in changes)} of {len(mine)}",
                     "; ".join(sorted({f"{c['device']}, {c['precision']}" for c in mine})),
                 ]
@@ -481,7 +488,7 @@ def _time_table(variants: Sequence[str], costs: Mapping[tuple[str, int], dict[st
         "converged",
         "device, precision",
     ]
-    return _markdown(header, rows) if rows else []
+    return markdown_table(header, rows) if rows else []
 
 
 def _largest(changes: Sequence[float]) -> str:
@@ -529,7 +536,7 @@ def results_markdown(
         "Each class at the sites that label it (the global model; standalone variants: each site's own model on "
         "its own site).",
         "",
-        *_markdown(*seed_table(per_run(results), variants)),
+        *markdown_table(*seed_table(per_run(results), variants)),
     ]
     for site in dict.fromkeys(r.site for rows in headline.values() for r in rows if r.phase == EXTERNAL):
         lines += [
@@ -537,7 +544,7 @@ def results_markdown(
             "",
             "Per organ (standalone variants: each organ by the models of the sites that label it).",
             "",
-            *_markdown(*seed_table(per_run(results, EXTERNAL, site), variants)),
+            *markdown_table(*seed_table(per_run(results, EXTERNAL, site), variants)),
         ]
     for variant in standalone_variants(results):
         models, columns, matrix = cross_site(results, variant)
@@ -548,7 +555,7 @@ def results_markdown(
             "Each site's model (rows) on each site's test split and class (columns), mean over seeds: "
             "a site's model has not learnt what its site never labelled.",
             "",
-            *_markdown(["model \\ site/class", *columns], table),
+            *markdown_table(["model \\ site/class", *columns], table),
         ]
     if costs:
         lines += [
@@ -578,20 +585,7 @@ def results_markdown(
             "",
         ]
         for a, b in sweep.comparisons:
-            rows = [
-                [
-                    d.group,
-                    d.cls,
-                    str(d.seeds),
-                    str(d.cases),
-                    str(d.n),
-                    _signed(d.mean),
-                    "n/a" if math.isnan(d.seed_low) else f"[{_signed(d.seed_low)}, {_signed(d.seed_high)}]",
-                    f"[{_signed(d.case_low)}, {_signed(d.case_high)}]",
-                    d.verdict,
-                ]
-                for d in paired_differences(results, a, b)
-            ]
+            rows = [[d.group, d.cls, *d.cells(), d.verdict] for d in paired_differences(results, a, b)]
             header = [
                 "phase",
                 "class",
@@ -604,7 +598,7 @@ def results_markdown(
                 "shown",
             ]
             lines += [f"### {a} − {b}", ""]
-            lines += _markdown(header, rows) if rows else ["No case was scored by both.", ""]
+            lines += markdown_table(header, rows) if rows else ["No case was scored by both.", ""]
     return "\n".join(lines)
 
 

@@ -1,18 +1,27 @@
 """The experiment scripts that read finished runs outside a sweep: experiments/compare_runs.py (a
 table of probe runs) and experiments/organ_confusion.py (where a model's organ errors go), on the
-session's smoke runs."""
+session's smoke runs; experiments/verdicts.py (each claim against its sweeps) on a sweep of planted
+effects."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from lightning_fl.data.datasets import read_datalist
 from lightning_fl.labels import LabelSpace
-from lightning_fl.run_folder import RunFolder
+from lightning_fl.results import results_csv
+from lightning_fl.run_folder import CaseRow, RunFolder
+from lightning_fl.sweep_plan import load_sweep
+from tests.helpers.runs import REPO, SMOKE
+from tests.helpers.sweeps import summary, write_sweep
 
 
 def test_compare_runs_tabulates_each_run_and_what_it_changed_and_refuses_an_unfinished_folder(
@@ -58,3 +67,91 @@ def test_organ_confusion_draws_each_test_case_again_exactly_as_its_site_labelled
     assert set(rows) == {"liver", "spleen", "pancreas", "kidney"} and written
     for organ, (voxels, _, missed, _) in rows.items():
         assert int(voxels) == written[organ] and 0 <= int(missed) <= int(voxels)
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+# each variant's per-seed shift of every case's Dice against `ref` (seeds 0-2)
+SHIFTS = {"ref": (0.0, 0.0, 0.0), "steady": (0.02, 0.02, 0.02), "spread": (0.10, -0.05, 0.02), "rising": (0.05,) * 3}
+
+
+def _planted_sweep(tmp_path: Path) -> Path:
+    """A sweep of 3 seeds whose runs' test Dice are planted (`SHIFTS` on 20 cases with noise of sd
+    0.01) and whose validation curves plateau, except `rising`'s, which climbs 0.01 a round from
+    round 5 of 8; `late` has finished seed 0 only. Its results.csv tabulates them."""
+    variants = {name: [] for name in (*SHIFTS, "late")}
+    path = write_sweep(tmp_path, SMOKE, seeds=[0, 1, 2], variants=variants)
+    folder, rng, planted = load_sweep(path).folder, np.random.default_rng(5), {}
+    for variant, seed in [(v, s) for v in SHIFTS for s in range(3)] + [("late", 0)]:
+        run = folder.run(variant, seed)
+        run.path.mkdir(parents=True)
+        run.config.write_text("defaults: [smoke]\n")
+        run.summary.write_text(json.dumps(summary(rounds=8)))
+        shift = SHIFTS.get(variant, (0.0,))[seed]
+        dice = 0.5 + shift + (rng.normal(0.0, 0.01, 20) if variant != "ref" else np.zeros(20))
+        planted[(variant, seed)] = [CaseRow("test", "global", "liver", f"c{i}", "liver", d) for i, d in enumerate(dice)]
+        run.write_cases(planted[(variant, seed)])
+        climb = 0.01 if variant == "rising" else 0.0
+        curve = [f"{r},validation,liver,global,liver,{0.5 + climb * max(0, r - 5)}" for r in range(1, 9)]
+        run.metrics.write_text("\n".join(["round,phase,site,model,class,dice", *curve]) + "\n")
+    folder.results_csv.write_text(results_csv(planted))
+    return path
+
+
+def test_verdicts_weigh_each_claim_by_its_comparisons_and_withhold_them_until_converged(tmp_path, capsys):
+    """A planted steady gain confirms its claim; a gain that one seed reverses is not shown, so a claim
+    resting on both is mixed; the wrong direction is not confirmed; a comparison with a variant still
+    climbing or with runs missing gives no answer."""
+    verdicts = _script("verdicts")
+    sweep = _planted_sweep(tmp_path)
+    evidence = lambda a, b="ref": {"sweep": str(sweep), "compare": [a, b], "phase": "test"}  # noqa: E731
+    claims = [
+        {"claim": "steady gains", "expect": "> 0", "evidence": [evidence("steady")]},
+        {"claim": "every gain", "expect": "> 0", "evidence": [evidence("steady"), evidence("spread")]},
+        {"claim": "steady loses", "expect": "< 0", "evidence": [evidence("steady")]},
+        {"question": "which gains?", "evidence": [evidence("steady"), evidence("spread")]},
+        {"question": "still climbing?", "evidence": [evidence("rising")]},
+        {"question": "unfinished?", "evidence": [evidence("late")]},
+    ]
+    claims_file, out = tmp_path / "claims.yaml", tmp_path / "verdicts.md"
+    claims_file.write_text(json.dumps({"claims": claims}))
+    assert verdicts.main([str(claims_file), "--output", str(out)]) == 0
+    rows = dict(re.findall(r"^\| \d \| ([^|]+?) \| [^|]+ \| ([^|]+?) \|$", out.read_text(), re.M))
+    assert rows == {
+        "steady gains": "confirmed",
+        "every gain": "mixed",
+        "steady loses": "not confirmed",
+        "which gains?": "> 0: 1, not shown: 1",
+        "still climbing?": "still rising: 1 of 1 comparisons",
+        "unfinished?": "in progress: 1 of 1 comparisons",
+    }
+    text = out.read_text()
+    steady = re.search(r"\| steady − ref \| test \| all classes \| 6 of 6 \| 3 \| 20 \| 60 \| ([-+.\d]+) \|", text)
+    assert abs(float(steady[1]) - 0.02) < 0.005
+    # the last quarter of rising's curve: rounds 6-8, 0.51 to 0.53
+    assert re.search(r"\| rising − ref \| .* \| \+0\.020 \| still rising \|", text)
+    assert "| late − ref | test | all classes | 4 of 6 | 1 |" in text
+
+    claims_file.write_text(json.dumps({"claims": [{"claim": "no direction", "evidence": [evidence("steady")]}]}))
+    out.unlink()
+    assert verdicts.main([str(claims_file), "--output", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "claims[1]" in error and "expect" in error and not out.exists()
+
+
+@pytest.mark.slow
+def test_the_committed_verdicts_are_what_the_script_makes_of_the_committed_sweeps(tmp_path, monkeypatch):
+    """experiments/results/verdicts.md is the script's reading of the committed sweep tables: no
+    verdict in the docs is typed by hand or left behind by a sweep's later runs."""
+    monkeypatch.chdir(REPO)  # the claims and sweep files name their paths from the repository root
+    committed = REPO / "experiments" / "results" / "verdicts.md"
+    (command,) = re.findall(r"^Written by `python experiments/verdicts.py (.*)`\.$", committed.read_text(), re.M)
+    claims, _, output = command.split()
+    out = tmp_path / "verdicts.md"
+    assert _script("verdicts").main([claims, "--output", str(out)]) == 0
+    assert out.read_text().replace(str(out), output) == committed.read_text()
