@@ -64,8 +64,11 @@ def test_the_sweep_notebook_shows_the_table_curves_heatmap_and_frequency(smoke_s
     notebook = _execute(
         "sweep.ipynb", monkeypatch, LIGHTNING_FL_SWEEP=str(smoke_sweep), LIGHTNING_FL_FIGURES=str(tmp_path)
     )
-    table = notebook.cells[1].outputs[0]["data"]["text/plain"]
-    assert "condistfl" in table and "standalone" in table and "mean" in table
+    sweeps, verdicts, table = (notebook.cells[i].outputs[0]["data"] for i in (1, 2, 4))
+    committed = sorted(p.parent.name for p in (REPO / "experiments" / "results").glob("*/results.csv"))
+    assert committed and all(name in sweeps["text/plain"] for name in committed)  # every committed sweep listed
+    assert verdicts["text/markdown"] == (REPO / "experiments" / "results" / "verdicts.md").read_text()
+    assert "condistfl" in table["text/plain"] and "standalone" in table["text/plain"] and "mean" in table["text/plain"]
     # the variants differ in local steps (2 and 1), so the frequency curve is drawn too
     expected = {COMPARISON_PLOT, "validation_dice.png", "cross_site_standalone.png", FREQUENCY_PLOT}
     assert {p.name for p in tmp_path.iterdir()} == expected
