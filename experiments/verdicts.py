@@ -7,7 +7,9 @@ A comparison gives an answer only when every run its sweep plans for both varian
 sweep's tables, and neither variant still climbs: the mean over seeds of its validation curve's
 rise over the last quarter of the rounds is at most 0.01 (results.CONVERGED_CHANGE). A claim is
 confirmed where every comparison shows the paper's direction (both intervals exclude 0), not
-confirmed where none does, mixed otherwise.
+confirmed where none does, mixed otherwise. A claim's `small_budget` comparisons (the earlier sweeps,
+8 rounds × 24 steps in 3D) get the same reading in their own column, to show how the answer changes
+with the budget; they do not enter its verdict.
 
     python experiments/verdicts.py experiments/claims.yaml --output experiments/results/verdicts.md
 """
@@ -61,6 +63,7 @@ class Claim:
     text: str
     expect: str | None  # the paper's direction; None for an open question
     evidence: list[Evidence]
+    small_budget: list[Evidence]  # the same comparisons at 8 × 24 steps (3D): shown beside, not weighed in
 
 
 def read_claims(path: Path) -> list[Claim]:
@@ -70,14 +73,10 @@ def read_claims(path: Path) -> list[Claim]:
     except (OSError, yaml.YAMLError, KeyError, TypeError) as err:
         raise UserInputError(f"{path}: expected a YAML mapping with a `claims` list ({err})") from None
     claims, sweeps = [], {}
-    for number, entry in enumerate(entries, 1):
-        where = f"{path}: claims[{number}]"
-        text = entry.get("claim") or entry.get("question") if isinstance(entry, dict) else None
-        expect = entry.get("expect") if isinstance(entry, dict) else None
-        if not text or ("claim" in entry) != (expect is not None) or expect not in (None, *DIRECTIONS):
-            raise UserInputError(f"{where}: expected `claim` with `expect` ('> 0' or '< 0'), or `question` without")
+
+    def read_evidence(where: str, items: Any) -> list[Evidence]:
         evidence = []
-        for item in entry.get("evidence") or []:
+        for item in items or []:
             try:
                 sweep_path, (a, b), phase = Path(item["sweep"]), item["compare"], item["phase"]
             except (KeyError, TypeError, ValueError):
@@ -87,9 +86,18 @@ def read_claims(path: Path) -> list[Claim]:
             if unknown:
                 raise UserInputError(f"{where}: {sweep_path} has no variant {', '.join(unknown)}")
             evidence.append(Evidence(sweep, a, b, phase, item.get("class", ALL_CLASSES)))
+        return evidence
+
+    for number, entry in enumerate(entries, 1):
+        where = f"{path}: claims[{number}]"
+        text = entry.get("claim") or entry.get("question") if isinstance(entry, dict) else None
+        expect = entry.get("expect") if isinstance(entry, dict) else None
+        if not text or ("claim" in entry) != (expect is not None) or expect not in (None, *DIRECTIONS):
+            raise UserInputError(f"{where}: expected `claim` with `expect` ('> 0' or '< 0'), or `question` without")
+        evidence = read_evidence(where, entry.get("evidence"))
         if not evidence:
             raise UserInputError(f"{where}: expected at least one piece of `evidence`")
-        claims.append(Claim(text, expect, evidence))
+        claims.append(Claim(text, expect, evidence, read_evidence(where, entry.get("small_budget"))))
     return claims
 
 
@@ -97,7 +105,7 @@ def weigh(claims: list[Claim]) -> None:
     """Each comparison's difference, runs, rise and state, from its sweep's tabulated runs."""
     read: dict[Path, tuple[Any, dict]] = {}
     compared: dict[tuple[Path, str, str], list[Difference]] = {}  # each pair's bootstrap once
-    for item in (e for claim in claims for e in claim.evidence):
+    for item in (e for claim in claims for e in claim.evidence + claim.small_budget):
         folder = item.sweep.folder
         if folder.path not in read:
             results = read_sweep(folder.path)[0] if folder.results_csv.is_file() else {}
@@ -121,32 +129,41 @@ def weigh(claims: list[Claim]) -> None:
             item.state = item.difference.verdict
 
 
-def verdict(claim: Claim) -> str:
+def verdict(expect: str | None, evidence: list[Evidence]) -> str:
     """A claim: confirmed, not confirmed or mixed; a question: how many comparisons show a difference
-    either way; "in progress" or "still rising" while any comparison is."""
-    states = [e.state for e in claim.evidence]
+    either way; "in progress" or "still rising" while any comparison is; "" without evidence."""
+    states = [e.state for e in evidence]
     for waiting in ("in progress", "still rising"):
         if waiting in states:
             return f"{waiting}: {states.count(waiting)} of {len(states)} comparisons"
-    if claim.expect is None:
+    if expect is None:
         return ", ".join(f"{d}: {states.count(d)}" for d in (*DIRECTIONS, "not shown") if d in states)
-    shown = states.count(claim.expect)
-    return "confirmed" if shown == len(states) else "not confirmed" if shown == 0 else "mixed"
+    shown = states.count(expect)
+    return "" if not states else "confirmed" if shown == len(states) else "not confirmed" if shown == 0 else "mixed"
+
+
+def _table(evidence: list[Evidence]) -> list[str]:
+    header = ["sweep", "a − b", "phase", "class", "runs", "seeds", "cases", "n", "a − b", "95 % CI, seeds"]
+    rows = []
+    for e in evidence:
+        cells = e.difference.cells() if e.difference else [""] * 6
+        rise = "n/a" if math.isnan(e.rise) else signed(e.rise)
+        rows.append([e.sweep.name, f"{e.a} − {e.b}", e.phase, e.cls, e.runs, *cells, rise, e.state])
+    return markdown_table([*header, "95 % CI, cases", "rise", "state"], rows)
 
 
 def report(claims: list[Claim]) -> str:
-    """The summary table (one row a claim), then every comparison of each claim."""
-    summary = [[str(i), c.text, c.expect or "(question)", verdict(c)] for i, c in enumerate(claims, 1)]
-    lines = markdown_table(["#", "claim or question", "paper", "verdict"], summary)
-    header = ["sweep", "a − b", "phase", "class", "runs", "seeds", "cases", "n", "a − b", "95 % CI, seeds"]
-    header += ["95 % CI, cases", "rise", "state"]
+    """The summary table (one row a claim, its verdict on the testbed and at the small budget), then
+    every comparison of each claim."""
+    summary = [
+        [str(i), c.text, c.expect or "(question)", verdict(c.expect, c.evidence), verdict(c.expect, c.small_budget)]
+        for i, c in enumerate(claims, 1)
+    ]
+    lines = markdown_table(["#", "claim or question", "paper", "verdict", "at 8 × 24 steps (3D)"], summary)
     for number, claim in enumerate(claims, 1):
-        rows = []
-        for e in claim.evidence:
-            cells = e.difference.cells() if e.difference else [""] * 6
-            rise = "n/a" if math.isnan(e.rise) else signed(e.rise)
-            rows.append([e.sweep.name, f"{e.a} − {e.b}", e.phase, e.cls, e.runs, *cells, rise, e.state])
-        lines += [f"### {number}. {claim.text}", "", *markdown_table(header, rows)]
+        lines += [f"### {number}. {claim.text}", "", *_table(claim.evidence)]
+        if claim.small_budget:
+            lines += ["At 8 × 24 steps (3D):", "", *_table(claim.small_budget)]
     return "\n".join(lines)
 
 

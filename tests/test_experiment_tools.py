@@ -104,14 +104,19 @@ def _planted_sweep(tmp_path: Path) -> Path:
 
 
 def test_verdicts_weigh_each_claim_by_its_comparisons_and_withhold_them_until_converged(tmp_path, capsys):
-    """A planted steady gain confirms its claim; a gain that one seed reverses is not shown, so a claim
-    resting on both is mixed; the wrong direction is not confirmed; a comparison with a variant still
-    climbing or with runs missing gives no answer."""
+    """A planted steady gain confirms its claim (its small-budget comparisons are read apart); a gain
+    that one seed reverses is not shown, so a claim resting on both is mixed; the wrong direction is
+    not confirmed; a comparison with a variant still climbing or with runs missing gives no answer."""
     verdicts = _script("verdicts")
     sweep = _planted_sweep(tmp_path)
     evidence = lambda a, b="ref": {"sweep": str(sweep), "compare": [a, b], "phase": "test"}  # noqa: E731
     claims = [
-        {"claim": "steady gains", "expect": "> 0", "evidence": [evidence("steady")]},
+        {
+            "claim": "steady gains",
+            "expect": "> 0",
+            "evidence": [evidence("steady")],
+            "small_budget": [evidence("spread")],
+        },
         {"claim": "every gain", "expect": "> 0", "evidence": [evidence("steady"), evidence("spread")]},
         {"claim": "steady loses", "expect": "< 0", "evidence": [evidence("steady")]},
         {"question": "which gains?", "evidence": [evidence("steady"), evidence("spread")]},
@@ -121,9 +126,9 @@ def test_verdicts_weigh_each_claim_by_its_comparisons_and_withhold_them_until_co
     claims_file, out = tmp_path / "claims.yaml", tmp_path / "verdicts.md"
     claims_file.write_text(json.dumps({"claims": claims}))
     assert verdicts.main([str(claims_file), "--output", str(out)]) == 0
-    rows = dict(re.findall(r"^\| \d \| ([^|]+?) \| [^|]+ \| ([^|]+?) \|$", out.read_text(), re.M))
+    rows = dict(re.findall(r"^\| \d \| ([^|]+?) \| [^|]+ \| ([^|]+?) \| [^|]* \|$", out.read_text(), re.M))
     assert rows == {
-        "steady gains": "confirmed",
+        "steady gains": "confirmed",  # its small-budget comparison does not enter the verdict
         "every gain": "mixed",
         "steady loses": "not confirmed",
         "which gains?": "> 0: 1, not shown: 1",
@@ -131,6 +136,7 @@ def test_verdicts_weigh_each_claim_by_its_comparisons_and_withhold_them_until_co
         "unfinished?": "in progress: 1 of 1 comparisons",
     }
     text = out.read_text()
+    assert "| steady gains | > 0 | confirmed | not confirmed |" in text  # the small budget in its own column
     steady = re.search(r"\| steady − ref \| test \| all classes \| 6 of 6 \| 3 \| 20 \| 60 \| ([-+.\d]+) \|", text)
     assert abs(float(steady[1]) - 0.02) < 0.005
     # the last quarter of rising's curve: rounds 6-8, 0.51 to 0.53
