@@ -172,12 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("claims", type=Path, help="claims YAML (experiments/claims.yaml)")
     parser.add_argument("--output", type=Path, required=True, help="markdown file to write")
     args = parser.parse_args(argv)
-    try:
+    try:  # a bad claims or sweep file, or a damaged run record, is named; nothing is written
         claims = read_claims(args.claims)
+        weigh(claims)
     except UserInputError as err:
         print(f"verdicts: error: {err}", file=sys.stderr)
         return 2
-    weigh(claims)
     command = shlex.join(["python", "experiments/verdicts.py", *(argv if argv is not None else sys.argv[1:])])
     atomic_write_text(args.output, f"Written by `{command}`.\n\n{report(claims)}")
     print(f"wrote {args.output}")
