@@ -25,7 +25,8 @@ TOP_LEVEL = sorted(CONFIG_DIR.glob("*.yaml"))
 GROUP_FILES = [(group, path) for group in config_groups() for path in sorted((CONFIG_DIR / group).glob("*.yaml"))]
 EXPERIMENT_FILES = sorted(EXPERIMENTS.glob("*.yaml"))
 SWEEPS = [p for p in EXPERIMENT_FILES if "base" in yaml.safe_load(p.read_text())]
-PLAIN = [p for p in EXPERIMENT_FILES if p not in SWEEPS]
+CLAIMS = [p for p in EXPERIMENT_FILES if "claims" in yaml.safe_load(p.read_text())]  # experiments/verdicts.py's input
+PLAIN = [p for p in EXPERIMENT_FILES if p not in SWEEPS + CLAIMS]
 
 
 def _name(path: Path) -> str:
