@@ -81,7 +81,9 @@ def read_claims(path: Path) -> list[Claim]:
                 sweep_path, (a, b), phase = Path(item["sweep"]), item["compare"], item["phase"]
             except (KeyError, TypeError, ValueError):
                 raise UserInputError(f"{where}: each evidence needs `sweep`, `compare: [a, b]` and `phase`") from None
-            sweep = sweeps.get(sweep_path) or sweeps.setdefault(sweep_path, load_sweep(sweep_path))
+            if sweep_path not in sweeps:
+                sweeps[sweep_path] = load_sweep(sweep_path)
+            sweep = sweeps[sweep_path]
             unknown = [v for v in (a, b) if v not in sweep.variants]
             if unknown:
                 raise UserInputError(f"{where}: {sweep_path} has no variant {', '.join(unknown)}")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
 from lightning_fl.config import CONFIG_DIR, config_changes, load_config
 from lightning_fl.run_folder import RunFolder
-from tests.helpers.runs import REPO
+from tests.helpers.runs import REPO, experiment_script
 
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 DOCUMENTS = [REPO / "README.md", REPO / "benchmarks" / "README.md", REPO / "configs" / "README.md"]
@@ -52,9 +51,7 @@ def test_the_demo_blocks_are_the_committed_demo_runs():
     """The demo tables and their measurement lines in README.md (the demo) and
     docs/getting-started.md (the demo, on AVX2 too, and the 3D demo) are what experiments/readme_demo.py makes of
     the committed runs, so no document shows a run the repository does not hold."""
-    spec = importlib.util.spec_from_file_location("readme_demo", REPO / "experiments" / "readme_demo.py")
-    readme_demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(readme_demo)
+    readme_demo = experiment_script("readme_demo")
     for path in readme_demo.DOCUMENTS:
         text = path.read_text()
         assert text == readme_demo.written(text, path), path.relative_to(REPO)

@@ -5,10 +5,8 @@ effects."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -20,7 +18,7 @@ from lightning_fl.labels import LabelSpace
 from lightning_fl.results import results_csv
 from lightning_fl.run_folder import CaseRow, RunFolder
 from lightning_fl.sweep_plan import load_sweep
-from tests.helpers.runs import REPO, SMOKE
+from tests.helpers.runs import REPO, SMOKE, experiment_script
 from tests.helpers.sweeps import summary, write_sweep
 
 
@@ -69,13 +67,6 @@ def test_organ_confusion_draws_each_test_case_again_exactly_as_its_site_labelled
         assert int(voxels) == written[organ] and 0 <= int(missed) <= int(voxels)
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
-    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # its dataclasses look themselves up there
-    spec.loader.exec_module(module)
-    return module
-
-
 # each variant's per-seed shift of every case's Dice against `ref` (seeds 0-2)
 SHIFTS = {"ref": (0.0, 0.0, 0.0), "steady": (0.02, 0.02, 0.02), "spread": (0.10, -0.05, 0.02), "rising": (0.05,) * 3}
 
@@ -107,7 +98,7 @@ def test_verdicts_weigh_each_claim_by_its_comparisons_and_withhold_them_until_co
     """A planted steady gain confirms its claim (its small-budget comparisons are read apart); a gain
     that one seed reverses is not shown, so a claim resting on both is mixed; the wrong direction is
     not confirmed; a comparison with a variant still climbing or with runs missing gives no answer."""
-    verdicts = _script("verdicts")
+    verdicts = experiment_script("verdicts")
     sweep = _planted_sweep(tmp_path)
     evidence = lambda a, b="ref": {"sweep": str(sweep), "compare": [a, b], "phase": "test"}  # noqa: E731
     claims = [
@@ -159,5 +150,5 @@ def test_the_committed_verdicts_are_what_the_script_makes_of_the_committed_sweep
     (command,) = re.findall(r"^Written by `python experiments/verdicts.py (.*)`\.$", committed.read_text(), re.M)
     claims, _, output = command.split()
     out = tmp_path / "verdicts.md"
-    assert _script("verdicts").main([claims, "--output", str(out)]) == 0
+    assert experiment_script("verdicts").main([claims, "--output", str(out)]) == 0
     assert out.read_text().replace(str(out), output) == committed.read_text()

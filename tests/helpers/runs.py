@@ -4,8 +4,10 @@ objective built by the project's recipe, and folders made once per test session.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +29,16 @@ SMOKE = REPO / "configs" / "smoke.yaml"
 SMOKE_2D = REPO / "configs" / "smoke_2d.yaml"
 # float32 on the CPU, without W&B: the runs that bitwise comparisons are made between (also with one
 # thread per process: oneDNN's float32 sums depend on the thread count on some CPUs)
+
+
+def experiment_script(name: str) -> Any:
+    """experiments/NAME.py imported as a module, to call its functions in this process."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
 EXACT = ("fabric.accelerator=cpu", "fabric.precision=32-true", "logger.wandb.mode=disabled")
 # the session's smoke run's W&B settings: every round's overlays, and a group, job type, tags and notes
 SMOKE_WANDB = (
