@@ -247,7 +247,14 @@ class _Job:
     def __init__(self, run: PlannedRun, executor: Any, command: list[str], resume: list[str]) -> None:
         self.run, self.start = run, time.monotonic()
         run.log.parent.mkdir(parents=True, exist_ok=True)
-        self.job = executor.submit(FitJob(command, resume, run.log.absolute(), os.getcwd()))
+        # submitit-local cancels a job with SIGINT; a sweep started in the background (`nohup ... &`)
+        # ignores SIGINT and its children would inherit that, so the job is submitted with SIGINT's
+        # default handler (on exec a handler becomes the default action: the job can be cancelled)
+        inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            self.job = executor.submit(FitJob(command, resume, run.log.absolute(), os.getcwd()))
+        finally:
+            signal.signal(signal.SIGINT, inherited)
 
     def finished(self) -> bool:
         return self.job.done()

@@ -328,10 +328,16 @@ def test_a_stopped_sweep_resumes_to_the_results_of_a_run_left_alone(cli, smoke_r
     the second resumed, and it ends with the weights and test scores of the session's smoke run,
     whose config it has (but for where it writes and what it logs): a stopped and resumed run ends
     where one left alone does, and the same config gives the same numbers in another process. The
-    same through submitit's local executor (the SLURM launcher's path: the stop cancels the job)."""
+    same through submitit's local executor (the SLURM launcher's path: the stop cancels the job). The
+    sweep starts with SIGINT ignored, as a shell's background job does, which its jobs must not inherit
+    (submitit-local cancels a job with SIGINT)."""
     variants = {"lr_low": ["optim.lr=0.003"], "smoke": []}  # apart from the first round on
     sweep = write_sweep(tmp_path, SMOKE, variants=variants, overrides=["logger.wandb.mode=disabled"])
-    process = cli.start("sweep", str(sweep), f"--launcher={launcher}")
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)  # started as `nohup ... &` starts it: SIGINT ignored
+    try:
+        process = cli.start("sweep", str(sweep), f"--launcher={launcher}")
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     first, second = (tmp_path / "out" / "runs" / v / "seed0" for v in variants)
     deadline = time.monotonic() + 300
     try:
