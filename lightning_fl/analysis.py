@@ -121,9 +121,10 @@ def validation_dice(rows: list[dict[str, str]], per_site: bool = False) -> Curve
 
 def training_curves(rows: list[dict[str, str]]) -> Curves:
     """The mean over sites of each training loss and schedule the train rows have: a method without
-    ConDist or FedProx has no condist, condist_weight or proximal column values, and none appear."""
+    ConDist or FedProx has no condist, condist_weight or proximal column values, and none appear; a
+    metrics.csv begun by an older version (resumed runs keep its header) lacks later loss columns."""
     rows = [r for r in rows if r["phase"] == TRAIN]
-    return _curves(rows, lambda r, name: name, lambda r: [(c, _number(r[c])) for c in LOSSES + SCHEDULES])
+    return _curves(rows, lambda r, name: name, lambda r: [(c, _number(r.get(c, ""))) for c in LOSSES + SCHEDULES])
 
 
 def png_bytes(fig: Figure) -> bytes:

@@ -100,6 +100,20 @@ def test_the_losses_figure_draws_the_losses_the_method_has(smoke_run, tmp_path):
     assert_image(tmp_path / LOSS_PLOT)
 
 
+def test_the_losses_figure_reads_a_metrics_file_begun_before_a_loss_column_existed(tmp_path):
+    """A run resumed by a newer version keeps its metrics.csv's header (the logger appends to it):
+    a loss column added since (kd, pseudo_label) is absent, not an error."""
+    older = tuple(c for c in METRICS_COLUMNS if c not in ("kd", "pseudo_label"))
+    rows = [
+        {"round": r, "phase": "train", "site": "liver", "model": "local", "loss": 1.0 / r, "condist": 0.5, "lr": 0.1}
+        for r in (1, 2)
+    ]
+    _write_metrics(tmp_path / "metrics.csv", rows, older)
+    rounds, curves = analysis.training_curves(RunFolder(tmp_path).read_metrics())
+    assert rounds == [1, 2] and list(curves) == ["loss", "condist", "lr"]
+    assert analysis.write_run_plots(tmp_path) == [tmp_path / LOSS_PLOT]
+
+
 def test_the_overlays_show_each_sites_truth_and_prediction_in_one_colour_per_class(tmp_path):
     classes = ["background", "liver", "spleen"]
     image = np.tile(np.arange(16, dtype=np.uint8) * 16, (16, 1))
@@ -126,9 +140,9 @@ def test_the_overlays_show_each_sites_truth_and_prediction_in_one_colour_per_cla
     assert_image(tmp_path / OVERLAY_PLOT)
 
 
-def _write_metrics(path: Path, rows: list[dict[str, object]]) -> None:
+def _write_metrics(path: Path, rows: list[dict[str, object]], columns: tuple[str, ...] = METRICS_COLUMNS) -> None:
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS, restval="")
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
 
