@@ -243,15 +243,19 @@ def overlay_figure(overlays: Mapping[str, Overlay], classes: Sequence[str], titl
 
 
 def write_run_plots(
-    folder: Path | str, overlays: Mapping[str, Overlay] | None = None, classes: Sequence[str] = ()
+    folder: Path | str,
+    overlays: Mapping[str, Overlay] | None = None,
+    classes: Sequence[str] = (),
+    summary: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """The run's plots, as PNGs in its folder (those its files allow, and the last validated
-    round's `overlays` when given); the paths written."""
+    round's `overlays` when given); the paths written. `summary`: the run's, before summary.json
+    is written (read from the folder otherwise)."""
     run = RunFolder(folder)
     metrics = run.read_metrics()
     figures = {
         DICE_PLOT: dice_over_rounds_figure(metrics),
-        FINAL_PLOT: final_dice_figure(run.read_summary()),
+        FINAL_PLOT: final_dice_figure(summary if summary is not None else run.read_summary()),
         LOSS_PLOT: losses_figure(metrics),
         OVERLAY_PLOT: overlay_figure(
             overlays or {}, classes, "The last round's model on each site's first validation case (axial slice)"

@@ -264,13 +264,15 @@ class Federation:
         memory = merge_from_ranks(self.fabric, {self.fabric.global_rank: peak_memory_mb(self.fabric.device)})
         for key in memory[0]:  # host, and GPU where there is one: one value per rank
             summary[f"peak_{key}_memory_mb"] = [memory[rank][key] for rank in range(self.fabric.world_size)]
-        server.finish(summary)
+        # the plots before summary.json, the mark of a finished run: a run that fails to draw them
+        # is cut off, and its resume tests and draws again
         server.on_main("printing and plotting the run", lambda: self._show(summary, overlays))
+        server.finish(summary)
         return summary
 
     def _show(self, summary: dict[str, Any], overlays: dict[str, Overlay]) -> None:
         print(summary_table(summary))
-        write_run_plots(self.server.folder.path, overlays, self.labels.classes)
+        write_run_plots(self.server.folder.path, overlays, self.labels.classes, summary)
 
     def _test(self) -> dict[str, Any]:
         """Each model's best round on every site's test split (that site's classes) and on each

@@ -219,6 +219,14 @@ def test_resuming_a_finished_run_changes_nothing(run, capsys):
         assert _snapshot(run) == before
 
 
+def test_summary_json_is_written_after_the_plots(smoke_run):
+    """summary.json marks a finished run: written after the plots, a run that fails to draw them is
+    cut off, and its resume tests and draws again (a finished run's resume changes nothing)."""
+    finished = (smoke_run / "summary.json").stat().st_mtime_ns
+    plots = [smoke_run / name for name in (DICE_PLOT, FINAL_PLOT, LOSS_PLOT)]
+    assert all(plot.stat().st_mtime_ns <= finished for plot in plots)
+
+
 def test_each_run_folder_file_is_named_in_run_folder_py_alone():
     """One home per name: no string in the package's code outside run_folder.py (docstrings aside)
     holds the name of a run or sweep folder's file; paths and messages take it from run_folder."""
