@@ -23,9 +23,9 @@ EXPERIMENTS = CONFIG_DIR.parent / "experiments"
 BASE = CONFIG_DIR / "condistfl_synthetic.yaml"  # every group's every file is composed onto the demo
 TOP_LEVEL = sorted(CONFIG_DIR.glob("*.yaml"))
 GROUP_FILES = [(group, path) for group in config_groups() for path in sorted((CONFIG_DIR / group).glob("*.yaml"))]
-EXPERIMENT_FILES = sorted(EXPERIMENTS.glob("*.yaml"))
-SWEEPS = [p for p in EXPERIMENT_FILES if "base" in yaml.safe_load(p.read_text())]
-CLAIMS = [p for p in EXPERIMENT_FILES if "claims" in yaml.safe_load(p.read_text())]  # experiments/verdicts.py's input
+EXPERIMENT_FILES = {p: yaml.safe_load(p.read_text()) for p in sorted(EXPERIMENTS.glob("*.yaml"))}
+SWEEPS = [p for p, content in EXPERIMENT_FILES.items() if "base" in content]
+CLAIMS = [p for p, content in EXPERIMENT_FILES.items() if "claims" in content]  # experiments/verdicts.py's input
 PLAIN = [p for p in EXPERIMENT_FILES if p not in SWEEPS + CLAIMS]
 
 

@@ -29,16 +29,6 @@ SMOKE = REPO / "configs" / "smoke.yaml"
 SMOKE_2D = REPO / "configs" / "smoke_2d.yaml"
 # float32 on the CPU, without W&B: the runs that bitwise comparisons are made between (also with one
 # thread per process: oneDNN's float32 sums depend on the thread count on some CPUs)
-
-
-def experiment_script(name: str) -> Any:
-    """experiments/NAME.py imported as a module, to call its functions in this process."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
-    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # its dataclasses look themselves up there
-    spec.loader.exec_module(module)
-    return module
-
-
 EXACT = ("fabric.accelerator=cpu", "fabric.precision=32-true", "logger.wandb.mode=disabled")
 # the session's smoke run's W&B settings: every round's overlays, and a group, job type, tags and notes
 SMOKE_WANDB = (
@@ -49,6 +39,14 @@ SMOKE_WANDB = (
     "logger.wandb.tags=[demo]",
     "logger.wandb.notes=a note",
 )
+
+
+def experiment_script(name: str) -> Any:
+    """experiments/NAME.py imported as a module, to call its functions in this process."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_objective(cfg: DictConfig, foreground: list[int]) -> Objective:
