@@ -1,7 +1,8 @@
 """Each of the paper's claims and each open question of issue 27 against the committed sweeps that
 test it (experiments/claims.yaml): for every comparison, the paired difference a − b, its 95 %
 intervals over seeds and over cases (as the sweep's results.md gives them) and whether both sides
-had converged; then one verdict a claim. Writes FILE as markdown with the command that made it.
+had converged; then one verdict a claim; then what each sweep cost (its runs' wall time summed, and
+the devices and precisions they ran on). Writes FILE as markdown with the command that made it.
 
 A comparison gives an answer only when every run its sweep plans for both variants is in the
 sweep's tables, and neither variant still climbs: the mean over seeds of its validation curve's
@@ -103,9 +104,27 @@ def read_claims(path: Path) -> list[Claim]:
     return claims
 
 
-def weigh(claims: list[Claim]) -> None:
-    """Each comparison's difference, runs, rise and state, from its sweep's tabulated runs."""
+@dataclass
+class SweepCost:
+    """A sweep's finished runs against its planned ones, and what they cost."""
+
+    sweep: Sweep
+    costs: dict[tuple[str, int], dict[str, Any]]  # results.run_costs of its tabulated runs
+
+    def row(self) -> list[str]:
+        planned = len(self.sweep.variants) * len(self.sweep.seeds)
+        wall = [c["wall_s"] for c in self.costs.values()]
+        where = sorted({f"{c['device']}, {c['precision']}" for c in self.costs.values()})
+        hours = f"{sum(wall) / 3600:.1f}" if wall else ""
+        longest = f"{max(wall) / 60:.1f}" if wall else ""
+        return [self.sweep.name, f"{len(self.costs)} of {planned}", hours, longest, "; ".join(where)]
+
+
+def weigh(claims: list[Claim]) -> list[SweepCost]:
+    """Each comparison's difference, runs, rise and state, from its sweep's tabulated runs; what each
+    sweep named cost, in the order first named."""
     read: dict[Path, tuple[Any, dict]] = {}
+    sweeps: dict[Path, SweepCost] = {}
     compared: dict[tuple[Path, str, str], list[Difference]] = {}  # each pair's bootstrap once
     for item in (e for claim in claims for e in claim.evidence + claim.small_budget):
         folder = item.sweep.folder
@@ -113,6 +132,7 @@ def weigh(claims: list[Claim]) -> None:
             results = read_sweep(folder.path)[0] if folder.results_csv.is_file() else {}
             read[folder.path] = results, run_costs({key: folder.run(*key) for key in results})
         results, costs = read[folder.path]
+        sweeps.setdefault(folder.path, SweepCost(item.sweep, costs))
         finished = [key for key in results if key[0] in (item.a, item.b)]
         planned = 2 * len(item.sweep.seeds)
         item.runs = f"{len(finished)} of {planned}"
@@ -129,6 +149,7 @@ def weigh(claims: list[Claim]) -> None:
             item.state = "still rising"
         else:
             item.state = item.difference.verdict
+    return list(sweeps.values())
 
 
 def verdict(expect: str | None, evidence: list[Evidence]) -> str:
@@ -154,9 +175,9 @@ def _table(evidence: list[Evidence]) -> list[str]:
     return markdown_table([*header, "95 % CI, cases", "rise", "state"], rows)
 
 
-def report(claims: list[Claim]) -> str:
+def report(claims: list[Claim], sweeps: list[SweepCost]) -> str:
     """The summary table (one row a claim, its verdict on the testbed and at the small budget), then
-    every comparison of each claim."""
+    every comparison of each claim, then each sweep's cost."""
     summary = [
         [str(i), c.text, c.expect or "(question)", verdict(c.expect, c.evidence), verdict(c.expect, c.small_budget)]
         for i, c in enumerate(claims, 1)
@@ -166,6 +187,15 @@ def report(claims: list[Claim]) -> str:
         lines += [f"### {number}. {claim.text}", "", *_table(claim.evidence)]
         if claim.small_budget:
             lines += ["At 8 × 24 steps (3D):", "", *_table(claim.small_budget)]
+    lines += [
+        "### What each sweep cost",
+        "",
+        "Wall time of the runs in each sweep's tables (training, validation and test), summed; a run a "
+        "sweep shares with another (copied, not trained again) counts in both.",
+        "",
+    ]
+    header = ["sweep", "runs", "hours, summed", "longest run, min", "device, precision"]
+    lines += markdown_table(header, [cost.row() for cost in sweeps])
     return "\n".join(lines)
 
 
@@ -176,12 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:  # a bad claims or sweep file, or a damaged run record, is named; nothing is written
         claims = read_claims(args.claims)
-        weigh(claims)
+        sweeps = weigh(claims)
     except UserInputError as err:
         print(f"verdicts: error: {err}", file=sys.stderr)
         return 2
     command = shlex.join(["python", "experiments/verdicts.py", *(argv if argv is not None else sys.argv[1:])])
-    atomic_write_text(args.output, f"Written by `{command}`.\n\n{report(claims)}")
+    atomic_write_text(args.output, f"Written by `{command}`.\n\n{report(claims, sweeps)}")
     print(f"wrote {args.output}")
     return 0
 

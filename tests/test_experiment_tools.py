@@ -74,7 +74,8 @@ SHIFTS = {"ref": (0.0, 0.0, 0.0), "steady": (0.02, 0.02, 0.02), "spread": (0.10,
 def _planted_sweep(tmp_path: Path) -> Path:
     """A sweep of 3 seeds whose runs' test Dice are planted (`SHIFTS` on 20 cases with noise of sd
     0.01) and whose validation curves plateau, except `rising`'s, which climbs 0.01 a round from
-    round 5 of 8; `late` has finished seed 0 only. Its results.csv tabulates them."""
+    round 5 of 8; `late` has finished seed 0 only; seed s took s + 1 minutes. Its results.csv
+    tabulates them."""
     variants = {name: [] for name in (*SHIFTS, "late")}
     path = write_sweep(tmp_path, SMOKE, seeds=[0, 1, 2], variants=variants)
     folder, rng, planted = load_sweep(path).folder, np.random.default_rng(5), {}
@@ -82,7 +83,7 @@ def _planted_sweep(tmp_path: Path) -> Path:
         run = folder.run(variant, seed)
         run.path.mkdir(parents=True)
         run.config.write_text("defaults: [smoke]\n")
-        run.summary.write_text(json.dumps(summary(rounds=8)))
+        run.summary.write_text(json.dumps(summary(rounds=8, wall_time_s=60.0 * (seed + 1))))
         shift = SHIFTS.get(variant, (0.0,))[seed]
         dice = 0.5 + shift + (rng.normal(0.0, 0.01, 20) if variant != "ref" else np.zeros(20))
         planted[(variant, seed)] = [CaseRow("test", "global", "liver", f"c{i}", "liver", d) for i, d in enumerate(dice)]
@@ -97,7 +98,8 @@ def _planted_sweep(tmp_path: Path) -> Path:
 def test_verdicts_weigh_each_claim_by_its_comparisons_and_withhold_them_until_converged(tmp_path, capsys):
     """A planted steady gain confirms its claim (its small-budget comparisons are read apart); a gain
     that one seed reverses is not shown, so a claim resting on both is mixed; the wrong direction is
-    not confirmed; a comparison with a variant still climbing or with runs missing gives no answer."""
+    not confirmed; a comparison with a variant still climbing or with runs missing gives no answer;
+    the sweep's cost sums its finished runs' wall times."""
     verdicts = experiment_script("verdicts")
     sweep = _planted_sweep(tmp_path)
     evidence = lambda a, b="ref": {"sweep": str(sweep), "compare": [a, b], "phase": "test"}  # noqa: E731
@@ -133,6 +135,8 @@ def test_verdicts_weigh_each_claim_by_its_comparisons_and_withhold_them_until_co
     # the last quarter of rising's curve: rounds 6-8, 0.51 to 0.53
     assert re.search(r"\| rising − ref \| .* \| \+0\.020 \| still rising \|", text)
     assert "| late − ref | test | all classes | 4 of 6 | 1 |" in text
+    # the sweep's cost: 13 of its 15 runs, 4 × (1 + 2 + 3) + 1 minutes = 0.42 h, the longest 3 minutes
+    assert re.search(r"^\| \S+ \| 13 of 15 \| 0\.4 \| 3\.0 \| cpu, 32-true \|$", text, re.M)
 
     claims_file.write_text(json.dumps({"claims": [{"claim": "no direction", "evidence": [evidence("steady")]}]}))
     out.unlink()
