@@ -123,16 +123,15 @@ class SweepCost:
 def weigh(claims: list[Claim]) -> list[SweepCost]:
     """Each comparison's difference, runs, rise and state, from its sweep's tabulated runs; what each
     sweep named cost, in the order first named."""
-    read: dict[Path, tuple[Any, dict]] = {}
-    sweeps: dict[Path, SweepCost] = {}
+    read: dict[Path, tuple[Any, SweepCost]] = {}  # each sweep's tabulated runs, read once
     compared: dict[tuple[Path, str, str], list[Difference]] = {}  # each pair's bootstrap once
     for item in (e for claim in claims for e in claim.evidence + claim.small_budget):
         folder = item.sweep.folder
         if folder.path not in read:
             results = read_sweep(folder.path)[0] if folder.results_csv.is_file() else {}
-            read[folder.path] = results, run_costs({key: folder.run(*key) for key in results})
-        results, costs = read[folder.path]
-        sweeps.setdefault(folder.path, SweepCost(item.sweep, costs))
+            read[folder.path] = results, SweepCost(item.sweep, run_costs({key: folder.run(*key) for key in results}))
+        results, cost = read[folder.path]
+        costs = cost.costs
         finished = [key for key in results if key[0] in (item.a, item.b)]
         planned = 2 * len(item.sweep.seeds)
         item.runs = f"{len(finished)} of {planned}"
@@ -149,7 +148,7 @@ def weigh(claims: list[Claim]) -> list[SweepCost]:
             item.state = "still rising"
         else:
             item.state = item.difference.verdict
-    return list(sweeps.values())
+    return [cost for _, cost in read.values()]
 
 
 def verdict(expect: str | None, evidence: list[Evidence]) -> str:
