@@ -47,7 +47,9 @@ def comparison(runs: dict[str, RunFolder]) -> str:
     what each run changed against the first."""
     names = list(runs)
     summaries = {name: folder.read_summary() for name, folder in runs.items()}
-    costs = {name: cost for (name, _), cost in run_costs({(name, 0): folder for name, folder in runs.items()}).items()}
+    configs = {name: folder.read_config() for name, folder in runs.items()}
+    folders = {(name, 0): folder for name, folder in runs.items()}
+    costs = {name: cost for (name, _), cost in run_costs(folders, configs).items()}
     classes = list(summaries[names[0]]["test_dice"])
     rows = [[c, *(cell(summaries[n]["test_dice"].get(c)) for n in names)] for c in classes]
     rows.append(["mean", *(cell(run_mean(summaries[n]["test_dice"])) for n in names)])
@@ -57,10 +59,10 @@ def comparison(runs: dict[str, RunFolder]) -> str:
     rows.append(["device, precision", *(f"{costs[n]['device']}, {costs[n]['precision']}" for n in names)])
     lines = ["| test Dice | " + " | ".join(names) + " |", "|" + " --- |" * (len(names) + 1)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    first = runs[names[0]].read_config()
+    first = configs[names[0]]
     lines.append("")
     for name in names[1:]:
-        cfg = runs[name].read_config()
+        cfg = configs[name]
         changes = config_changes(first, cfg, ignore=IGNORED)
         shown = ", ".join(f"`{k}={command_line_value(OmegaConf.select(cfg, k))}`" for k in changes) or "nothing"
         lines.append(f"- {name}: {shown} (against {names[0]})")

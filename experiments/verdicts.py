@@ -128,8 +128,9 @@ def weigh(claims: list[Claim]) -> list[SweepCost]:
     for item in (e for claim in claims for e in claim.evidence + claim.small_budget):
         folder = item.sweep.folder
         if folder.path not in read:
-            results = read_sweep(folder.path)[0] if folder.results_csv.is_file() else {}
-            read[folder.path] = results, SweepCost(item.sweep, run_costs({key: folder.run(*key) for key in results}))
+            results, configs = read_sweep(folder.path) if folder.results_csv.is_file() else ({}, {})
+            costs = run_costs({key: folder.run(*key) for key in results}, configs)
+            read[folder.path] = results, SweepCost(item.sweep, costs)
         results, cost = read[folder.path]
         costs = cost.costs
         finished = [key for key in results if key[0] in (item.a, item.b)]

@@ -191,14 +191,20 @@ class RunLogger:
 
     def finish(self, summary: Mapping[str, Any]) -> None:
         """Close metrics.csv and end the W&B run with the run's summary and the run folder's record
-        files (`RunFolder.RECORD`), which `analysis.download_wandb_runs` fetches back as a run folder."""
+        files (`RunFolder.RECORD`), which `analysis.download_wandb_runs` fetches back as a run folder.
+        `wandb.teardown` then waits for W&B's service process to exit: `finish` returns before the
+        service has written the run's last records (the test's Dice) to the offline `.wandb` file,
+        which a `wandb sync` started at once would miss (the next run starts a new service)."""
         self._file.close()
         if self._wandb is not None:
+            import wandb
+
             self._wandb.summary.update(dict(summary))
             for name in RunFolder.RECORD:
                 if (self.folder.path / name).is_file():
                     self._wandb.save(str(self.folder.path / name), base_path=str(self.folder.path), policy="now")
             self._wandb.finish()
+            wandb.teardown()
 
     def _write(self, row: dict[str, Any]) -> None:
         try:

@@ -399,21 +399,23 @@ def last_quarter_rise(curve: Mapping[int, float], rounds: int) -> float:
     return tail[-1] - tail[0] if len(tail) >= 2 else math.nan
 
 
-def run_costs(runs: Mapping[tuple[str, int], RunFolder]) -> dict[tuple[str, int], dict[str, Any]]:
+def run_costs(
+    runs: Mapping[tuple[str, int], RunFolder], configs: Mapping[str, DictConfig]
+) -> dict[tuple[str, int], dict[str, Any]]:
     """What each finished run cost and where it ended, from its summary.json and metrics.csv: wall
     time, time per round, device, precision, and its validation curve's last-quarter change, also
-    over its organs and over its tumours alone (which of them still moves), and its last-quarter rise
-    (whether it still climbs)."""
+    over its organs and over its tumours alone (which of them still moves; `configs`: each variant's,
+    for its label space), and its last-quarter rise (whether it still climbs)."""
     costs = {}
-    for key, folder in runs.items():
+    for (variant, seed), folder in runs.items():
         summary = folder.read_summary()
         if summary:
             rounds = summary.get("round_time_s") or [math.nan]
             metrics = folder.read_metrics()
-            labels = LabelSpace.of(folder.read_config().labels)
+            labels = LabelSpace.of(configs[variant].labels)
             tumours = set(labels.tumor_of)
             organs = set(labels.classes[1:]) - tumours  # classes[0] is the background
-            costs[key] = {
+            costs[(variant, seed)] = {
                 "wall_s": summary.get("wall_time_s", math.nan),
                 "round_s": sum(rounds) / len(rounds),
                 "device": summary.get("device", "not recorded"),
@@ -606,8 +608,9 @@ def read_sweep(folder: Path | str) -> tuple[Results, dict[str, DictConfig]]:
     """A sweep folder read back as its tables were made: each tabulated run's test cases (in the
     sweep's order) and each variant's config, from the run folders."""
     sweep = SweepFolder(folder)
-    results = {key: sweep.run(*key).read_cases() for key in sweep.tabulated()}
-    first_seed: dict[str, int] = {}
-    for variant, seed in results:
-        first_seed.setdefault(variant, seed)
-    return results, {variant: sweep.run(variant, seed).read_config() for variant, seed in first_seed.items()}
+    results, configs = {}, {}
+    for key in sweep.tabulated():  # each run's config.yaml composed once: it checks the run's cases
+        cfg = sweep.run(*key).read_config()
+        results[key] = sweep.run(*key).read_cases(cfg)
+        configs.setdefault(key[0], cfg)
+    return results, configs

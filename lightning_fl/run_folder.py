@@ -148,20 +148,20 @@ class RunFolder:
         damaged summary.json or test_cases.csv (`damage`) leaves the run to be tested again."""
         return self.summary.is_file() and self.damage() is None
 
-    def damage(self) -> str | None:
+    def damage(self, cfg: DictConfig | None = None) -> str | None:
         """Why the record of a tested run cannot be read back whole (summary.json or test_cases.csv
-        missing, cut short or ill-typed), naming the file; None when both read."""
+        missing, cut short or ill-typed), naming the file; None when both read. `cfg`: as `read_cases`."""
         try:
-            self.read_record()
+            self.read_record(cfg)
         except ResultsError as err:
             return str(err)
         return None
 
-    def read_record(self) -> list[CaseRow]:
+    def read_record(self, cfg: DictConfig | None = None) -> list[CaseRow]:
         """A tested run's per-case scores, once its summary.json and test_cases.csv have both read
-        whole; a `ResultsError` names the file that does not."""
+        whole; a `ResultsError` names the file that does not. `cfg`: as `read_cases`."""
         self.read_summary()
-        return self.read_cases()
+        return self.read_cases(cfg)
 
     @property
     def has_state(self) -> bool:
@@ -341,14 +341,16 @@ class RunFolder:
             writer.writerow([*row[:-1], "" if row.dice is None else f"{row.dice:.8g}"])
         atomic_write_text(self.cases, out.getvalue())
 
-    def read_cases(self) -> list[CaseRow]:
-        """test_cases.csv, checked: the tables must not silently drop or misread a row."""
+    def read_cases(self, cfg: DictConfig | None = None) -> list[CaseRow]:
+        """test_cases.csv, checked against the run's classes: the tables must not silently drop or
+        misread a row. `cfg`: the run's config where the caller holds it already (composing
+        config.yaml again costs more than reading the scores: a sweep's tables read it once a run)."""
         if not self.cases.is_file():
             raise ResultsError(
                 f"{self.cases} not found: the run's per-case test scores (fit writes them when it tests)"
             )
         rows = read_cases(self.cases)
-        classes = set(self.read_config().labels.classes)
+        classes = set((cfg or self.read_config()).labels.classes)
         if unknown := next((r for r in rows if r.cls not in classes), None):
             raise ResultsError(
                 f"{self.cases}: class {unknown.cls!r} of case {unknown.case} is not one of the run's classes"

@@ -67,11 +67,14 @@ def decide(runs: list[PlannedRun], rerun_changed: bool = False) -> None:
     old folder aside). A finished or cut-off run whose config.yaml differs from what the sweep now
     plans is refused (the sweep file was edited), or with `rerun_changed` started again."""
     for run in runs:
-        finished = run.folder.is_finished
-        if not finished and run.folder.summary.is_file():
-            print(f"{run.name}: not finished: {run.folder.damage()}")
-        if finished or run.folder.has_state:
+        tested, trained = run.folder.summary.is_file(), run.folder.has_state
+        if tested or trained:  # config.yaml composed once: it checks the record too
             run.saved = run.folder.read_config()
+        damage = run.folder.damage(run.saved) if tested else None
+        finished = tested and damage is None
+        if damage:
+            print(f"{run.name}: not finished: {damage}")
+        if finished or trained:
             run.changed = saved_changes(run.saved, run.cfg)
             run.action = "skip" if finished else "resume"
         else:
@@ -456,8 +459,9 @@ def collect_results(runs: list[PlannedRun]) -> tuple[Results, list[str]]:
     results, missing = {}, []
     for run in runs:
         try:  # each run's record read once: a missing or damaged one leaves the run out
-            if run.folder.summary.is_file():
-                results[(run.variant, run.seed)] = run.folder.read_record()
+            if run.folder.summary.is_file():  # a skipped run's config.yaml was read by `decide`
+                saved = run.saved if run.action == "skip" else None
+                results[(run.variant, run.seed)] = run.folder.read_record(saved)
                 continue
         except ResultsError:
             pass
@@ -472,7 +476,8 @@ def write_tables(
     bars, mean ± std over seeds) and `aggregation_frequency.png` where the finished variants differ
     in fl.local_steps; the paths written."""
     folder = sweep.folder
-    costs = run_costs({(run.variant, run.seed): run.folder for run in runs})
+    configs = {run.variant: run.cfg for run in runs}
+    costs = run_costs({(run.variant, run.seed): run.folder for run in runs}, configs)
     tables = {
         folder.results_md: results_markdown(sweep, results, missing, command, costs),
         folder.results_csv: results_csv(results),
@@ -483,7 +488,7 @@ def write_tables(
         by_run = per_run(results)
         variants = [v for v in sweep.variants if any(key[0] == v for key in by_run)]
         figures = {COMPARISON_PLOT: comparison_figure(variants, by_run)}
-        points = frequency_points({run.variant: run.cfg for run in runs}, by_run)
+        points = frequency_points(configs, by_run)
         if len({s for by_steps in points.values() for s in by_steps}) > 1:
             figures[FREQUENCY_PLOT] = frequency_figure(points)
         written += [write_png(folder.plot(name), fig) for name, fig in figures.items()]

@@ -114,7 +114,8 @@ def test_results_md_says_what_each_variant_cost_where_it_ran_and_whether_it_conv
         ]
         (folder / "metrics.csv").write_text("\n".join(["round,phase,site,model,class,dice", *rows]) + "\n")
     runs = {(v, s): sweep.folder.run(v, s) for v in ("a", "b") for s in (0, 1)}
-    md = results.results_markdown(sweep, RESULTS, [], "", results.run_costs(runs))
+    configs = {v: sweep.folder.run(v, 0).read_config() for v in ("a", "b")}
+    md = results.results_markdown(sweep, RESULTS, [], "", results.run_costs(runs, configs))
     time_table = md[md.index("## Time and convergence") :]
     # all three classes: two thirds of the organs' move (a), a third of the tumour's (b)
     # the rise, mean over seeds: a climbs (2 × 0.002 / 3 and 2 × 0.050 / 3), b's tumour only jitters

@@ -57,8 +57,12 @@ def offline_run(output_dir: Path) -> Path:
 
 
 def run_records(run: Path) -> list[wandb_internal_pb2.Record]:
+    """An ended run's records, whole: the last is its exit record (`RunLogger.finish` waits for W&B's
+    service to write it; `run.finish()` alone returns before the last records reach the file)."""
     (path,) = run.glob("run-*.wandb")
-    return list(records(path))
+    found = list(records(path))
+    assert found and found[-1].WhichOneof("record_type") == "exit", f"{path} ends before the run's exit record"
+    return found
 
 
 def history(run_records: list[wandb_internal_pb2.Record]) -> list[dict[str, Any]]:
