@@ -610,7 +610,8 @@ def read_sweep(folder: Path | str) -> tuple[Results, dict[str, DictConfig]]:
     sweep = SweepFolder(folder)
     results, configs = {}, {}
     for key in sweep.tabulated():  # each run's config.yaml composed once: it checks the run's cases
-        cfg = sweep.run(*key).read_config()
-        results[key] = sweep.run(*key).read_cases(cfg)
+        run = sweep.run(*key)
+        cfg = run.read_config()
+        results[key] = run.read_cases(cfg)
         configs.setdefault(key[0], cfg)
     return results, configs
