@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from lightning_fl import sweep as sweeps
 from lightning_fl.cli import main
-from lightning_fl.config import ConfigError
+from lightning_fl.config import ConfigError, load_config
 from lightning_fl.sweep_plan import load_sweep, plan_runs
 from tests.helpers.runs import SMOKE
 from tests.helpers.sweeps import write_sweep
@@ -161,6 +162,8 @@ def test_every_run_gets_its_folder_overrides_and_config(tmp_path, flat_smoke):
         "plain",
         "plain-seed1",
     )
+    for planned in runs:  # a later seed's config, derived from the first's, is the one its overrides compose
+        assert OmegaConf.to_container(planned.cfg) == OmegaConf.to_container(load_config(flat_smoke, planned.overrides))
     command = sweeps.fit_command(sweep, run, parallel=1)
     assert command == [sys.executable, "-m", "lightning_fl", "fit", "--config", str(flat_smoke), *run.overrides]
     assert sweeps.fit_command(sweep, run, parallel=2)[-1] == "fabric.devices=1"
