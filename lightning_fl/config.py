@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import math
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -442,6 +443,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Schema ← composed YAML ← `dotted.key=value` overrides; validated, with interpolations resolved.
     `group=name` overrides choose a file of a config group (`method=fedprox`); a config whose
     defaults have none of that group gets it after its defaults."""
+    cfg, overrides, source = _merged(path, overrides)
+    return _finish(cfg, overrides, source)
+
+
+def load_configs(path: str | Path | None, overrides: list[str], per_run: Sequence[list[str]]) -> list[DictConfig]:
+    """For each list of `per_run` overrides (keys none of `overrides` sets), the config that
+    `load_config(path, overrides + per_run[i])` gives, composed once: the runs of a sweep variant
+    differ only in their seed and folder. Each run's overrides apply before interpolations are
+    resolved, so a value that interpolates `${seed}` is each run's own."""
+    cfg, overrides, source = _merged(path, overrides)
+    _apply(cfg, overrides, source)
+    return [_finish(copy.deepcopy(cfg), own, source) for own in per_run]
+
+
+def _merged(path: str | Path | None, overrides: list[str] | None) -> tuple[DictConfig, list[str], str]:
+    """The schema with the composed files merged in (not yet resolved or checked), the
+    `dotted.key=value` overrides still to apply, and the config's name for messages."""
     path = Path(path) if path is not None else CONFIG_DIR / DEFAULT_CONFIG
     choices, overrides = _group_choices(list(overrides or []))
     parts = _compose(path, choices)
@@ -453,13 +471,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     ]
     schema = _schema()
     try:  # one merge copies the config once, not once per file
-        cfg = OmegaConf.merge(schema, *(node for _, node in parts))
+        return OmegaConf.merge(schema, *(node for _, node in parts)), overrides, str(path)
     except OmegaConfBaseException as err:
         cfg = schema
         for source, node in parts:  # again file by file, to name the one at fault
             cfg = _merge(cfg, node, str(source))
         raise ConfigError(f"{path}: {_first_line(err)}") from err  # pragma: no cover - named above
-    return _finish(cfg, overrides, str(path))
 
 
 def config_from_container(content: dict[str, Any], overrides: list[str] | None, source: str) -> DictConfig:
@@ -478,6 +495,24 @@ def with_overrides(cfg: DictConfig, overrides: list[str], source: str = "overrid
 
 
 def _finish(cfg: DictConfig, overrides: list[str] | None, source: str) -> DictConfig:
+    """`cfg` with the overrides applied, its interpolations resolved and every rule checked."""
+    _apply(cfg, overrides, source)
+    try:
+        OmegaConf.resolve(cfg)
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{source}: {err}") from err
+    if missing:
+        raise ConfigError(f"{source}: required config keys have no value: {missing}")
+    try:
+        _validate(cfg)
+    except LabelSpaceError as err:
+        raise ConfigError(str(err)) from err
+    return cfg
+
+
+def _apply(cfg: DictConfig, overrides: list[str] | None, source: str) -> None:
+    """`dotted.key=value` overrides, in order, into `cfg` (changed in place)."""
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -498,18 +533,6 @@ def _finish(cfg: DictConfig, overrides: list[str] | None, source: str) -> DictCo
                 OmegaConf.update(cfg, key, parsed, merge=True)
         except (OmegaConfBaseException, yaml.YAMLError) as err:
             raise ConfigError(f"override '{item}': {_first_line(err)}") from err
-    try:
-        OmegaConf.resolve(cfg)
-        missing = sorted(OmegaConf.missing_keys(cfg))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"{source}: {err}") from err
-    if missing:
-        raise ConfigError(f"{source}: required config keys have no value: {missing}")
-    try:
-        _validate(cfg)
-    except LabelSpaceError as err:
-        raise ConfigError(str(err)) from err
-    return cfg
 
 
 def _merge(cfg: DictConfig, node: Any, source: str) -> DictConfig:

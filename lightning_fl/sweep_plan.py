@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig
 
-from lightning_fl.config import CONFIG_DIR, ConfigError, load_config, with_overrides
+from lightning_fl.config import CONFIG_DIR, ConfigError, load_configs
 from lightning_fl.run_folder import RunFolder, SweepFolder
 
 # `shared` is not read: it holds lists of overrides that variants share through YAML anchors
@@ -241,32 +241,31 @@ def _comparisons(path: Path, value: Any, variants: dict[str, list[str]]) -> list
 # ---------------------------------------------------------------- the runs
 def plan_runs(sweep: Sweep) -> list[PlannedRun]:
     """Every run with its config, loaded now, so that a mistake in any variant is reported before
-    anything trains. Seed by seed, so that an early stop leaves whole seeds to compare. Each variant
-    is composed once, for the first seed; another seed's config is that one with the keys the sweep
-    sets per run (`config.with_overrides`), as composing it again would give it (no config
-    interpolates them), at a fraction of the cost."""
+    anything trains. Seed by seed, so that an early stop leaves whole seeds to compare. Each
+    variant's files are composed once for all its seeds (`config.load_configs`)."""
 
-    def overrides(variant: str, seed: int) -> tuple[list[str], list[str]]:
-        """All of the run's overrides, in the order they apply, and those that differ between seeds."""
-        per_seed = [f"seed={seed}", f"output_dir={sweep.folder.run(variant, seed).path}"]
-        name = f"logger.wandb.name={variant}-seed{seed}"
-        own = [f"logger.wandb.group={sweep.name}", f"logger.wandb.job_type={variant}"]
-        return [*sweep.overrides, *sweep.variants[variant], *per_seed, *own, name], [*per_seed, name]
+    def per_seed(variant: str, seed: int) -> list[str]:
+        path = sweep.folder.run(variant, seed).path
+        return [f"seed={seed}", f"output_dir={path}", f"logger.wandb.name={variant}-seed{seed}"]
 
-    first, composed, problems = sweep.seeds[0], {}, {}
+    shared = {
+        variant: [*sweep.overrides, *own, f"logger.wandb.group={sweep.name}", f"logger.wandb.job_type={variant}"]
+        for variant, own in sweep.variants.items()
+    }
+    configs, problems = {}, {}
     for variant in sweep.variants:
         try:
-            composed[variant] = load_config(sweep.base, overrides(variant, first)[0])
+            seeded = load_configs(sweep.base, shared[variant], [per_seed(variant, seed) for seed in sweep.seeds])
         except ConfigError as err:
-            problems[variant] = f"variant '{variant}' (seed {first}): {err}"
+            problems[variant] = f"variant '{variant}': {err}"
+            continue
+        configs |= {(variant, seed): cfg for seed, cfg in zip(sweep.seeds, seeded)}
     if problems:
         raise ConfigError(f"{sweep.path}: " + "; ".join(problems.values()))
     runs = []
     for seed in sweep.seeds:
-        for variant, cfg in composed.items():
-            every, per_seed = overrides(variant, seed)
-            if seed != first:
-                cfg = with_overrides(cfg, per_seed, str(sweep.base))
-            folder = sweep.folder.run(variant, seed)
-            runs.append(PlannedRun(variant, seed, folder, sweep.folder.log(variant, seed), every, cfg))
+        for variant in sweep.variants:
+            folder, log = sweep.folder.run(variant, seed), sweep.folder.log(variant, seed)
+            overrides = shared[variant] + per_seed(variant, seed)
+            runs.append(PlannedRun(variant, seed, folder, log, overrides, configs[variant, seed]))
     return runs

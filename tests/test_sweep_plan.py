@@ -149,10 +149,10 @@ def test_every_run_gets_its_folder_overrides_and_config(tmp_path, flat_smoke):
     assert run.overrides == [
         "fl.rounds=3",
         "method.condist=false",
-        "seed=1",
-        f"output_dir={run.folder.path}",
         "logger.wandb.group=sweep",
         "logger.wandb.job_type=plain",
+        "seed=1",
+        f"output_dir={run.folder.path}",
         "logger.wandb.name=plain-seed1",
     ]
     cfg = run.cfg
@@ -162,11 +162,20 @@ def test_every_run_gets_its_folder_overrides_and_config(tmp_path, flat_smoke):
         "plain",
         "plain-seed1",
     )
-    for planned in runs:  # a later seed's config, derived from the first's, is the one its overrides compose
+    for planned in runs:  # each seed's config, composed once per variant, is the one its overrides compose
         assert OmegaConf.to_container(planned.cfg) == OmegaConf.to_container(load_config(flat_smoke, planned.overrides))
     command = sweeps.fit_command(sweep, run, parallel=1)
     assert command == [sys.executable, "-m", "lightning_fl", "fit", "--config", str(flat_smoke), *run.overrides]
     assert sweeps.fit_command(sweep, run, parallel=2)[-1] == "fabric.devices=1"
+
+
+def test_a_value_that_interpolates_the_seed_is_each_runs_own(tmp_path, flat_smoke):
+    """A variant's files are composed once for all its seeds: `${seed}` still resolves per run (the
+    warm-start sweep names each seed's pretrained model so)."""
+    warm = ["model.init_checkpoint=pretrain/seed${seed}/best.ckpt"]
+    sweep = load_sweep(write_sweep(tmp_path, flat_smoke, seeds=[0, 2], variants={"warm": warm}))
+    checkpoints = [run.cfg.model.init_checkpoint for run in plan_runs(sweep)]
+    assert checkpoints == ["pretrain/seed0/best.ckpt", "pretrain/seed2/best.ckpt"]
 
 
 def test_a_config_mistake_in_any_variant_stops_the_sweep_before_it_trains(tmp_path, capsys, flat_smoke):
@@ -176,7 +185,7 @@ def test_a_config_mistake_in_any_variant_stops_the_sweep_before_it_trains(tmp_pa
     assert main(["sweep", str(path)]) == 2
     err = capsys.readouterr().err
     assert (
-        f"lightning-fl sweep: error: {path}: variant 'bad' (seed 0): fl.rounds: expected a value ≥ 1, got 0; "
-        "variant 'worse' (seed 0): override 'fl.roundz=1': Key 'roundz' not in" in err
+        f"lightning-fl sweep: error: {path}: variant 'bad': fl.rounds: expected a value ≥ 1, got 0; "
+        "variant 'worse': override 'fl.roundz=1': Key 'roundz' not in" in err
     )
     assert not (tmp_path / "out").exists()
