@@ -454,7 +454,7 @@ def load_configs(path: str | Path | None, overrides: list[str], per_run: Sequenc
     resolved, so a value that interpolates `${seed}` is each run's own."""
     cfg, overrides, source = _merged(path, overrides)
     _apply(cfg, overrides, source)
-    return [_finish(copy.deepcopy(cfg), own, source) for own in per_run]
+    return [with_overrides(cfg, own, source) for own in per_run]
 
 
 def _merged(path: str | Path | None, overrides: list[str] | None) -> tuple[DictConfig, list[str], str]:
