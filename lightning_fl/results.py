@@ -22,16 +22,18 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from scipy import stats
 
-from lightning_fl.config import CONFIG_DIR
+from lightning_fl.config import CONFIG_DIR, file_holds
 from lightning_fl.labels import LabelSpace
 from lightning_fl.run_folder import EXTERNAL, GLOBAL, TEST, VALIDATION, CaseRow, RunFolder, SweepFolder
-from lightning_fl.sweep_plan import Sweep
+from lightning_fl.sweep_plan import SET_BY_SWEEP, Sweep
 
 Results = dict[tuple[str, int], list[CaseRow]]  # (variant, seed) → its run's test cases
 PerRun = dict[tuple[str, int], dict[str, float]]  # (variant, seed) → class → Dice
 RESULT_COLUMNS = ("variant", "seed", "phase", "model", "site", "class", "dice", "cases")
 ALL_CLASSES = "all classes"
 REPOSITORY = CONFIG_DIR.parent
+# what may differ between the runs of one variant: the sweep's per-run keys, and the machine
+SEED_RUN_KEYS = (*SET_BY_SWEEP, "fabric.precision", "fabric.devices")
 RESAMPLES, BOOTSTRAP_SEED = 10_000, 0
 
 
@@ -609,9 +611,10 @@ def read_sweep(folder: Path | str) -> tuple[Results, dict[str, DictConfig]]:
     sweep's order) and each variant's config, from the run folders."""
     sweep = SweepFolder(folder)
     results, configs = {}, {}
-    for key in sweep.tabulated():  # each run's config.yaml composed once: it checks the run's cases
-        run = sweep.run(*key)
-        cfg = run.read_config()
+    for key in sweep.tabulated():  # each run's config.yaml composed once (it checks the run's cases)...
+        run, first = sweep.run(*key), configs.get(key[0])
+        same = first is not None and file_holds(run.config, first, SEED_RUN_KEYS)  # ...unless plainly its variant's
+        cfg = first if same else run.read_config()
         results[key] = run.read_cases(cfg)
         configs.setdefault(key[0], cfg)
     return results, configs

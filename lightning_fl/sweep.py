@@ -13,6 +13,7 @@ processes. The sweep file and the runs it plans: `sweep_plan.py`; the folder it 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from tqdm.auto import tqdm
 
 from lightning_fl.analysis import comparison_figure, frequency_figure, write_png
 from lightning_fl.checkpoint import atomic_write_together
-from lightning_fl.config import ConfigError, config_changes
+from lightning_fl.config import ConfigError, config_changes, file_holds
 from lightning_fl.errors import RunStopped
 from lightning_fl.results import (
     Results,
@@ -48,16 +50,21 @@ STOP_WAIT_S = 30.0  # how long stopped runs get to exit before SIGKILL
 JOB_POLL_S = 10.0  # how often the jobs' states are asked of SLURM (submitit caches squeue between)
 
 
-def saved_changes(saved: DictConfig, planned: DictConfig) -> list[str]:
-    """Keys whose values differ between a run's config.yaml and the config the sweep plans for it.
-    Not compared: output_dir (a sweep may be run from elsewhere), the W&B group, job type and name
-    (the sweep file's and the variant's names: a renamed sweep file or variant, or a run folder
-    copied from another sweep, trains nothing differently), fabric.devices (a site-parallel run
-    computes the same on any number of processes, and `--parallel` sets 1) and a planned
-    fabric.precision `auto` (fit writes what `auto` chose into config.yaml)."""
+def uncompared(planned: DictConfig) -> tuple[str, ...]:
+    """Keys not compared between a run's config.yaml and the config the sweep plans for it:
+    output_dir (a sweep may be run from elsewhere), the W&B group, job type and name (the sweep
+    file's and the variant's names: a renamed sweep file or variant, or a run folder copied from
+    another sweep, trains nothing differently), fabric.devices (a site-parallel run computes the
+    same on any number of processes, and `--parallel` sets 1) and a planned fabric.precision `auto`
+    (fit writes what `auto` chose into config.yaml)."""
     labels = ("logger.wandb.group", "logger.wandb.job_type", "logger.wandb.name")
-    changed = config_changes(saved, planned, ignore=("output_dir", *labels, "fabric.devices"))
-    return [k for k in changed if not (k == "fabric.precision" and planned.fabric.precision == "auto")]
+    auto = ("fabric.precision",) if planned.fabric.precision == "auto" else ()
+    return ("output_dir", *labels, "fabric.devices", *auto)
+
+
+def saved_changes(saved: DictConfig, planned: DictConfig) -> list[str]:
+    """Keys whose values differ between a run's config.yaml and the config the sweep plans for it."""
+    return config_changes(saved, planned, ignore=uncompared(planned))
 
 
 def decide(runs: list[PlannedRun], rerun_changed: bool = False) -> None:
@@ -68,8 +75,9 @@ def decide(runs: list[PlannedRun], rerun_changed: bool = False) -> None:
     plans is refused (the sweep file was edited), or with `rerun_changed` started again."""
     for run in runs:
         tested, trained = run.folder.summary.is_file(), run.folder.has_state
-        if tested or trained:  # config.yaml composed once: it checks the record too
-            run.saved = run.folder.read_config()
+        if tested or trained:  # config.yaml composed once (it checks the record too), unless plainly the planned one
+            same = file_holds(run.folder.config, run.cfg, uncompared(run.cfg))
+            run.saved = run.cfg if same else run.folder.read_config()
         damage = run.folder.damage(run.saved) if tested else None
         finished = tested and damage is None
         if damage:
@@ -100,7 +108,7 @@ def fit_command(sweep: Sweep, run: PlannedRun, parallel: int, launcher: str = "l
         overwrite = ["--overwrite"] if run.action == "overwrite" else []
         return fit + ["--config", str(sweep.base), *overwrite, *run.overrides, *gpus]
     if run.action == "resume":  # (a job's requeue resumes a run it started: no saved config then)
-        one_process = parallel > 1 and run.saved is not None and run.saved.fabric.devices != 1
+        one_process = parallel > 1 and run.saved is not None and run.folder.read_config().fabric.devices != 1
         return (
             fit
             + ["--resume", str(run.folder.path)]
@@ -310,8 +318,27 @@ def _executor(sweep: Sweep, launcher: str) -> Any:
     return executor
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+class _Interrupts:
+    """Ctrl-C and SIGTERM as KeyboardInterrupt, held back while a run starts: one arriving between
+    a process's start and its place among the running would leave that process training unseen."""
+
+    def __init__(self) -> None:
+        self.holding, self.arrived = False, False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if not self.holding:
+            raise KeyboardInterrupt
+        self.arrived = True
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.arrived:
+            raise KeyboardInterrupt
 
 
 def execute(sweep: Sweep, runs: list[PlannedRun], parallel: int, launcher: str = "local") -> dict[str, Outcome]:
@@ -339,11 +366,17 @@ def execute(sweep: Sweep, runs: list[PlannedRun], parallel: int, launcher: str =
     active: list[Any] = []
     bar = tqdm(total=len(runs), initial=len(outcomes), desc="sweep", unit="run", disable=None)
     shown = ""
-    handlers = signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, _interrupt)
+    interrupts = _Interrupts()
+    ctrl_c = signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not where ignored (`nohup ... &`)
+    handlers = (
+        signal.signal(signal.SIGINT, interrupts) if ctrl_c else signal.getsignal(signal.SIGINT),
+        signal.signal(signal.SIGTERM, interrupts),
+    )
     try:
         while pending or active:
             while pending and len(active) < parallel:
-                active.append(start(pending.pop(0)))
+                with interrupts.held():
+                    active.append(start(pending.pop(0)))
             running = ", ".join(child.run.name for child in active)
             if running != shown:
                 bar.set_postfix_str(running)

@@ -82,7 +82,8 @@ class PlannedRun:
     cfg: DictConfig
     action: str = "start"  # start, skip (finished), resume (cut off), overwrite (a folder without a run state)
     changed: list[str] = field(default_factory=list)  # keys whose values its config.yaml has otherwise
-    saved: DictConfig | None = None  # its config.yaml, where it has a run state
+    # where it has a run state, its config.yaml (or `cfg`, where the same but for what the sweep leaves uncompared)
+    saved: DictConfig | None = None
 
     @property
     def name(self) -> str:

@@ -123,7 +123,7 @@ def reference_fit(cli: Cli, data_home: Path, tmp_path_factory: pytest.TempPathFa
 @pytest.fixture(scope="session")
 def fit_2d(cli: Cli, data_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """configs/smoke_2d.yaml trained exactly (float32, one thread) in one process, W&B offline with
-    every round's overlays: what the 2D tests, the 2-process 2D run and the 2D NVFlare job compare with."""
+    every round's overlays: what the 2D tests and the 2-process 2D run compare with."""
 
     def fit(out: Path) -> None:
         result = cli("fit", "--config", str(SMOKE_2D), f"output_dir={out}", *EXACT, *SMOKE_WANDB, OMP_NUM_THREADS="1")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
-from lightning_fl.config import CONFIG_DIR, ConfigError, check_size, load_config, with_overrides
+from lightning_fl.config import CONFIG_DIR, ConfigError, check_size, file_holds, load_config, with_overrides
 from lightning_fl.networks import build_network
 
 
@@ -266,3 +268,33 @@ def test_group_choice_mistakes_are_named(smoke_config_path):
         load_config(smoke_config_path, ["method=centralized", "fl.aggregation=fedopt"])
     with pytest.raises(ConfigError, match="is already composed: override its keys instead"):
         with_overrides(load_config(smoke_config_path), ["method=fedavg"])
+
+
+def test_a_saved_config_read_plainly_is_the_loaded_one_or_undecided(tmp_path: Path):
+    """`file_holds` answers True only where loading the file gives the config but for the keys it
+    ignores: the file as a run saves it, without a key at its default, with a key's old name, an int
+    for a float. Where a value differs, a key off its default is left out, a key is unknown, a bool
+    stands for a number, a float for an int or a section is null, it answers False (loading the
+    file decides)."""
+    cfg = load_config(CONFIG_DIR / "testbed.yaml", ["output_dir=runs/x"])
+    path = tmp_path / "config.yaml"
+
+    def holds(edit: Callable[[dict], object] = lambda c: None, ignore: tuple[str, ...] = ()) -> bool:
+        content = OmegaConf.to_container(cfg, resolve=True)
+        edit(content)
+        path.write_text(yaml.safe_dump(content))
+        return file_holds(path, cfg, ignore)
+
+    assert holds() and load_config(path) == cfg
+    assert holds(lambda c: c["method"].pop("condist_start_round"))  # 1, the schema's default
+    assert holds(lambda c: c["fl"].__setitem__("strategy", c["fl"].pop("aggregation")))  # its old name
+    assert holds(lambda c: c["fl"].__setitem__("server_lr", 1))  # a float key given an int: 1.0
+    assert not holds(lambda c: c.__setitem__("seed", 1))
+    assert holds(lambda c: c.__setitem__("seed", 1), ignore=("seed",))
+    assert not holds(lambda c: c["fl"].pop("rounds"))  # 48, the schema's 120
+    assert not holds(lambda c: c["fl"].__setitem__("nonsense", 1))
+    assert not holds(lambda c: c["fl"].__setitem__("min_sites", True))  # 1 in the config
+    assert not holds(lambda c: c["fl"].__setitem__("rounds", 48.0))  # an int key given a float: refused
+    assert not holds(lambda c: c["data"].__setitem__("synthetic", None))
+    path.write_text("- a list\n")
+    assert not file_holds(path, cfg) and not file_holds(tmp_path / "absent.yaml", cfg)

@@ -1,25 +1,18 @@
 """Exact resume: a run killed with SIGKILL in the middle of a round and resumed ends with the weights
-and metrics of the same run uninterrupted (the session's smoke run, or the exact reference run for
-two processes, resumed with the other start method); config changes on resume are refused unless
+and metrics of the same run uninterrupted (the session's smoke run; two ranks killed and resumed
+with the other start method: tests/test_two_d.py); config changes on resume are refused unless
 asked. The run holds its folder's lock while it runs."""
 
 from __future__ import annotations
 
-import csv
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_fl.run_folder import RunFolder
 from tests.helpers.cli import run_main
-from tests.helpers.runs import EXACT, SMOKE, SMOKE_WANDB, kill_in_round_2, last_model
-
-
-def _scores(run: Path) -> list[dict[str, str]]:
-    """metrics.csv's rows of every phase but its notes."""
-    return [{k: v for k, v in row.items() if k != "note"} for row in csv.DictReader((run / "metrics.csv").open())]
+from tests.helpers.runs import SMOKE, SMOKE_WANDB, kill_in_round_2, last_model
 
 
 @pytest.mark.slow
@@ -33,23 +26,6 @@ def test_a_run_killed_mid_round_resumes_to_the_run_left_alone(cli, smoke_run, tm
     assert (smoke_run / "metrics.csv").read_text() == (killed / "metrics.csv").read_text()
     assert "after_round: 1" in (killed / "resumes.yaml").read_text()
     RunFolder(killed).lock().release()  # the killed run's lock went with its processes, the resumed one's at its end
-
-
-@pytest.mark.slow
-def test_two_processes_killed_mid_round_resume_spawned_to_the_reference_run(cli, reference_fit, tmp_path):
-    """Two gloo ranks (one thread each) killed at once, resumed with the other start method (spawn:
-    ranks that shared one saved state, FedOpt's momentum among it, would each step it): the weights
-    and metrics of the one-process reference run."""
-    killed = tmp_path / "killed"
-    kill_in_round_2(cli, killed, *EXACT, "fabric.devices=2", "fabric.strategy=ddp", OMP_NUM_THREADS="1")
-    resumed = cli(
-        "fit", "--resume", str(killed), "--allow-config-change", "fabric.strategy=ddp_spawn", OMP_NUM_THREADS="1"
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    first, second = last_model(reference_fit), last_model(killed)
-    assert all(torch.equal(first[k], second[k]) for k in first)  # bitwise
-    assert _scores(killed) == _scores(reference_fit)
-    assert "changed:\n  - fabric.strategy" in (killed / "resumes.yaml").read_text()
 
 
 def test_resume_refuses_a_changed_config_unless_asked(capsys, smoke_run, tmp_path):

@@ -178,6 +178,28 @@ def test_sigterm_stops_the_running_runs_and_says_how_to_go_on(tmp_path, monkeypa
     assert signal.getsignal(signal.SIGTERM) is handler
 
 
+def test_a_stop_arriving_as_a_run_starts_stops_that_run_too(tmp_path, monkeypatch, flat_smoke):
+    """SIGTERM once a run's process exists but before the sweep has it among the running ones: the
+    run is stopped, waited for and named, not left training."""
+    path = write_sweep(tmp_path, flat_smoke)
+    pid = tmp_path / "pid"
+    script = "import os, sys, time; open(sys.argv[1], 'a').write(f'{os.getpid()}\\n'); time.sleep(60)"
+    monkeypatch.setattr(sweeps, "fit_command", lambda sweep, run, parallel: [sys.executable, "-c", script, str(pid)])
+    start = sweeps._Child.__init__
+
+    def start_then_stop(child, *args):
+        start(child, *args)
+        while not (pid.exists() and pid.read_text().endswith("\n")):
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)  # its handler runs here, inside the start
+
+    monkeypatch.setattr(sweeps._Child, "__init__", start_then_stop)
+    with pytest.raises(RunStopped, match="^interrupted; stopped fedavg/seed0; run the same command again"):
+        sweeps.run_sweep(load_sweep(path))
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid.read_text()), 0)
+
+
 def test_a_failed_job_is_named_and_a_timed_out_one_requeued_to_resume(
     tmp_path, monkeypatch, capsys, flat_smoke, data_home
 ):
@@ -322,20 +344,20 @@ def test_a_full_disk_leaves_the_previous_tables_whole(tmp_path, capsys, monkeypa
 
 # ---------------------------------------------------------------- end to end
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["local", "submitit-local"])
-def test_a_stopped_sweep_resumes_to_the_results_of_a_run_left_alone(cli, smoke_run, tmp_path, launcher):
-    """A sweep of two runs stopped (SIGTERM) in its second and started again: the first is skipped,
-    the second resumed, and it ends with the weights and test scores of the session's smoke run,
-    whose config it has (but for where it writes and what it logs): a stopped and resumed run ends
-    where one left alone does, and the same config gives the same numbers in another process. The
-    same through submitit's local executor (the SLURM launcher's path: the stop cancels the job). The
-    sweep starts with SIGINT ignored, as a shell's background job does, which its jobs must not inherit
-    (submitit-local cancels a job with SIGINT)."""
+def test_a_stopped_sweep_resumes_to_the_results_of_a_run_left_alone(cli, smoke_run, tmp_path):
+    """A sweep of two runs through submitit's local executor (the SLURM launcher's path: the stop
+    cancels the job) stopped (SIGTERM) in its second and started again: the first is skipped, the
+    second resumed, and it ends with the weights and test scores of the session's smoke run, whose
+    config it has (but for where it writes and what it logs): a stopped and resumed run ends where one
+    left alone does, and the same config gives the same numbers in another process. The sweep starts
+    with SIGINT ignored, as a shell's background job does, which its jobs must not inherit
+    (submitit-local cancels a job with SIGINT). The local launcher's stop and resume, step by step:
+    the tests above."""
     variants = {"lr_low": ["optim.lr=0.003"], "smoke": []}  # apart from the first round on
     sweep = write_sweep(tmp_path, SMOKE, variants=variants, overrides=["logger.wandb.mode=disabled"])
     inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)  # started as `nohup ... &` starts it: SIGINT ignored
     try:
-        process = cli.start("sweep", str(sweep), f"--launcher={launcher}")
+        process = cli.start("sweep", str(sweep), "--launcher=submitit-local")
     finally:
         signal.signal(signal.SIGINT, inherited)
     first, second = (tmp_path / "out" / "runs" / v / "seed0" for v in variants)
@@ -356,7 +378,7 @@ def test_a_stopped_sweep_resumes_to_the_results_of_a_run_left_alone(cli, smoke_r
     assert (first / "summary.json").is_file() and not (second / "summary.json").exists()
     finished_at = (first / "summary.json").stat().st_mtime_ns
 
-    process = cli.start("sweep", str(sweep), f"--launcher={launcher}")
+    process = cli.start("sweep", str(sweep), "--launcher=submitit-local")
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err[-3000:]
     assert (_status(out, "lr_low", 0), _status(out, "smoke", 0)) == ("skipped: finished before", "resumed")
@@ -369,8 +391,6 @@ def test_a_stopped_sweep_resumes_to_the_results_of_a_run_left_alone(cli, smoke_r
     dice = {v: [r["dice"] for r in rows if r["variant"] == v] for v in variants}
     assert dice["lr_low"] and dice["lr_low"] != dice["smoke"]  # the comparison tells the two runs apart
 
-    if launcher != "local":
-        return  # what follows reads the tables, which do not depend on the launcher
     # the finished sweep's per-case Dice against each structure's size (experiments/tumour_size.py)
     result = cli.python("experiments/tumour_size.py", tmp_path / "out", "--classes", "liver", "liver_tumor")
     assert result.returncode == 0, result.stderr

@@ -1,12 +1,14 @@
 """The 2D configuration end to end (configs/smoke_2d.yaml: a 2D DynUNet of axial slices): `fit`
-with its W&B overlays, two ranks killed and resumed, `evaluate --cross-site`, `export` and `infer`
+with its W&B overlays, two ranks killed and resumed spawned, `evaluate --cross-site`, `export` and `infer`
 on a volume; slice by slice prediction against a plain loop; 2D and 3D models kept apart with one
 line. (The 2D NVFlare job: tests/flare/test_nvflare.py.)"""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -26,6 +28,12 @@ from tests.helpers.runs import EXACT, SMOKE, SMOKE_2D, kill_in_round_2, last_mod
 from tests.helpers.wandb_records import history, offline_run, run_records
 
 pytestmark = pytest.mark.slow
+
+
+def _validation(run: Path) -> list[tuple[str, str, str, str]]:
+    """Every validation score of metrics.csv: (round, site, class, Dice)."""
+    rows = csv.DictReader((run / "metrics.csv").open())
+    return [(r["round"], r["site"], r["class"], r["dice"]) for r in rows if r["phase"] == "validation"]
 
 
 def test_a_2d_run_trains_slices_and_scores_volumes(fit_2d):
@@ -53,13 +61,23 @@ def test_wandb_gets_each_sites_overlay_of_a_predicted_volume_every_round(fit_2d)
     assert truth.size == picture.size and truth.getextrema()[1] > 0  # the slice shows the liver
 
 
-def test_two_ranks_killed_and_resumed_give_the_one_process_2d_run(cli, fit_2d, tmp_path):
+def test_two_ranks_killed_and_resumed_spawned_give_the_one_process_2d_run(cli, fit_2d, tmp_path):
+    """Two gloo ranks (one thread each) killed at once, resumed with the other start method (spawn:
+    ranks that shared one saved state, FedOpt's momentum among it, would each step it): the weights
+    and validation scores of the one-process run. (The 3D run's ranks: tests/test_distributed.py;
+    its kill and resume in one process: tests/test_resume.py.)"""
     killed = tmp_path / "killed"
-    kill_in_round_2(cli, killed, *EXACT, "fabric.devices=2", config=SMOKE_2D, OMP_NUM_THREADS="1")
-    result = cli("fit", "--resume", str(killed), OMP_NUM_THREADS="1")
-    assert result.returncode == 0, result.stderr[-3000:]
+    kill_in_round_2(
+        cli, killed, *EXACT, "fabric.devices=2", "fabric.strategy=ddp", config=SMOKE_2D, OMP_NUM_THREADS="1"
+    )
+    resumed = cli(
+        "fit", "--resume", str(killed), "--allow-config-change", "fabric.strategy=ddp_spawn", OMP_NUM_THREADS="1"
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     first, second = last_model(fit_2d), last_model(killed)
-    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)  # bitwise
+    assert _validation(killed) == _validation(fit_2d)
+    assert "changed:\n  - fabric.strategy" in (killed / "resumes.yaml").read_text()
     RunFolder(killed).lock().release()
 
 

@@ -1,8 +1,8 @@
 """The NVFlare deployment: the exported job, run in NVFlare's own simulator (a server and four site
-processes talking through NVFlare), gives the model `fit` gives, bitwise in float32; a failing site
-is dropped in the same rounds as in `fit`; the checkpoints it saves are read by evaluate, infer and
-export. Both runs pin one thread per process: oneDNN's float32 sums depend on the thread count
-(see test_distributed.py)."""
+processes talking through NVFlare), gives the model `fit` gives, bitwise in float32, in 3D and
+(stopped and resumed) in 2D; a failing site is dropped in the same rounds as in `fit`; the
+checkpoints it saves are read by evaluate, infer and export. Both runs pin one thread per process:
+oneDNN's float32 sums depend on the thread count (see test_distributed.py)."""
 
 from __future__ import annotations
 
@@ -71,10 +71,6 @@ def _simulator(job: Path, workspace: Path, data_home: Path) -> tuple[list[str], 
 def _simulate(job: Path, workspace: Path, data_home: Path) -> subprocess.CompletedProcess:
     command, env = _simulator(job, workspace, data_home)
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-
-
-def _fit(cli, run: Path, *overrides: str) -> None:
-    cli.fit_smoke(run, *EXACT, *overrides, OMP_NUM_THREADS="1")
 
 
 def _short_heartbeat(job: Path, timeout_s: float = 6.0) -> None:
@@ -180,19 +176,6 @@ def test_the_simulated_job_gives_the_model_of_fit_bitwise(simulated):
 
 
 @pytest.mark.slow
-def test_the_2d_job_gives_the_model_of_the_2d_fit_bitwise(fit_2d, data_home, tmp_path):
-    """The 2D smoke config (axial slices) as an NVFlare job in the simulator: the global model of
-    every round and the validation Dice are those of `fit`."""
-    job, run = tmp_path / "job", tmp_path / "run"
-    assert _export(job, run, config=SMOKE_2D).returncode == 0
-    result = _simulate(job, tmp_path / "workspace", data_home)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    ours, theirs = _model(fit_2d / "last.ckpt"), _model(run / "last.ckpt")
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    assert _rows(run, ("validation",)) == _rows(fit_2d, ("validation",))
-
-
-@pytest.mark.slow
 def test_evaluate_infer_and_export_take_the_checkpoints_the_job_saved(capsys, data_home, simulated, tmp_path):
     fit_run, flare_run = simulated
     evaluation = tmp_path / "eval"
@@ -276,22 +259,24 @@ def test_sites_that_cannot_start_or_die_are_dropped_and_the_others_go_on(data_ho
 
 
 @pytest.mark.slow
-def test_a_job_with_a_failing_site_resumed_after_the_server_stopped_gives_the_model_of_fit(cli, data_home, tmp_path):
-    """One of the spleen site's two training volumes is cut short: each round that draws it fails to
-    load it, in fit and on NVFlare alike (nothing cached, so every draw reads the file), and the
-    site is dropped for that round. The simulator is killed (server and sites at once) as soon as
-    the run's state.ckpt holds round 1, when the sites have trained round 2 already; the job
-    exported with --resume continues after round 1, each site from its own saved optimizer state,
-    and ends with fit's model, having dropped the site in the rounds fit drops it."""
+def test_a_2d_job_with_a_failing_site_resumed_after_the_server_stopped_gives_the_model_of_fit(cli, data_home, tmp_path):
+    """The 2D smoke config (axial slices; the 3D job: the tests above). One of the spleen site's two
+    training volumes is cut short: each round that draws it fails to load it, in fit and on NVFlare
+    alike (nothing cached, so every draw reads the file), and the site is dropped for that round.
+    The simulator is killed (server and sites at once) as soon as the run's state.ckpt holds round
+    1, when the sites have trained round 2 already; the job exported with --resume continues after
+    round 1, each site from its own saved optimizer state, and ends with fit's model, having dropped
+    the site in the rounds fit drops it."""
     data = tmp_path / "data"
     shutil.copytree(data_home / "synthetic-smoke", data)
     broken = data / "spleen" / "images" / "spleen_000.nii.gz"
     broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
     bad = [f"data.root={data}", "data.synthetic=null", "data.check_before_fit=false", "data.cache_rate=0"]
     fit_run, run, states = tmp_path / "fit", tmp_path / "flare", tmp_path / "site-states"
-    _fit(cli, fit_run, *bad)
+    fitted = cli("fit", "--config", str(SMOKE_2D), f"output_dir={fit_run}", *EXACT, *bad, OMP_NUM_THREADS="1")
+    assert fitted.returncode == 0, fitted.stderr[-3000:]
     site_states = [f"--site-state={site}={states}" for site in SITES]
-    assert _export(tmp_path / "job", run, *bad, options=tuple(site_states)).returncode == 0
+    assert _export(tmp_path / "job", run, *bad, options=tuple(site_states), config=SMOKE_2D).returncode == 0
     command, env = _simulator(tmp_path / "job", tmp_path / "workspace", data_home)
     simulator = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -306,7 +291,7 @@ def test_a_job_with_a_failing_site_resumed_after_the_server_stopped_gives_the_mo
     assert not (run / "summary.json").exists()
     assert sorted(p.name for p in states.glob("*/liver/*")) == ["round-0001.ckpt", "round-0002.ckpt"]
 
-    config_too = _export_nvflare("--resume", str(run), "--config", str(SMOKE), "--output", str(tmp_path / "j"))
+    config_too = _export_nvflare("--resume", str(run), "--config", str(SMOKE_2D), "--output", str(tmp_path / "j"))
     assert config_too.returncode == 2 and "--resume continues a run with its own config.yaml" in config_too.stderr
     job = tmp_path / "resumed"
     assert _export_nvflare("--resume", str(run), "--output", str(job), *site_states).returncode == 0
