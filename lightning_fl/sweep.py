@@ -295,23 +295,31 @@ class _Job:
 
 
 def _executor(sweep: Sweep, launcher: str) -> Any:
-    """submitit's executor for the runs' jobs, with the sweep file's `slurm` resources."""
+    """submitit's executor for the runs' jobs, with the sweep file's `slurm` resources (on this
+    machine, those its local executor takes: it runs one node and has no queue or partition)."""
     import submitit
 
-    cluster = "local" if launcher == "submitit-local" else "slurm"
+    resources = sweep.slurm
+    shared = {
+        "nodes": resources.nodes,
+        "tasks_per_node": max(1, resources.gpus_per_node),
+        "gpus_per_node": resources.gpus_per_node,
+        "timeout_min": resources.timeout_min,
+    }
+    if launcher == "submitit-local":  # (AutoExecutor does not hand it signal_delay_s)
+        executor = submitit.LocalExecutor(folder=sweep.folder.jobs)
+        executor.update_parameters(**shared, signal_delay_s=resources.signal_delay_s)
+        return executor
     try:
-        executor = submitit.AutoExecutor(folder=sweep.folder.jobs, cluster=cluster)
+        executor = submitit.AutoExecutor(folder=sweep.folder.jobs, cluster="slurm")
     except (RuntimeError, ValueError) as err:  # no sbatch on this machine
         raise ConfigError(f"--launcher {launcher}: submitit cannot submit here: {err}") from err
-    resources = sweep.slurm
     executor.update_parameters(
+        **shared,
         name=sweep.name,
-        nodes=resources.nodes,
-        tasks_per_node=max(1, resources.gpus_per_node),
-        gpus_per_node=resources.gpus_per_node,
         cpus_per_task=resources.cpus_per_task,
         mem_gb=resources.mem_gb,
-        timeout_min=resources.timeout_min,
+        slurm_signal_delay_s=resources.signal_delay_s,
         slurm_partition=resources.partition,
         slurm_additional_parameters=dict(resources.additional),
     )

@@ -43,6 +43,7 @@ class SlurmResources:
     cpus_per_task: int = 2
     mem_gb: float = 16.0
     timeout_min: int = 60
+    signal_delay_s: int = 90  # how long before timeout_min the job is told to stop and requeue (time to save)
     partition: str | None = None
     additional: dict[str, Any] = field(default_factory=dict)  # more sbatch options: {account: x, qos: y}
 
@@ -130,15 +131,15 @@ def load_sweep(path: str | Path) -> Sweep:
 
 
 def _slurm(path: Path, value: Any) -> SlurmResources:
-    """The `slurm` mapping: whole numbers ≥ 1 (GPUs ≥ 0), memory in GB > 0, a partition name, and a
-    mapping of further sbatch options."""
+    """The `slurm` mapping: whole numbers ≥ 1 (GPUs ≥ 0), memory in GB > 0, a partition name, a
+    mapping of further sbatch options, and a warning before the time limit that falls within it."""
     if not isinstance(value, dict):
         raise ConfigError(f"{path}: slurm: expected a mapping such as {{nodes: 1, gpus_per_node: 4}}, got {value!r}")
     known = [f.name for f in fields(SlurmResources)]
     unknown = sorted(str(k) for k in value if k not in known)
     if unknown:
         raise ConfigError(f"{path}: slurm: unknown key{'s' if len(unknown) > 1 else ''} {unknown}; expected {known}")
-    for key in ("nodes", "gpus_per_node", "cpus_per_task", "timeout_min"):
+    for key in ("nodes", "gpus_per_node", "cpus_per_task", "timeout_min", "signal_delay_s"):
         least = 0 if key == "gpus_per_node" else 1
         if key in value and (isinstance(value[key], bool) or not isinstance(value[key], int) or value[key] < least):
             raise ConfigError(f"{path}: slurm.{key}: expected a whole number ≥ {least}, got {value[key]!r}")
@@ -153,7 +154,13 @@ def _slurm(path: Path, value: Any) -> SlurmResources:
             f"{path}: slurm.additional: expected a mapping of sbatch options, e.g. {{account: abc}}, "
             f"got {value['additional']!r}"
         )
-    return SlurmResources(**value)
+    resources = SlurmResources(**value)
+    if resources.signal_delay_s >= 60 * resources.timeout_min:
+        raise ConfigError(
+            f"{path}: slurm.signal_delay_s: expected fewer seconds than timeout_min gives a job "
+            f"({60 * resources.timeout_min} s), got {resources.signal_delay_s}"
+        )
+    return resources
 
 
 def _base(path: Path, value: Any) -> Path:

@@ -205,9 +205,11 @@ def test_a_failed_job_is_named_and_a_timed_out_one_requeued_to_resume(
 ):
     """Through submitit's local executor (the SLURM launcher's code path without a scheduler): a
     run whose fit fails is reported with its stderr's last line; one that outlives slurm.timeout_min
-    (submitit warns it 30 s before the limit) is stopped and requeued with its resume command, and
-    ends in the same call; a failed run starts again at the next call."""
-    path = write_sweep(tmp_path, flat_smoke, variants={"fails": [], "slow": []}, slurm={"timeout_min": 1})
+    (submitit warns it slurm.signal_delay_s before the limit: here 5 s after its start) is stopped and
+    requeued with its resume command, and ends in the same call; a failed run starts again at the
+    next call."""
+    slurm = {"timeout_min": 1, "signal_delay_s": 55}
+    path = write_sweep(tmp_path, flat_smoke, variants={"fails": [], "slow": []}, slurm=slurm)
     actions = tmp_path / "actions"
 
     def fake_fit(sweep, run, parallel, launcher="local"):  # records what the sweep asked of the run
@@ -258,6 +260,7 @@ def test_a_slurm_job_asks_for_the_sweep_files_resources_and_a_process_per_gpu(tm
         "cpus_per_task": 8,
         "mem_gb": 64,
         "timeout_min": 90,
+        "signal_delay_s": 120,
         "partition": "gpu",
         "additional": {"account": "abc"},
     }
@@ -275,6 +278,7 @@ def test_a_slurm_job_asks_for_the_sweep_files_resources_and_a_process_per_gpu(tm
         "--cpus-per-task=8",
         "--mem=64GB",
         "--time=90",
+        "--signal=USR2@120",
         "--partition=gpu",
         "--account=abc",
         "--job-name=sweep",

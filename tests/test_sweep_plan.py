@@ -94,6 +94,10 @@ GONE = object()  # a key left out
         ({"slurm": {"nodes": 0}}, "slurm.nodes: expected a whole number ≥ 1, got 0"),
         ({"slurm": {"gpus_per_node": -1}}, "slurm.gpus_per_node: expected a whole number ≥ 0, got -1"),
         ({"slurm": {"timeout_min": 0.5}}, "slurm.timeout_min: expected a whole number ≥ 1, got 0.5"),
+        (
+            {"slurm": {"timeout_min": 1}},
+            r"slurm.signal_delay_s: expected fewer seconds than timeout_min gives a job \(60 s\), got 90",
+        ),
         ({"slurm": {"mem_gb": "64G"}}, "slurm.mem_gb: expected a number of GB > 0, got '64G'"),
         ({"slurm": {"partition": 3}}, "slurm.partition: expected a partition name, got 3"),
         ({"slurm": {"additional": ["--qos=high"]}}, "slurm.additional: expected a mapping of sbatch options"),
