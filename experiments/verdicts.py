@@ -36,8 +36,8 @@ from lightning_fl.results import (
     markdown_table,
     paired_differences,
     read_sweep,
+    rise_cell,
     run_costs,
-    signed,
 )
 from lightning_fl.sweep_plan import Sweep, load_sweep
 
@@ -170,8 +170,7 @@ def _table(evidence: list[Evidence]) -> list[str]:
     rows = []
     for e in evidence:
         cells = e.difference.cells() if e.difference else [""] * 6
-        rise = "n/a" if math.isnan(e.rise) else signed(e.rise)
-        rows.append([e.sweep.name, f"{e.a} − {e.b}", e.phase, e.cls, e.runs, *cells, rise, e.state])
+        rows.append([e.sweep.name, f"{e.a} − {e.b}", e.phase, e.cls, e.runs, *cells, rise_cell(e.rise), e.state])
     return markdown_table([*header, "95 % CI, cases", "rise", "state"], rows)
 
 

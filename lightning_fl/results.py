@@ -459,6 +459,11 @@ def signed(value: float) -> str:
     return f"{round(value, 3) + 0.0:+.3f}"
 
 
+def rise_cell(value: float) -> str:
+    """A mean rise over the last quarter; n/a where a run validated too few rounds in it."""
+    return "n/a" if math.isnan(value) else signed(value)
+
+
 def _time_table(variants: Sequence[str], costs: Mapping[tuple[str, int], dict[str, Any]]) -> list[str]:
     """Per variant: minutes per run and seconds per round (mean over its seeds), the largest
     last-quarter change of a seed's validation curve, its mean last-quarter rise and how many seeds
@@ -475,7 +480,7 @@ def _time_table(variants: Sequence[str], costs: Mapping[tuple[str, int], dict[st
                     f"{np.mean([c['wall_s'] for c in mine]) / 60:.1f}",
                     f"{np.mean([c['round_s'] for c in mine]):.1f}",
                     *(_largest([c[part] for c in mine]) for part in ("tail_change", "organs", "tumours")),
-                    signed(float(np.mean([c["tail_rise"] for c in mine]))),
+                    rise_cell(float(np.mean([c["tail_rise"] for c in mine]))),
                     f"{sum(x < CONVERGED_CHANGE for x in changes)} of {len(mine)}",
                     "; ".join(sorted({f"{c['device']}, {c['precision']}" for c in mine})),
                 ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from pathlib import Path
 
@@ -122,6 +123,15 @@ def test_results_md_says_what_each_variant_cost_where_it_ran_and_whether_it_conv
     device = "AMD EPYC, 2 cores, 32-true"
     assert f"| a | 2 | 11.0 | 15.0 | 0.033 | 0.050 | 0.000 | +0.017 | 1 of 2 | {device} |" in time_table
     assert f"| b | 1 | 5.0 | 15.0 | 0.030 | 0.000 | 0.090 | +0.000 | 0 of 1 | {device} |" in time_table
+
+
+def test_a_rise_is_signed_or_n_a_where_too_few_rounds_were_validated():
+    """A 12-round run validated every 4th round has one validated round in its last quarter: no rise."""
+    assert (results.rise_cell(0.0123), results.rise_cell(-0.0004), results.rise_cell(math.nan)) == (
+        "+0.012",
+        "+0.000",
+        "n/a",
+    )
 
 
 def test_paired_differences_are_over_the_cases_both_scored():
