@@ -307,6 +307,10 @@ def _executor(sweep: Sweep, launcher: str) -> Any:
         "timeout_min": resources.timeout_min,
     }
     if launcher == "submitit-local":  # (AutoExecutor does not hand it signal_delay_s)
+        if resources.nodes > 1:
+            raise ConfigError(
+                f"--launcher submitit-local runs one node; the sweep file asks for slurm.nodes={resources.nodes}"
+            )
         executor = submitit.LocalExecutor(folder=sweep.folder.jobs)
         executor.update_parameters(**shared, signal_delay_s=resources.signal_delay_s)
         return executor

@@ -284,6 +284,10 @@ def test_a_slurm_job_asks_for_the_sweep_files_resources_and_a_process_per_gpu(tm
         "--job-name=sweep",
     ):
         assert f"#SBATCH {option}\n" in script, option
+    with pytest.raises(
+        ConfigError, match="^--launcher submitit-local runs one node; the sweep file asks for slurm.nodes=2$"
+    ):
+        sweeps._executor(sweep, "submitit-local")
     monkeypatch.setenv("PATH", "/nonexistent")  # no SLURM: one line, exit status 2
     with pytest.raises(ConfigError, match='--launcher slurm: submitit cannot submit here: Could not detect "srun"'):
         sweeps._executor(sweep, "slurm")
