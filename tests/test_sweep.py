@@ -351,13 +351,20 @@ def test_a_full_disk_leaves_the_previous_tables_whole(tmp_path, capsys, monkeypa
 
 
 # ---------------------------------------------------------------- end to end
+def _dice_tables(results_md: str) -> str:
+    """A sweep's results.md without its header (file, date, command) and its time table."""
+    sections = re.split(r"^(?=## )", results_md, flags=re.M)[1:]
+    return "".join(s for s in sections if not s.startswith("## Time"))
+
+
 @pytest.mark.slow
 def test_a_stopped_sweep_resumes_to_the_results_of_a_run_left_alone(cli, smoke_run, tmp_path):
     """A sweep of two runs through submitit's local executor (the SLURM launcher's path: the stop
     cancels the job) stopped (SIGTERM) in its second and started again: the first is skipped, the
     second resumed, and it ends with the weights and test scores of the session's smoke run, whose
     config it has (but for where it writes and what it logs): a stopped and resumed run ends where one
-    left alone does, and the same config gives the same numbers in another process. The sweep starts
+    left alone does, and the same config gives the same numbers in another process; the same sweep
+    left alone by the local launcher writes the same tables. The sweep starts
     with SIGINT ignored, as a shell's background job does, which its jobs must not inherit
     (submitit-local cancels a job with SIGINT). The local launcher's stop and resume, step by step:
     the tests above."""
@@ -398,6 +405,15 @@ def test_a_stopped_sweep_resumes_to_the_results_of_a_run_left_alone(cli, smoke_r
     rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
     dice = {v: [r["dice"] for r in rows if r["variant"] == v] for v in variants}
     assert dice["lr_low"] and dice["lr_low"] != dice["smoke"]  # the comparison tells the two runs apart
+
+    # the same sweep left alone by the local launcher writes the same tables (all but when and how long)
+    (tmp_path / "alone").mkdir()
+    alone = write_sweep(tmp_path / "alone", SMOKE, variants=variants, overrides=["logger.wandb.mode=disabled"])
+    result = cli("sweep", str(alone))
+    assert result.returncode == 0, result.stderr[-3000:]
+    tables = [tmp_path / folder / "out" for folder in ("", "alone")]
+    assert len({(folder / "results.csv").read_bytes() for folder in tables}) == 1
+    assert len({_dice_tables((folder / "results.md").read_text()) for folder in tables}) == 1
 
     # the finished sweep's per-case Dice against each structure's size (experiments/tumour_size.py)
     result = cli.python("experiments/tumour_size.py", tmp_path / "out", "--classes", "liver", "liver_tumor")
