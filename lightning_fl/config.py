@@ -769,6 +769,8 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_changes(before: DictConfig, after: DictConfig, ignore: Collection[str] = ()) -> list[str]:
     """Dotted keys whose values differ between two configs (what a resumed run would change)."""
+    if before is after:  # e.g. a run whose saved file `file_holds` found to be the planned config
+        return []
     a, b = (_flat(OmegaConf.to_container(c, resolve=True)) for c in (before, after))
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in ignore)
 

@@ -83,7 +83,7 @@ def decide(runs: list[PlannedRun], rerun_changed: bool = False) -> None:
         if damage:
             print(f"{run.name}: not finished: {damage}")
         if finished or trained:
-            run.changed = [] if run.saved is run.cfg else saved_changes(run.saved, run.cfg)  # (`file_holds` said so)
+            run.changed = saved_changes(run.saved, run.cfg)
             run.action = "skip" if finished else "resume"
         else:
             run.action = "overwrite" if run.folder.path.exists() else "start"
